@@ -1,0 +1,49 @@
+"""`sample`: the whole denoising loop for a batch, as a plain loop over the per-step API."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .denoise import Denoiser, SampleState
+
+
+def sample(
+    dit,
+    noise: torch.Tensor,
+    labels,
+    *,
+    cfg_scale: float | Sequence[float],
+    steps: int,
+    sampler: str = "ddpm",
+    cfg_channels: int | None = None,
+    generator: Sequence[torch.Generator] | None = None,
+    seeds: Sequence[int] | None = None,
+    clip_x0: tuple[float, float] | None = None,
+) -> torch.Tensor:
+    """Denoise `noise` (N, C, H, W) into samples (N, C, H, W), float32.
+
+    cfg_scale: one value or one per sample (1 = no guidance). Per-step noise (DDPM) for sample k comes
+    from generator[k] if given, else from the counter-based generator keyed by seeds[k] (drawn from
+    torch's global RNG when neither is given).
+    """
+    n = noise.shape[0]
+    labels = [int(v) for v in torch.as_tensor(labels).reshape(-1).tolist()]
+    scales = [float(cfg_scale)] * n if isinstance(cfg_scale, (int, float)) else [float(s) for s in cfg_scale]
+    if len(labels) != n or len(scales) != n:
+        raise ValueError(f"need one label and one cfg_scale per sample ({n}), got {len(labels)} and {len(scales)}")
+    if generator is not None and len(generator) != n:
+        raise ValueError(f"generator must be a list of {n} torch.Generator, one per sample")
+    if seeds is None:
+        seeds = torch.randint(0, 2**63 - 1, (n,)).tolist()
+    denoiser = Denoiser(dit, cfg_channels=cfg_channels, clip_x0=clip_x0)
+    x = noise.to(denoiser.device, torch.float32)
+    states = [
+        SampleState.create(x[k], labels[k], sampler=sampler, steps=steps, cfg_scale=scales[k], seed=int(seeds[k]),
+                           generator=None if generator is None else generator[k])
+        for k in range(n)
+    ]
+    while not states[0].done:
+        denoiser.step(states)
+    return torch.stack([s.x for s in states])
