@@ -42,14 +42,14 @@ class DiTConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DiTConfig":
+    def from_dict(cls, d: dict) -> DiTConfig:
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown DiT config fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
-    def with_(self, **changes) -> "DiTConfig":
+    def with_(self, **changes) -> DiTConfig:
         return replace(self, **changes)
 
 

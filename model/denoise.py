@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import noise as noise_lib
-from .samplers import (A_E, A_X, K_0, K_E, K_P, K_X, MAX_LOG, MIN_LOG, NOISE_ON, SamplerPlan, plan)
+from .samplers import A_E, A_X, K_0, K_E, K_P, K_X, MAX_LOG, MIN_LOG, NOISE_ON, SamplerPlan, plan
 
 
 @dataclass(eq=False)
@@ -32,7 +32,7 @@ class SampleState:
 
     @classmethod
     def create(cls, x: torch.Tensor, label: int, *, sampler: str, steps: int, cfg_scale: float = 1.0,
-               seed: int = 0, generator: torch.Generator | None = None) -> "SampleState":
+               seed: int = 0, generator: torch.Generator | None = None) -> SampleState:
         if cfg_scale < 1.0:
             raise ValueError(f"cfg_scale must be >= 1, got {cfg_scale}")
         return cls(x=x, label=label, cfg_scale=float(cfg_scale), plan=plan(sampler, steps), seed=seed,
@@ -131,7 +131,8 @@ class Denoiser:
             if s.generator is not None:
                 rows.append(torch.randn(shape, generator=s.generator, device=s.generator.device).to(self.device))
             else:
-                rows.append(noise_lib.gaussian(torch.tensor([s.seed]), torch.tensor([s.index + 1]), shape)[0].to(self.device))
+                z = noise_lib.gaussian(torch.tensor([s.seed]), torch.tensor([s.index + 1]), shape)[0]
+                rows.append(z.to(self.device))
         return torch.stack(rows)
 
     def coefficients(self, states: list[SampleState]) -> torch.Tensor:
@@ -167,7 +168,7 @@ class Denoiser:
         x_next = mean
         if any(s.plan.stochastic for s in states):
             x_next = mean + noise_on * torch.exp(0.5 * log_var) * self.step_noise(states, tuple(x.shape[1:]))
-        for s, xn, x0s in zip(states, x_next.unbind(0), x0.unbind(0)):
+        for s, xn, x0s in zip(states, x_next.unbind(0), x0.unbind(0), strict=True):
             s.x = xn
             s.x0_prev = x0s
             s.index += 1

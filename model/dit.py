@@ -102,13 +102,16 @@ class DiT(nn.Module):
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
         self.y_embedder = LabelEmbedder(config.num_classes, d, with_null_class=config.class_dropout_prob > 0)
-        grid = config.input_size // config.patch_size
-        self.register_buffer("pos_embed", sincos_pos_embed_2d(d, grid).unsqueeze(0))  # (1, T, D)
+        self.register_buffer("pos_embed", self.pos_embed_for(config))  # (1, T, D)
         self.blocks = nn.ModuleList(
             DiTBlock(d, config.num_heads, config.mlp_ratio) for _ in range(config.depth)
         )
         self.final_layer = FinalLayer(d, config.patch_size, config.out_channels)
         self.initialize_weights()
+
+    @staticmethod
+    def pos_embed_for(config: DiTConfig) -> torch.Tensor:
+        return sincos_pos_embed_2d(config.hidden_size, config.input_size // config.patch_size).unsqueeze(0)
 
     @property
     def null_class(self) -> int:

@@ -8,7 +8,7 @@ respaced chain has the same marginals. The model always sees the original intege
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 
@@ -85,7 +85,7 @@ def _tables(betas: np.ndarray, timesteps: np.ndarray) -> DiffusionTables:
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def base_tables() -> DiffusionTables:
     return _tables(linear_betas(), np.arange(NUM_TRAIN_TIMESTEPS))
 

@@ -50,11 +50,17 @@ def diffusion_loss(model, x0: torch.Tensor, y: torch.Tensor, generator: torch.Ge
     # VB term on a frozen eps: it trains the variance output only (Nichol & Dhariwal).
     frac = (var_values + 1) / 2
     log_var = frac * _gather(tb.log_betas, t, nd) + (1 - frac) * _gather(tb.posterior_log_variance_clipped, t, nd)
-    pred_x0 = _gather(tb.sqrt_recip_alphas_cumprod, t, nd) * x_t - _gather(tb.sqrt_recipm1_alphas_cumprod, t, nd) * eps.detach()
+    pred_x0 = (
+        _gather(tb.sqrt_recip_alphas_cumprod, t, nd) * x_t
+        - _gather(tb.sqrt_recipm1_alphas_cumprod, t, nd) * eps.detach()
+    )
     mean = _gather(tb.posterior_mean_coef1, t, nd) * pred_x0 + _gather(tb.posterior_mean_coef2, t, nd) * x_t
     true_mean = _gather(tb.posterior_mean_coef1, t, nd) * x0 + _gather(tb.posterior_mean_coef2, t, nd) * x_t
     true_log_var = _gather(tb.posterior_log_variance_clipped, t, nd)
-    kl = 0.5 * (-1.0 + log_var - true_log_var + torch.exp(true_log_var - log_var) + (true_mean - mean) ** 2 * torch.exp(-log_var))
+    kl = 0.5 * (
+        -1.0 + log_var - true_log_var + torch.exp(true_log_var - log_var)
+        + (true_mean - mean) ** 2 * torch.exp(-log_var)
+    )
     kl = kl.mean(dim=tuple(range(1, nd))) / math.log(2.0)
     nll = _discretized_gaussian_nll(x0, mean, 0.5 * log_var).mean(dim=tuple(range(1, nd))) / math.log(2.0)
     vb = torch.where(t == 0, nll, kl)

@@ -105,7 +105,8 @@ def main(argv=None) -> None:
             "data": "Fashion-MNIST train split (60000 images), no augmentation",
             "steps": step, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,
             "ema_decay": args.ema, "seed": args.seed, "wall_minutes": round(elapsed / 60, 1),
-            "threads": args.threads, "command": "python -m training.train_dit " + " ".join(sys.argv[1:] if argv is None else argv),
+            "threads": args.threads,
+            "command": "python -m training.train_dit " + " ".join(sys.argv[1:] if argv is None else argv),
             "defaults": {"sampler": "dpm-solver++", "steps": 20, "cfg_scale": 1.5},
         })
 
@@ -128,7 +129,7 @@ def main(argv=None) -> None:
         opt.step()
         decay = min(args.ema, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
+            for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
                 pe.lerp_(pm, 1 - decay)
         step += 1
         if not math.isfinite(loss.item()):

@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+FIXTURES = Path(__file__).parent / "fixtures"
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def need_binary(name: str, how: str) -> str:
+    """Path of a system binary; skip with a how-to-install message, or fail under CI=true."""
+    path = shutil.which(name)
+    if path is None:
+        msg = f"{name} is not installed: {how}"
+        if IN_CI:
+            pytest.fail(msg + " (CI must install it: see .ci/run)")
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict[str, torch.Tensor]:
+    """Outputs of the original DiT code on the tiny fixture model (see tests/fixtures/README.md)."""
+    return load_file(str(FIXTURES / "tiny_dit_reference.safetensors"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dit():
+    from model import load_dit
+
+    return load_dit(FIXTURES / "tiny_dit.safetensors")
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| relative to the reference's max |value|."""
+    return ((out - ref).abs().max() / ref.abs().max()).item()

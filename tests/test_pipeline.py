@@ -1,0 +1,75 @@
+"""Pipeline: VAE decode parity, batch invariance of seeded generation, defaults and class names."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FIXTURES, rel_err
+from safetensors.torch import load_file
+from test_forward_parity import hub_style_copy
+
+from model import Pipeline, initial_noise
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.from_pretrained(FIXTURES / "tiny_dit_diffusers")
+
+
+def test_vae_decode_matches_diffusers(pipe):
+    ref = load_file(str(FIXTURES / "tiny_dit_vae_reference.safetensors"))
+    assert rel_err(pipe.decoder(ref["latents"]), ref["decoded"]) <= 1e-4
+
+
+def test_generate_returns_rgb_images(pipe):
+    images = pipe.generate([1, 2], seeds=[3, 4], sampler="ddim", steps=4, cfg_scale=2.0)
+    assert images.shape == (2, 64, 64, 3) and images.dtype == torch.uint8
+
+
+def test_same_seed_alone_and_in_a_mixed_batch(pipe):
+    """Sample k depends only on its own seed and settings, whatever shares its forward passes."""
+    alone = pipe.generate([5], seeds=[1234], sampler="ddpm", steps=8, cfg_scale=4.0)[0]
+    mates = [
+        pipe.new_state(5, 1234, sampler="ddpm", steps=8, cfg_scale=4.0),
+        pipe.new_state(17, 99, sampler="ddim", steps=8, cfg_scale=1.0),
+        pipe.new_state(400, 7, sampler="dpm-solver++", steps=8, cfg_scale=2.5),
+        pipe.new_state(999, 2**40, sampler="ddpm", steps=8, cfg_scale=1.5),
+    ]
+    # Stagger the batch: the others start one step later than the sample under test.
+    pipe.denoiser.step(mates[:1])
+    while not mates[0].done:
+        pipe.denoiser.step([s for s in mates if not s.done])
+    together = pipe.decode(mates[0].x[None])[0]
+    assert (alone.int() - together.int()).abs().max().item() <= 1
+
+
+def test_initial_noise_depends_only_on_the_seed():
+    a = initial_noise([5, 6, 7], (4, 8, 8))
+    b = initial_noise([7], (4, 8, 8))
+    assert torch.equal(a[2], b[0])
+    assert not torch.equal(a[0], a[1])
+    big = initial_noise(list(range(16)), (4, 32, 32))
+    assert abs(big.mean().item()) < 0.02 and abs(big.std().item() - 1) < 0.02
+
+
+def test_class_names_from_id2label_and_defaults(tmp_path):
+    root = hub_style_copy(tmp_path, class_name="Transformer2DModel", bin_weights=True, id2label=True)
+    p = Pipeline.from_pretrained(root)
+    assert p.info.class_names[3] == "class 3, synonym"
+    assert p.info.image_size == 64 and p.info.space == "latent"
+    assert (p.info.defaults.sampler, p.info.defaults.steps, p.info.defaults.cfg_scale) == ("ddpm", 250, 4.0)
+
+
+def test_latent_checkpoint_without_vae_asks_for_one():
+    with pytest.raises(ValueError, match="needs a VAE"):
+        Pipeline.from_pretrained(FIXTURES / "tiny_dit.safetensors")
+
+
+def test_checkpoint_plus_vae_folder():
+    p = Pipeline.from_pretrained(FIXTURES / "tiny_dit.pt", vae=FIXTURES / "tiny_dit_diffusers" / "vae")
+    assert p.generate([0], seeds=[0], sampler="ddim", steps=2).shape == (1, 64, 64, 3)
+
+
+def test_out_of_range_class_is_rejected(pipe):
+    with pytest.raises(ValueError, match="outside"):
+        pipe.new_state(1000, 0, sampler="ddim", steps=2, cfg_scale=1.0)
