@@ -76,3 +76,20 @@ def to_original(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Ten
 
 def heads_from_config(config: dict) -> int | None:
     return config.get("num_attention_heads")
+
+
+def to_diffusers(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:
+    """Original keys -> diffusers keys (for comparisons with diffusers' DiT); pos_embed is dropped."""
+    out = {f"{dk}.{p}": sd[f"{ok}.{p}"] for dk, ok in _TOP_MAP.items() for p in ("weight", "bias")}
+    for i in range(depth):
+        pre = f"transformer_blocks.{i}."
+        for dk, ok in _BLOCK_MAP.items():
+            for p in ("weight", "bias"):
+                out[pre + f"{dk}.{p}"] = sd[f"blocks.{i}.{ok}.{p}"]
+        for p in ("weight", "bias"):
+            for name, part in zip("qkv", sd[f"blocks.{i}.attn.qkv.{p}"].chunk(3, dim=0), strict=True):
+                out[pre + f"attn1.to_{name}.{p}"] = part
+        for dk, ok in _SHARED_MAP.items():
+            for p in ("weight",) if dk.endswith("embedding_table") else ("weight", "bias"):
+                out[pre + f"{dk}.{p}"] = sd[f"{ok}.{p}"]
+    return out

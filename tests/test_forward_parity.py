@@ -80,3 +80,14 @@ def test_dtype_and_device_arguments():
     model = load_dit(FIXTURES / "tiny_dit.safetensors", dtype=torch.bfloat16, device="cpu")
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_diffusers_round_trip():
+    from model.diffusers_layout import to_diffusers, to_original
+
+    original = load_file(str(FIXTURES / "tiny_dit.safetensors"))
+    theirs = load_file(str(FIXTURES / "tiny_dit_diffusers/transformer/diffusion_pytorch_model.safetensors"))
+    ours = to_diffusers(original, depth=2)
+    assert set(ours) == set(theirs) and all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    back = to_original(ours, "round trip")
+    assert all(torch.equal(back[k], original[k]) for k in back)
