@@ -1,0 +1,1 @@
+"""The DiT inference server: HTTP (api) -> scheduler -> model runner (model/)."""

@@ -1,0 +1,26 @@
+"""`python -m server` / `dit-serve`: parse settings (flags over DIT_* env vars) and run uvicorn.
+
+One uvicorn worker per GPU: the scheduler batches only the requests its own process sees, and each
+worker would hold its own copy of the model, so several workers on one GPU would split the batches
+and multiply the memory. Scale out with one server process per GPU behind a load balancer.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+from pydantic_settings import CliApp
+
+from .settings import Settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = CliApp.run(Settings, cli_args=sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .api import create_app  # after logging is set up
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
+                workers=1, timeout_graceful_shutdown=settings.request_timeout)

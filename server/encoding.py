@@ -1,0 +1,55 @@
+"""Images -> PNG / JPEG / WebP bytes, off the device thread. A request's images form one grid unless
+the client asked for them separately (JSON answers)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .contracts import EncodedImage, OutputSpec
+
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+GRID_PADDING = 2  # pixels between grid cells, as torchvision's save_image (the reference's sample.py)
+
+
+def grid(images: np.ndarray) -> np.ndarray:
+    """(N, H, W, 3) -> one (rows*(H+pad)+pad, cols*(W+pad)+pad, 3) image, ceil(sqrt(N)) per row."""
+    n, h, w, c = images.shape
+    if n == 1:
+        return images[0]
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    p = GRID_PADDING
+    out = np.zeros((rows * (h + p) + p, cols * (w + p) + p, c), dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, cols)
+        out[p + r * (h + p): p + r * (h + p) + h, p + q * (w + p): p + q * (w + p) + w] = images[k]
+    return out
+
+
+def _encode_one(pixels: np.ndarray, output: OutputSpec, seeds: tuple[int, ...]) -> EncodedImage:
+    buf = io.BytesIO()
+    image = Image.fromarray(pixels, mode="RGB")
+    if output.format == "png":
+        info = PngInfo()
+        params = dict(output.metadata, seeds=list(seeds))
+        info.add_itxt("parameters", json.dumps(params, ensure_ascii=False))
+        info.add_text("Software", "dit-serve")
+        image.save(buf, format="PNG", pnginfo=info)
+    elif output.format == "jpeg":
+        image.save(buf, format="JPEG", quality=95)
+    else:
+        image.save(buf, format="WEBP", lossless=True)
+    return EncodedImage(buf.getvalue(), MEDIA_TYPES[output.format], seeds)
+
+
+def encode(images: np.ndarray, seeds: tuple[int, ...], output: OutputSpec) -> list[EncodedImage]:
+    """uint8 (N, H, W, 3) -> one grid image, or N images when output.separate."""
+    if output.separate:
+        return [_encode_one(images[k], output, (seeds[k],)) for k in range(len(seeds))]
+    return [_encode_one(grid(images), output, seeds)]

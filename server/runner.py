@@ -1,0 +1,80 @@
+"""The model runner: the only server code that touches tensors. Owned by the scheduler's thread."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from model import Pipeline, SampleState
+
+from .contracts import GenerationSpec
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but torch sees no CUDA device; use --device cpu")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+class ModelRunner:
+    def __init__(self, settings: Settings):
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        self.device = resolve_device(settings.device)
+        self.dtype = resolve_dtype(settings.dtype, self.device)
+        t0 = time.monotonic()
+        self.pipeline = Pipeline.from_pretrained(
+            settings.model, vae=settings.vae, arch=settings.arch, num_heads=settings.num_heads,
+            dtype=self.dtype, device=self.device,
+        )
+        self.info = self.pipeline.info
+        self.num_classes = self.pipeline.dit.config.num_classes
+        log.info("loaded %s (%s, %d px) on %s in %s in %.1f s", settings.model, self.info.space,
+                 self.info.image_size, self.device, self.dtype, time.monotonic() - t0)
+
+    def new_states(self, spec: GenerationSpec) -> list[SampleState]:
+        return [
+            self.pipeline.new_state(spec.class_id, seed, sampler=spec.sampler, steps=spec.steps,
+                                    cfg_scale=spec.cfg_scale)
+            for seed in spec.seeds
+        ]
+
+    def step(self, states: list[SampleState]) -> None:
+        self.pipeline.denoiser.step(states)
+
+    def decode(self, states: list[SampleState]) -> torch.Tensor:
+        """Finished samples -> uint8 RGB (N, H, W, 3) on the CPU, in one batched decode."""
+        return self.pipeline.decode(torch.stack([s.x for s in states]))
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def warmup(self) -> float:
+        """One short guided generation through every sampler, so that first requests pay no set-up."""
+        t0 = time.monotonic()
+        states = [
+            self.pipeline.new_state(0, seed, sampler=sampler, steps=2, cfg_scale=2.0)
+            for seed, sampler in enumerate(("ddpm", "ddim", "dpm-solver++"))
+        ]
+        while not states[0].done:
+            self.step(states)
+        self.decode(states)
+        self.synchronize()
+        return time.monotonic() - t0

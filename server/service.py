@@ -1,0 +1,65 @@
+"""The server's life cycle: load the model and warm up off the event loop, then report ready;
+on shutdown stop admitting and finish what was accepted."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from .metrics import Metrics
+from .runner import ModelRunner
+from .scheduler import Scheduler
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.metrics = Metrics()
+        self.runner: ModelRunner | None = None
+        self.scheduler: Scheduler | None = None
+        self.status = "starting"
+        self._ready = threading.Event()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    def start(self) -> None:
+        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+
+    def _load(self) -> None:
+        try:
+            self.status = "loading model"
+            self.runner = ModelRunner(self.settings)
+            if self.settings.warmup:
+                self.status = "warming up"
+                log.info("warm-up took %.2f s", self.runner.warmup())
+            r, s = self.runner, self.settings
+            self.metrics.model_info.labels(
+                model=r.info.name, space=r.info.space, image_size=str(r.info.image_size), device=str(r.device),
+                dtype=str(r.dtype).removeprefix("torch."), policy=s.policy,
+            ).set(1)
+            self.metrics.watch_cuda(r.device)
+            self.scheduler = Scheduler(r, s, self.metrics)
+            self.scheduler.start()
+            self.status = "ready"
+            self._ready.set()
+            log.info("ready: serving %s with %s batching", r.info.name, s.policy)
+        except Exception as e:
+            self.status = f"failed: {type(e).__name__}: {e}"
+            log.exception("start-up failed; /readyz stays 503")
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        return self._ready.wait(timeout)
+
+    def shutdown(self) -> None:
+        self._ready.clear()
+        self.status = "shutting down"
+        if self.scheduler is not None:
+            t0 = time.monotonic()
+            self.scheduler.stop()
+            log.info("scheduler drained in %.2f s", time.monotonic() - t0)

@@ -1,0 +1,63 @@
+"""The one place that reads the environment: every setting is an env var (DIT_*) and a CLI flag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+EMBEDDED_MODEL = PROJECT_ROOT / "weights" / "fashion_dit.safetensors"
+
+
+class Settings(BaseSettings):
+    """dit-serve: class-conditional image generation with DiT over HTTP."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DIT_", cli_prog_name="dit-serve", cli_kebab_case=True, cli_show_env_vars=True,
+        cli_implicit_flags=True, protected_namespaces=(),
+    )
+
+    # Model
+    model: Path = Field(EMBEDDED_MODEL, description="DiT checkpoint file or diffusers folder (default: the embedded "
+                        "Fashion-MNIST model)")
+    vae: Path | None = Field(None, description="diffusers AutoencoderKL folder for latent models (a diffusers "
+                             "pipeline folder brings its own)")
+    arch: str | None = Field(None, description="DiT preset name (e.g. DiT-XL/2) when the checkpoint names no "
+                             "head count")
+    num_heads: int | None = Field(None, ge=1, description="attention heads, when neither the checkpoint nor a preset "
+                                  "gives them")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and activations; auto = bfloat16 on CUDA, float32 on the CPU")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+
+    # HTTP
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in containers)")
+    port: int = Field(8000, ge=0, le=65535, description="port to bind")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    # Scheduling
+    policy: Literal["continuous", "request", "none"] = Field(
+        "continuous", description="batching: continuous (step-level), request (run a batch of requests to "
+        "completion) or none (one request at a time)")
+    max_batch_rows: int = Field(64, ge=1, description="forward-pass rows in flight at most (a guided sample costs "
+                                "2 rows, an unguided one 1)")
+    max_queue: int = Field(256, ge=0, description="requests waiting for admission at most; beyond, 429")
+    request_timeout: float = Field(120.0, gt=0, description="seconds from arrival to answer; beyond, 504")
+    encode_threads: int = Field(2, ge=1, description="threads encoding images off the device thread")
+    warmup: bool = Field(True, description="run a short generation before reporting ready")
+
+    # Request limits
+    max_steps: int = Field(250, ge=1, le=1000, description="largest steps a request may ask for")
+    max_images: int = Field(16, ge=1, description="largest num_images a request may ask for")
+    min_cfg_scale: float = Field(1.0, ge=1.0, description="smallest cfg_scale a request may ask for")
+    max_cfg_scale: float = Field(20.0, ge=1.0, description="largest cfg_scale a request may ask for")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.min_cfg_scale > self.max_cfg_scale:
+            raise ValueError("min_cfg_scale must not exceed max_cfg_scale")
+        return self
