@@ -98,6 +98,7 @@ class Scheduler:
             if self._active:
                 self._step()
                 self._retire()
+            self.metrics.active_samples.set(sum(len(states) for states in self._active.values()))
 
     def _rows_in_flight(self) -> int:
         return sum(job.spec.rows for job in self._active)
@@ -139,7 +140,6 @@ class Scheduler:
 
     def _step(self) -> None:
         states = [s for ss in self._active.values() for s in ss if not s.done]
-        self.metrics.active_samples.set(len(states))
         if not states:
             return
         t0 = time.monotonic()
@@ -183,7 +183,6 @@ class Scheduler:
             n = job.spec.num_images
             self._encoder.submit(self._encode, job, pixels[start:start + n])
             start += n
-        self.metrics.active_samples.set(sum(len(s) for s in self._active.values()))
 
     def _encode(self, job: Job, pixels) -> None:
         try:
