@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,8 @@ def _class_names(raw: RawCheckpoint, num_classes: int) -> list[str]:
     if names is None and "id2label" in raw.extra:  # a diffusers pipeline: {"0": "tench, Tinca tinca", ...}
         id2label = raw.extra["id2label"]
         names = [id2label.get(str(i), str(i)) for i in range(num_classes)]
+    if names is None and num_classes == 1000:  # an ImageNet checkpoint that carries no names
+        names = json.loads((Path(__file__).parent / "imagenet_classes.json").read_text())
     if names is None:
         return [str(i) for i in range(num_classes)]
     if len(names) != num_classes:

@@ -60,6 +60,12 @@ def test_class_names_from_id2label_and_defaults(tmp_path):
     assert (p.info.defaults.sampler, p.info.defaults.steps, p.info.defaults.cfg_scale) == ("ddpm", 250, 4.0)
 
 
+def test_imagenet_names_for_checkpoints_without_names():
+    p = Pipeline.from_pretrained(FIXTURES / "tiny_dit.pt", vae=FIXTURES / "tiny_dit_diffusers" / "vae")
+    assert len(p.info.class_names) == 1000
+    assert p.info.class_names[0] == "tench, Tinca tinca" and p.info.class_names[207] == "golden retriever"
+
+
 def test_latent_checkpoint_without_vae_asks_for_one():
     with pytest.raises(ValueError, match="needs a VAE"):
         Pipeline.from_pretrained(FIXTURES / "tiny_dit.safetensors")

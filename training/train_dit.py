@@ -28,7 +28,7 @@ from training.data import CLASS_NAMES, DEFAULT_DIR, load_split
 from training.loss import diffusion_loss
 
 ARCH = DiTConfig(
-    input_size=28, patch_size=4, in_channels=1, hidden_size=128, depth=8, num_heads=4,
+    input_size=28, patch_size=4, in_channels=1, hidden_size=128, depth=6, num_heads=4,
     num_classes=10, learn_sigma=True, class_dropout_prob=0.1,
 )
 NAME = "fashion_dit"
@@ -42,9 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minutes", type=float, default=95.0, help="wall-clock training budget")
     p.add_argument("--max-steps", type=int, default=1_000_000)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-4)
-    p.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up steps")
-    p.add_argument("--ema", type=float, default=0.9995)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=300, help="linear learning-rate warm-up steps")
+    p.add_argument("--ema", type=float, default=0.999)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--checkpoint-every", type=float, default=5.0, help="minutes between checkpoints")
