@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import statistics
 import subprocess
 import sys
 import time
@@ -82,8 +81,8 @@ def run_policy(policy: str, args) -> dict:
     model_s = d["dit_step_duration_seconds_sum"] + d["dit_decode_duration_seconds_sum"]
     return {
         "policy": policy, "images_per_s": len(ok) / wall, "errors": len(results) - len(ok),
-        "short_p50": pct([r[2] for r in ok if r[0] == 10], 0.5), "short_p99": pct([r[2] for r in ok if r[0] == 10], 0.99),
-        "long_p50": pct([r[2] for r in ok if r[0] == 50], 0.5), "long_p99": pct([r[2] for r in ok if r[0] == 50], 0.99),
+        **{f"{kind}_{name}": pct([r[2] for r in ok if r[0] == steps], q)
+           for kind, steps in (("short", 10), ("long", 50)) for name, q in (("p50", 0.5), ("p99", 0.99))},
         "batch": d["dit_batch_size_sum"] / max(1, d["dit_batch_size_count"]),
         "outside": 1 - model_s / wall,
     }
