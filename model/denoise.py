@@ -67,7 +67,7 @@ class ForwardBatch:
 
 
 class Denoiser:
-    """Advances in-flight samples of one DiT by one step each.
+    """Advances in-flight samples of one DiT by one step each (float32 sampler arithmetic).
 
     cfg_channels: how many eps channels guidance applies to. The paper's code guides only the first 3
     of the 4 latent channels (its published FID comes from that quirk), so None means 3 for 4-channel
@@ -77,6 +77,7 @@ class Denoiser:
 
     def __init__(self, model, *, cfg_channels: int | None = None, clip_x0: tuple[float, float] | None = None):
         self.model = model
+        self.forward = model  # the reference path; Pipeline.use_fast_path swaps in FastDiT / CUDA graphs
         cfg = model.config
         self.channels = cfg.in_channels
         self.null_class = cfg.num_classes
@@ -159,7 +160,7 @@ class Denoiser:
         if not states:
             return
         batch = self.build_inputs(states)
-        out = self.model(batch.x.to(self._dtype()), batch.t, batch.y)  # (B + G, 2C, H, W)
+        out = self.forward(batch.x, batch.t, batch.y)  # (B + G, 2C, H, W); the model casts x to its dtype
         n = len(states)
         eps, var_values = self.guide(batch, out, n)
         x = batch.x[:n].float()
@@ -172,6 +173,3 @@ class Denoiser:
             s.x = xn
             s.x0_prev = x0s
             s.index += 1
-
-    def _dtype(self) -> torch.dtype:
-        return next(self.model.parameters()).dtype

@@ -143,9 +143,25 @@ class DiT(nn.Module):
         x = x.reshape(x.shape[0], h, w, p, p, c)
         return x.permute(0, 5, 1, 3, 2, 4).reshape(x.shape[0], c, h * p, w * p)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the transformer (the embedders may be float32, see `cast`)."""
+        return self.x_embedder.proj.weight.dtype
+
+    def cast(self, dtype: torch.dtype) -> DiT:
+        """Transformer weights in `dtype`; the timestep and class embedders stay float32."""
+        self.to(dtype)
+        self.t_embedder.float()
+        self.y_embedder.float()
+        return self
+
+    def condition(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """c = t_emb + y_emb, computed in the embedders' precision, then in the transformer's: (N, D)."""
+        return (self.t_embedder(t) + self.y_embedder(y)).to(self.dtype)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (N, D)
+        x = self.x_embedder(x.to(self.dtype)) + self.pos_embed  # (N, T, D)
+        c = self.condition(t, y)  # (N, D)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)
         x = self.final_layer(x, c)  # (N, T, p*p*C_out)

@@ -90,7 +90,7 @@ def build(raw: RawCheckpoint, config: DiTConfig, *, dtype=None, device=None) -> 
         model.load_state_dict(sd, strict=True, assign=True)
     except RuntimeError as e:
         raise CheckpointError(f"{raw.source}: weights do not fit the architecture {config}: {e}") from e
-    model = model.to(device=device, dtype=dtype or torch.float32)
+    model = model.to(device=device).cast(dtype or torch.float32)
     return model.eval().requires_grad_(False)
 
 

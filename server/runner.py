@@ -44,6 +44,10 @@ class ModelRunner:
             dtype=self.dtype, device=self.device,
         )
         self.info = self.pipeline.info
+        cuda = self.device.type == "cuda"
+        self.fused_kernels = settings.fused_kernels == "on" or (settings.fused_kernels == "auto" and cuda)
+        self.cuda_graphs = settings.cuda_graphs == "on" or (settings.cuda_graphs == "auto" and cuda)
+        self.graph_sizes = [n for n in settings.graph_batch_sizes if n <= settings.max_batch_rows] or [1]
         self.num_classes = self.pipeline.dit.config.num_classes
         log.info("loaded %s (%s, %d px) on %s in %s in %.1f s", settings.model, self.info.space,
                  self.info.image_size, self.device, self.dtype, time.monotonic() - t0)
@@ -65,6 +69,14 @@ class ModelRunner:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def prepare_fast_path(self) -> None:
+        """Fused kernels and CUDA graphs as configured (capturing the graphs takes a while)."""
+        if self.fused_kernels or self.cuda_graphs:
+            seconds = self.pipeline.use_fast_path(fused_kernels=self.fused_kernels, cuda_graphs=self.cuda_graphs,
+                                                  graph_sizes=self.graph_sizes)
+            log.info("fast path: fused kernels %s, CUDA graphs %s for rows %s (capture %.1f s)",
+                     self.fused_kernels, self.cuda_graphs, self.graph_sizes if self.cuda_graphs else "-", seconds)
 
     def warmup(self) -> float:
         """One short guided generation through every sampler, so that first requests pay no set-up."""

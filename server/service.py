@@ -35,6 +35,8 @@ class Service:
         try:
             self.status = "loading model"
             self.runner = ModelRunner(self.settings)
+            self.status = "preparing the fast path"
+            self.runner.prepare_fast_path()
             if self.settings.warmup:
                 self.status = "warming up"
                 log.info("warm-up took %.2f s", self.runner.warmup())

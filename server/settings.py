@@ -33,6 +33,13 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; auto = bfloat16 on CUDA, float32 on the CPU")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    fused_kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="Triton fused LayerNorm/adaLN/residual kernels; auto = on with CUDA")
+    cuda_graphs: Literal["auto", "on", "off"] = Field(
+        "auto", description="replay the forward from CUDA graphs; auto = on with CUDA")
+    graph_batch_sizes: list[int] = Field(
+        [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128], description="forward rows captured as CUDA graphs "
+        "(a batch runs the smallest size that holds it)")
 
     # HTTP
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in containers)")
