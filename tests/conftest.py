@@ -4,12 +4,12 @@ import os
 import shutil
 from pathlib import Path
 
-# Without a GPU, Triton kernels run in its interpreter; this must be set before triton is imported.
-if not os.path.exists("/dev/nvidia0") and "TRITON_INTERPRET" not in os.environ:
-    os.environ["TRITON_INTERPRET"] = "1"
-
 import pytest
 import torch
+
+# Without a GPU, Triton kernels run in its interpreter; this must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from safetensors.torch import load_file
 
 FIXTURES = Path(__file__).parent / "fixtures"

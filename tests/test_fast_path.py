@@ -20,19 +20,22 @@ from model.fused_adaln import (
 pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install triton)")
 
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs interpreted on the CPU
+
+
 def modulation(n: int, d: int, dtype, generator) -> list[torch.Tensor]:
     """(N, D) chunks of one (N, 6D) adaLN output, as the model passes them (row stride 6D)."""
-    return list(torch.randn(n, 6 * d, generator=generator, dtype=torch.float32).to(dtype).chunk(6, dim=1))
+    return list(torch.randn(n, 6 * d, generator=generator).to(DEVICE, dtype).chunk(6, dim=1))
 
 
 @pytest.mark.parametrize("d", [64, 72 * 2, 100])  # powers of two and not, as head dims 64 and 72 give
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernels_match_references(d, dtype):
     g = torch.Generator().manual_seed(d)
-    x = torch.randn(3, 5, d, generator=g).to(dtype)
-    y = torch.randn(3, 5, d, generator=g).to(dtype)
+    x = torch.randn(3, 5, d, generator=g).to(DEVICE, dtype)
+    y = torch.randn(3, 5, d, generator=g).to(DEVICE, dtype)
     shift, scale, gate, *_ = modulation(3, d, dtype, g)
-    assert triton_usable(x), "the tests run Triton in interpreter mode (conftest sets TRITON_INTERPRET=1)"
+    assert triton_usable(x), "without CUDA the tests run Triton interpreted (conftest sets TRITON_INTERPRET=1)"
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: the reference rounds between ops, we do not
     up = [t.float() for t in (x, y, gate, shift, scale)]
     out = ln_modulate(x, shift, scale)
