@@ -15,7 +15,8 @@ def timestep_frequencies(t: torch.Tensor, dim: int = 256, max_period: float = 10
     half - 1 as diffusers' port does; that small drift changes every image.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    # Built on t's device: no host-to-device copy, so the forward can be captured in a CUDA graph.
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]  # (N, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (N, 2 * half)
     if dim % 2:
