@@ -16,4 +16,4 @@ fi
 export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fast_path.py tests/test_sampler_parity.py 2>&1 | tail -15 | tee "$OUT/gpu_tests.txt"
-python3 bench/gpu_bench.py --server --profile --seconds 6 "$@" 2>&1 | tee "$OUT/gpu_bench.txt"
+python3 bench/gpu_bench.py --server --profile --seconds 6 --clients 64 "$@" 2>&1 | tee "$OUT/gpu_bench.txt"

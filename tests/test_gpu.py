@@ -50,6 +50,7 @@ def random_dit(arch: str, size: int, dtype):
 def test_fast_dit_and_graphs_match_reference_on_gpu():
     ref = random_dit("DiT-S/2", 32, torch.float32)
     fast = FastDiT(random_dit("DiT-S/2", 32, torch.float32))
+    assert fast.gelu_epilogue  # the fused GELU must be the tanh approximation the reference uses
     graphed = GraphedForward(fast, (4, 32, 32), null_class=1000, device="cuda", sizes=[4, 8])
     graphed.capture()
     x = torch.randn(3, 4, 32, 32, device="cuda")
