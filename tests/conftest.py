@@ -16,14 +16,19 @@ FIXTURES = Path(__file__).parent / "fixtures"
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
-def need_binary(name: str, how: str) -> str:
-    """Path of a system binary; skip with a how-to-install message, or fail under CI=true."""
-    path = shutil.which(name)
-    if path is None:
-        msg = f"{name} is not installed: {how}"
+def require_installed(present: bool, what: str, how: str) -> None:
+    """Skip with a how-to-install message when a system package is missing; under CI=true, fail."""
+    if not present:
+        msg = f"{what} is not installed: {how}"
         if IN_CI:
             pytest.fail(msg + " (CI must install it: see .ci/run)")
         pytest.skip(msg)
+
+
+def need_binary(name: str, how: str) -> str:
+    """Path of a system binary (skips or fails as require_installed)."""
+    path = shutil.which(name)
+    require_installed(path is not None, name, how)
     return path
 
 
