@@ -50,38 +50,37 @@ def residual_ln_modulate_reference(x, y, gate, shift, scale) -> tuple[torch.Tens
 if HAVE_TRITON:
 
     @triton.jit
-    def _ln_modulate_kernel(X, SHIFT, SCALE, OUT, T, D, mod_stride, eps, BLOCK_D: tl.constexpr):
-        row = tl.program_id(0)  # one (n, t) row of D values
-        n = row // T
-        cols = tl.arange(0, BLOCK_D)
-        mask = cols < D
-        x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+    def _layer_norm_modulate(x, mask, cols, D, SHIFT, SCALE, mod_offset, eps):
+        """LN(x) * (1 + scale) + shift for one row x (float32, BLOCK_D wide, `mask` marking the D real values)."""
         mean = tl.sum(x, axis=0) / D
         xc = tl.where(mask, x - mean, 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
-        shift = tl.load(SHIFT + n * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(SCALE + n * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        out = xc * rstd * (1.0 + scale) + shift
+        shift = tl.load(SHIFT + mod_offset + cols, mask=mask, other=0.0).to(tl.float32)
+        scale = tl.load(SCALE + mod_offset + cols, mask=mask, other=0.0).to(tl.float32)
+        return xc * rstd * (1.0 + scale) + shift
+
+    @triton.jit
+    def _ln_modulate_kernel(X, SHIFT, SCALE, OUT, T, D, mod_stride, eps, BLOCK_D: tl.constexpr):
+        row = tl.program_id(0)  # one (n, t) row of D values; its modulation is row n
+        cols = tl.arange(0, BLOCK_D)
+        mask = cols < D
+        x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
+        out = _layer_norm_modulate(x, mask, cols, D, SHIFT, SCALE, (row // T) * mod_stride, eps)
         tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _residual_ln_modulate_kernel(X, Y, GATE, SHIFT, SCALE, X_OUT, OUT, T, D, mod_stride, eps,
                                      BLOCK_D: tl.constexpr):
         row = tl.program_id(0)
-        n = row // T
+        mod_offset = (row // T) * mod_stride
         cols = tl.arange(0, BLOCK_D)
         mask = cols < D
         x = tl.load(X + row * D + cols, mask=mask, other=0.0).to(tl.float32)
         y = tl.load(Y + row * D + cols, mask=mask, other=0.0).to(tl.float32)
-        gate = tl.load(GATE + n * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
+        gate = tl.load(GATE + mod_offset + cols, mask=mask, other=0.0).to(tl.float32)
         x = x + gate * y
         tl.store(X_OUT + row * D + cols, x.to(X_OUT.dtype.element_ty), mask=mask)
-        mean = tl.sum(x, axis=0) / D
-        xc = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / D + eps)
-        shift = tl.load(SHIFT + n * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        scale = tl.load(SCALE + n * mod_stride + cols, mask=mask, other=0.0).to(tl.float32)
-        out = xc * rstd * (1.0 + scale) + shift
+        out = _layer_norm_modulate(x, mask, cols, D, SHIFT, SCALE, mod_offset, eps)
         tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
 
 

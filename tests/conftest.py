@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,12 +23,6 @@ def require_installed(present: bool, what: str, how: str) -> None:
             pytest.fail(msg + " (CI must install it: see .ci/run)")
         pytest.skip(msg)
 
-
-def need_binary(name: str, how: str) -> str:
-    """Path of a system binary (skips or fails as require_installed)."""
-    path = shutil.which(name)
-    require_installed(path is not None, name, how)
-    return path
 
 
 @pytest.fixture(scope="session")
