@@ -46,8 +46,7 @@ class Scheduler:
         self._queue: deque[Job] = deque()
         self._cond = threading.Condition()
         self._active: dict[Job, list[SampleState]] = {}  # jobs in flight, in admission order
-        self._accepting = True
-        self._stopping = False
+        self._stopping = False  # set by stop(): admit nothing new, finish what was accepted
         self._encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
         self._thread = threading.Thread(target=self._run, name="device-worker", daemon=True)
         self._step_seconds = 0.1  # running mean of one step, for Retry-After estimates
@@ -58,7 +57,7 @@ class Scheduler:
 
     def submit(self, job: Job) -> None:
         with self._cond:
-            if not self._accepting:
+            if self._stopping:
                 raise NotReady("the server is shutting down and takes no new work")
             if len(self._queue) >= self.settings.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are already waiting; try again later",
@@ -72,14 +71,9 @@ class Scheduler:
         queued_steps = sum(j.spec.steps * j.spec.rows for j in self._queue)
         return max(1.0, queued_steps / max(1, self.max_rows) * self._step_seconds)
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self._queue)
-
     def stop(self, timeout: float | None = None) -> None:
         """Stop admitting new jobs, finish the queued and in-flight ones, then end the worker."""
         with self._cond:
-            self._accepting = False
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout)
