@@ -137,10 +137,7 @@ def create_app(settings: Settings) -> FastAPI:
                          "description": "the image, or with Accept: application/json base64 images + metadata"},
                    **ERROR_RESPONSES},
     )
-    async def generate(body: GenerateRequest, request: Request):  # type: ignore[valid-type]
-        return await _generate(body, request)
-
-    async def _generate(body, request: Request) -> Response:
+    async def generate(body: GenerateRequest, request: Request) -> Response:  # type: ignore[valid-type]
         svc = require_ready()
         info = svc.runner.info
         if body.class_id >= svc.runner.num_classes:
