@@ -41,6 +41,10 @@ class Metrics:
         self.queue_wait = Histogram("dit_queue_wait_seconds", "arrival to admission into the batch",
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("dit_queue_depth", "requests waiting for admission", registry=r)
+        self.queue_capacity = Gauge("dit_queue_capacity", "requests the queue holds at most (--max-queue)",
+                                    registry=r)
+        self.ready = Gauge("dit_ready", "1 once the model is loaded and warmed up, 0 before and while stopping",
+                           registry=r)
         self.active_samples = Gauge("dit_active_samples", "samples in flight (being denoised)", registry=r)
         self.batch_size = Histogram("dit_batch_size", "samples advanced per forward pass", buckets=BATCH_BUCKETS,
                                     registry=r)

@@ -48,8 +48,10 @@ class Service:
             self.metrics.watch_cuda(r.device)
             self.scheduler = Scheduler(r, s, self.metrics)
             self.scheduler.start()
+            self.metrics.queue_capacity.set(s.max_queue)
             self.status = "ready"
             self._ready.set()
+            self.metrics.ready.set(1)
             log.info("ready: serving %s with %s batching", r.info.name, s.policy)
         except Exception as e:
             self.status = f"failed: {type(e).__name__}: {e}"
@@ -60,6 +62,7 @@ class Service:
 
     def shutdown(self) -> None:
         self._ready.clear()
+        self.metrics.ready.set(0)
         self.status = "shutting down"
         if self.scheduler is not None:
             t0 = time.monotonic()

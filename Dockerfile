@@ -1,0 +1,24 @@
+# dit-serve on a GPU host. Weights are not baked in: they come from a volume mounted at /weights
+# (the compose file fetches them once with dit-fetch). The embedded Fashion-MNIST model ships in the
+# image as the default for CPU-only use.
+FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 python3-venv make curl \
+ && rm -rf /var/lib/apt/lists/*
+RUN useradd --create-home --uid 10001 dit && mkdir -p /app /weights && chown dit:dit /app /weights
+WORKDIR /app
+COPY --chown=dit:dit . /app
+USER dit
+# The README's install command, without the test tools, with the CUDA build of torch.
+RUN make install EXTRAS= TORCH_SPEC="torch>=2.4,<2.15"
+
+ENV PATH=/app/.venv/bin:$PATH DIT_HOST=0.0.0.0 DIT_PORT=8000
+EXPOSE 8000
+VOLUME ["/weights"]
+# Ready only after load, CUDA-graph capture and warm-up: allow a long start.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
+  CMD curl -fsS http://127.0.0.1:8000/readyz || exit 1
+# One uvicorn worker per GPU (see README: batching happens within one process).
+CMD ["dit-serve"]
