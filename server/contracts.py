@@ -82,7 +82,22 @@ class Job:
     deadline: float  # time.monotonic() value
     timings: Timings = field(default_factory=Timings)
     future: Future = field(default_factory=Future)
+    progress: int = 0  # denoising steps done (by the job's slowest sample); written by the scheduler thread
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def status(self) -> str:
+        """queued, running, encoding, done, failed or cancelled."""
+        if self.future.done():
+            error = self.future.exception()
+            if error is None:
+                return "done"
+            return "cancelled" if isinstance(error, Cancelled) else "failed"
+        if self.cancelled:
+            return "cancelled"
+        if self.timings.admitted is None:
+            return "queued"
+        return "running" if self.progress < self.spec.steps else "encoding"
 
     def cancel(self) -> None:
         """Ask the scheduler to drop this job's samples at the next step (client gone, deadline)."""

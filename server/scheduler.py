@@ -151,6 +151,8 @@ class Scheduler:
         self.metrics.batch_size.observe(len(states))
         self.metrics.forward_rows.observe(sum(2 if s.guided else 1 for s in states))
         self.metrics.denoise_steps.inc(len(states))
+        for job, job_states in self._active.items():  # progress for streaming clients: one int per job
+            job.progress = min(s.index for s in job_states)
 
     def _retire(self) -> None:
         finished = [job for job, states in self._active.items() if all(s.done for s in states)]

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
                                 "2 rows, an unguided one 1)")
     max_queue: int = Field(256, ge=0, description="requests waiting for admission at most; beyond, 429")
     request_timeout: float = Field(120.0, gt=0, description="seconds from arrival to answer; beyond, 504")
+    job_timeout: float = Field(3600.0, gt=0, description="seconds an async job (POST /jobs) may take")
+    job_ttl: float = Field(600.0, gt=0, description="seconds a finished async job's result is kept")
+    max_jobs: int = Field(1000, ge=1, description="async jobs held at once (queued, running or finished)")
     encode_threads: int = Field(2, ge=1, description="threads encoding images off the device thread")
     warmup: bool = Field(True, description="run a short generation before reporting ready")
 

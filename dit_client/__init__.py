@@ -1,0 +1,1 @@
+"""dit-generate: the command-line client (talks to a server, or runs the model locally)."""
