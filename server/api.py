@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,6 +19,7 @@ from model import SAMPLERS
 
 from . import generation
 from .errors import ERROR_RESPONSES, ApiError, error_response, install_error_handlers
+from .hygiene import ApiKeyAuth, BodyLimit, RequestContext
 from .jobs import jobs_router
 from .schemas import ClassesResponse, ErrorBody, GenerateResponse, generate_request_model
 from .service import Service
@@ -38,7 +40,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="dit-serve", version="0.1.0", lifespan=lifespan,
                   description="Class-conditional image generation with Diffusion Transformers (DiT).")
     app.state.service = service
-    app.add_middleware(GenerateMetrics, metrics=service.metrics)
+    install_middleware(app, settings, service)
     install_error_handlers(app)
     GenerateRequest = generate_request_model(settings)
 
@@ -104,6 +106,30 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(jobs_router(service, GenerateRequest))
     return app
+
+
+def api_keys(settings: Settings) -> list[str]:
+    keys = list(settings.api_keys)
+    if settings.api_keys_file is not None:
+        lines = settings.api_keys_file.read_text().splitlines()
+        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return keys
+
+
+def install_middleware(app: FastAPI, settings: Settings, service: Service) -> None:
+    """Innermost first (Starlette puts the last added outermost): CORS, API keys, body limits, the
+    /generate metrics (so rejected requests count too), request ids and access logs."""
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
+                           allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"],
+                           expose_headers=["X-Request-ID", "X-Seeds", "X-Class-Id", "X-Class-Name", "X-Steps",
+                                           "X-Cfg-Scale", "X-Sampler", "Server-Timing", "Retry-After"])
+    keys = api_keys(settings)
+    if keys:
+        app.add_middleware(ApiKeyAuth, keys=keys, open_paths=settings.open_paths)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
+    app.add_middleware(GenerateMetrics, metrics=service.metrics)
+    app.add_middleware(RequestContext)
 
 
 class GenerateMetrics:

@@ -13,14 +13,19 @@ import sys
 import uvicorn
 from pydantic_settings import CliApp
 
+from .hygiene import JsonLogFormatter
 from .settings import Settings
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = CliApp.run(Settings, cli_args=sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if settings.log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
     from .api import create_app  # after logging is set up
 
+    # uvicorn logs through the root handler (log_config=None); our RequestContext writes the access log.
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                workers=1, timeout_graceful_shutdown=settings.request_timeout)
+                log_config=None, access_log=False, workers=1,
+                timeout_graceful_shutdown=settings.request_timeout)

@@ -45,6 +45,18 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+    log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per log line, with "
+                                                "the request id; text: plain lines")
+
+    # Security and request hygiene
+    api_keys: list[str] = Field([], description="accepted API keys (Authorization: Bearer KEY or X-API-Key); "
+                                "empty = no authentication. Prefer the env var or --api-keys-file to a flag")
+    api_keys_file: Path | None = Field(None, description="file with one API key per line (added to --api-keys)")
+    open_paths: list[str] = Field(["/healthz", "/readyz", "/metrics"], description="paths served without a key "
+                                  "when API keys are set")
+    cors_origins: list[str] = Field([], description="origins allowed by CORS; empty = CORS off")
+    max_body_bytes: int = Field(65536, ge=1024, description="largest request body; beyond, 413")
+    body_timeout: float = Field(10.0, gt=0, description="seconds to receive a request body; beyond, 408")
 
     # Scheduling
     policy: Literal["continuous", "request", "none"] = Field(
