@@ -105,6 +105,15 @@ def create_app(settings: Settings) -> FastAPI:
         return generation.render(service, job, await generation.wait(job, request))
 
     app.include_router(jobs_router(service, GenerateRequest))
+    if settings.fault_injection:
+        @app.post("/_faults", include_in_schema=False)
+        async def arm_fault(request: Request):
+            body = await request.json()
+            try:
+                generation.require_ready(service).runner.faults.arm(body["kind"], int(body.get("count", 1)))
+            except (KeyError, ValueError) as e:
+                raise ApiError(422, "invalid_request", str(e), "kind") from e
+            return {"armed": body["kind"]}
     return app
 
 

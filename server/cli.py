@@ -25,7 +25,22 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
     from .api import create_app  # after logging is set up
 
+    app = create_app(settings)
     # uvicorn logs through the root handler (log_config=None); our RequestContext writes the access log.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                log_config=None, access_log=False, workers=1,
-                timeout_graceful_shutdown=settings.request_timeout)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            log_config=None, access_log=False, workers=1,
+                            timeout_graceful_shutdown=settings.request_timeout)
+    GracefulServer(config, on_exit=app.state.service.begin_shutdown).run()
+
+
+class GracefulServer(uvicorn.Server):
+    """On SIGTERM/SIGINT turn readiness off and stop admitting at once, then let uvicorn stop accepting
+    connections and wait (up to the request timeout) for the requests in flight."""
+
+    def __init__(self, config: uvicorn.Config, on_exit):
+        super().__init__(config)
+        self.on_exit = on_exit
+
+    def handle_exit(self, sig, frame) -> None:
+        self.on_exit()
+        super().handle_exit(sig, frame)

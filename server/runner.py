@@ -10,6 +10,7 @@ import torch
 from model import Pipeline, SampleState
 
 from .contracts import GenerationSpec
+from .faults import FaultInjector
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class ModelRunner:
             dtype=self.dtype, device=self.device,
         )
         self.info = self.pipeline.info
+        self.faults = FaultInjector() if settings.fault_injection else None
         cuda = self.device.type == "cuda"
         self.fused_kernels = settings.fused_kernels == "on" or (settings.fused_kernels == "auto" and cuda)
         self.cuda_graphs = settings.cuda_graphs == "on" or (settings.cuda_graphs == "auto" and cuda)
@@ -52,15 +54,21 @@ class ModelRunner:
         log.info("loaded %s (%s, %d px) on %s in %s in %.1f s", settings.model, self.info.space,
                  self.info.image_size, self.device, self.dtype, time.monotonic() - t0)
 
-    def new_states(self, spec: GenerationSpec) -> list[SampleState]:
-        return [
-            self.pipeline.new_state(spec.class_id, seed, sampler=spec.sampler, steps=spec.steps,
-                                    cfg_scale=spec.cfg_scale)
-            for seed in spec.seeds
-        ]
+    def new_state(self, spec: GenerationSpec, seed: int) -> SampleState:
+        return self.pipeline.new_state(spec.class_id, seed, sampler=spec.sampler, steps=spec.steps,
+                                       cfg_scale=spec.cfg_scale)
 
     def step(self, states: list[SampleState]) -> None:
+        if self.faults is not None:
+            self.faults.before_step()
         self.pipeline.denoiser.step(states)
+        if self.faults is not None:
+            self.faults.after_step(states)
+
+    @staticmethod
+    def finite(states: list[SampleState]) -> list[bool]:
+        """Whether each sample is free of NaN/inf (one device sync, at retirement only)."""
+        return torch.stack([s.x for s in states]).isfinite().flatten(1).all(1).tolist()
 
     def decode(self, states: list[SampleState]) -> torch.Tensor:
         """Finished samples -> uint8 RGB (N, H, W, 3) on the CPU, in one batched decode."""

@@ -46,7 +46,7 @@ class Service:
                 dtype=str(r.dtype).removeprefix("torch."), policy=s.policy,
             ).set(1)
             self.metrics.watch_cuda(r.device)
-            self.scheduler = Scheduler(r, s, self.metrics)
+            self.scheduler = Scheduler(r, s, self.metrics, on_fatal=self._fatal)
             self.scheduler.start()
             self.metrics.queue_capacity.set(s.max_queue)
             self.status = "ready"
@@ -56,6 +56,21 @@ class Service:
         except Exception as e:
             self.status = f"failed: {type(e).__name__}: {e}"
             log.exception("start-up failed; /readyz stays 503")
+
+    def _fatal(self, reason: str) -> None:
+        """The device is unusable: report not ready for good, so that the orchestrator restarts us."""
+        self._ready.clear()
+        self.metrics.ready.set(0)
+        self.status = f"failed: {reason}; restart the server"
+
+    def begin_shutdown(self) -> None:
+        """On SIGTERM, before uvicorn drains connections: not ready at once, no new work admitted."""
+        self._ready.clear()
+        self.metrics.ready.set(0)
+        self.status = "shutting down"
+        if self.scheduler is not None:
+            self.scheduler.begin_stop()
+        log.info("shutting down: readiness off, finishing admitted requests")
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._ready.wait(timeout)

@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     max_jobs: int = Field(1000, ge=1, description="async jobs held at once (queued, running or finished)")
     encode_threads: int = Field(2, ge=1, description="threads encoding images off the device thread")
     warmup: bool = Field(True, description="run a short generation before reporting ready")
+    fault_injection: bool = Field(False, description="TEST ONLY: enable POST /_faults, which makes the model "
+                                  "runner fail on purpose")
 
     # Request limits
     max_steps: int = Field(250, ge=1, le=1000, description="largest steps a request may ask for")
