@@ -86,9 +86,8 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post(
         "/generate", summary="generate an image (a grid for num_images > 1)", response_class=Response,
-        responses={200: {"content": {"image/png": {}, "image/jpeg": {}, "image/webp": {},
-                                     "application/json": {"schema": GenerateResponse.model_json_schema()},
-                                     "text/event-stream": {}},
+        responses={200: {"model": GenerateResponse,
+                         "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "text/event-stream": {}},
                          "description": "the image; with Accept: application/json base64 images + metadata; "
                                         "with Accept: text/event-stream progress events, then the JSON result"},
                    **ERROR_RESPONSES},
