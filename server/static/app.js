@@ -4,6 +4,12 @@
 const $ = (id) => document.getElementById(id);
 let classes = [];
 
+function authHeaders() {
+  const key = $("api-key").value.trim() || sessionStorage.getItem("dit-api-key") || "";
+  if (key) sessionStorage.setItem("dit-api-key", key);
+  return key ? { "X-API-Key": key } : {};
+}
+
 function setStatus(text, isError = false) {
   $("status").textContent = text;
   $("status").className = isError ? "error" : "";
@@ -20,8 +26,10 @@ function classId(text) {
 
 async function load() {
   try {
-    const [info, cls] = await Promise.all([fetch("/info"), fetch("/classes")]);
+    const [info, cls] = await Promise.all([fetch("/info", { headers: authHeaders() }),
+                                           fetch("/classes", { headers: authHeaders() })]);
     if (!info.ok) throw new Error((await info.json()).error.message);
+    $("api-key").closest("label").hidden = !sessionStorage.getItem("dit-api-key");
     const i = await info.json();
     classes = (await cls.json()).classes;
     $("model-line").textContent = `${i.model}: ${i.image_size} px, ${i.num_classes} classes, ${i.device} ` +
@@ -35,13 +43,14 @@ async function load() {
     $("num-images").max = i.limits.max_images;
     document.body.dataset.ready = "true";
   } catch (e) {
-    setStatus(`The server is not ready: ${e.message}. Reload in a moment.`, true);
+    setStatus(`The server is not ready or needs an API key: ${e.message}. Reload in a moment.`, true);
   }
 }
 
 function explain(status, body, retryAfter) {
   const err = (body && body.error) || {};
   if (status === 429) return `The server is busy (${err.message || "queue full"}); try again in ${retryAfter || "a few"} s.`;
+  if (status === 401) return "This server needs an API key: enter it above, then reload the page.";
   if (status === 503) return `The server is not ready: ${err.message || ""}`;
   if (status === 422) return `Please check ${err.field || "the form"}: ${err.message}`;
   return `Generation failed (${status}): ${err.message || "unknown error"}`;
@@ -83,7 +92,7 @@ async function generate(ev) {
   setStatus("queued…");
   try {
     const r = await fetch("/generate", { method: "POST", body: JSON.stringify(body),
-      headers: { "Content-Type": "application/json", "Accept": "text/event-stream" } });
+      headers: { "Content-Type": "application/json", "Accept": "text/event-stream", ...authHeaders() } });
     if (!r.ok) {
       const err = await r.json().catch(() => null);
       return setStatus(explain(r.status, err, r.headers.get("Retry-After")), true);
