@@ -23,6 +23,7 @@ class Service:
         self.scheduler: Scheduler | None = None
         self.status = "starting"
         self._ready = threading.Event()
+        self._stopping = False
 
     @property
     def ready(self) -> bool:
@@ -49,6 +50,9 @@ class Service:
             self.scheduler = Scheduler(r, s, self.metrics, on_fatal=self._fatal)
             self.scheduler.start()
             self.metrics.queue_capacity.set(s.max_queue)
+            if self._stopping:  # SIGTERM arrived while we were loading
+                self.scheduler.begin_stop()
+                return
             self.status = "ready"
             self._ready.set()
             self.metrics.ready.set(1)
@@ -65,6 +69,7 @@ class Service:
 
     def begin_shutdown(self) -> None:
         """On SIGTERM, before uvicorn drains connections: not ready at once, no new work admitted."""
+        self._stopping = True
         self._ready.clear()
         self.metrics.ready.set(0)
         self.status = "shutting down"
@@ -76,6 +81,7 @@ class Service:
         return self._ready.wait(timeout)
 
     def shutdown(self) -> None:
+        self._stopping = True
         self._ready.clear()
         self.metrics.ready.set(0)
         self.status = "shutting down"
