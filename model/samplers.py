@@ -118,5 +118,8 @@ def plan(sampler: str, steps: int) -> SamplerPlan:
     if not 1 <= steps <= NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"steps must be between 1 and {NUM_TRAIN_TIMESTEPS}, got {steps}")
     if sampler == "dpm-solver++":
+        if len(set(dpm_solver_timesteps(steps).tolist())) != steps:
+            raise ValueError(f"dpm-solver++ cannot take {steps} steps: its timestep spacing would repeat a "
+                             "timestep; use fewer steps")
         return _dpm_solver_plan(steps)
     return _respaced_plan(sampler, steps)

@@ -12,6 +12,8 @@ from urllib.parse import quote
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
+from model.samplers import plan
+
 from .contracts import Cancelled, DeadlineExceeded, GenerationResult, GenerationSpec, Job, OutputSpec, SchedulerError
 from .errors import ApiError
 from .schemas import MAX_SEED
@@ -34,6 +36,10 @@ def make_job(service: Service, body, *, separate: bool, timeout: float) -> Job:
         raise ApiError(422, "invalid_request", f"class_id must be below {svc.runner.num_classes} (see GET /classes)",
                        "class_id")
     d = info.defaults
+    try:  # the sampler's own limits (e.g. DPM-Solver++ cannot take 1000 steps)
+        plan(body.sampler or d.sampler, body.steps or min(d.steps, settings.max_steps))
+    except ValueError as e:
+        raise ApiError(422, "invalid_request", str(e), "steps") from e
     base_seed = body.seed if body.seed is not None else random.randrange(MAX_SEED)
     spec = GenerationSpec(
         class_id=body.class_id, cfg_scale=d.cfg_scale if body.cfg_scale is None else body.cfg_scale,

@@ -91,5 +91,7 @@ def test_bad_sampler_settings_are_rejected():
         plan("euler", 10)
     with pytest.raises(ValueError, match="steps"):
         plan("ddim", 0)
+    with pytest.raises(ValueError, match="repeat"):  # diffusers' spacing repeats a timestep at 1000 steps
+        plan("dpm-solver++", 1000)
     with pytest.raises(ValueError, match="cfg_scale"):
         SampleState.create(torch.zeros(4, 8, 8), 0, sampler="ddim", steps=5, cfg_scale=0.5)
