@@ -106,3 +106,8 @@ def test_page_and_static_files_are_served(server):
     page = httpx.get(server.url + "/")
     assert page.status_code == 200 and "dit-serve" in page.text and "/static/app.js" in page.text
     assert httpx.get(server.url + "/static/app.js").status_code == 200
+
+
+def test_sampler_limits_are_a_422(server):
+    r = httpx.post(server.url + "/generate", json={"class_id": 1, "sampler": "dpm-solver++", "steps": 1000})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "steps"
