@@ -36,6 +36,7 @@ def main() -> None:
             images.send_keys("4")
             browser.find_element(By.ID, "generate").click()
             wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-done") == "1")
+            browser.execute_script("window.scrollTo(0, 0)")
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(args.out)
         finally:
