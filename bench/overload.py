@@ -58,7 +58,9 @@ async def capacity(url: str, seconds: float = 5.0) -> float:
 
 async def flood(url: str, rate: float, seconds: float) -> dict:
     results: list[tuple[int | str, float, bool]] = []
-    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200)
+    # Idle connections expire on our side (2 s) before uvicorn closes them (5 s): otherwise a request can
+    # race the server's close of a kept-alive connection and fail with a reset that no server could avoid.
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=CLIENT_TIMEOUT, limits=limits) as c:
         async def one():
             t0 = time.monotonic()
