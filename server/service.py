@@ -61,30 +61,27 @@ class Service:
             self.status = f"failed: {type(e).__name__}: {e}"
             log.exception("start-up failed; /readyz stays 503")
 
-    def _fatal(self, reason: str) -> None:
-        """The device is unusable: report not ready for good, so that the orchestrator restarts us."""
+    def _not_ready(self, status: str) -> None:
         self._ready.clear()
         self.metrics.ready.set(0)
-        self.status = f"failed: {reason}; restart the server"
+        self.status = status
+
+    def _fatal(self, reason: str) -> None:
+        """The device is unusable: report not ready for good, so that the orchestrator restarts us."""
+        self._not_ready(f"failed: {reason}; restart the server")
 
     def begin_shutdown(self) -> None:
         """On SIGTERM, before uvicorn drains connections: not ready at once, no new work admitted."""
         self._stopping = True
-        self._ready.clear()
-        self.metrics.ready.set(0)
-        self.status = "shutting down"
+        self._not_ready("shutting down")
         if self.scheduler is not None:
             self.scheduler.begin_stop()
         log.info("shutting down: readiness off, finishing admitted requests")
 
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        return self._ready.wait(timeout)
-
     def shutdown(self) -> None:
+        """Lifespan end (after uvicorn drained the connections): finish what was accepted."""
         self._stopping = True
-        self._ready.clear()
-        self.metrics.ready.set(0)
-        self.status = "shutting down"
+        self._not_ready("shutting down")
         if self.scheduler is not None:
             t0 = time.monotonic()
             self.scheduler.stop()
