@@ -21,7 +21,8 @@ def test_server_mode_by_name_and_local_mode_give_the_server_image(tmp_path):
         assert out.returncode == 0, out.stderr
         assert "Sneaker, seed 77" in out.stdout and "step" in out.stderr  # the progress bar
         cfg = httpx.get(s.url + "/info").json()["defaults"]["cfg_scale"]
-        direct = httpx.post(s.url + "/generate", json={"class_id": 7, "seed": 77, "steps": 15, "cfg_scale": cfg})
+        direct = httpx.post(s.url + "/generate", json={"class_id": 7, "seed": 77, "steps": 15, "cfg_scale": cfg},
+                            timeout=60)
         assert (tmp_path / "a.png").read_bytes() == direct.content
         many = dit_generate("7", "--url", s.url, "--seed", "1", "--steps", "5", "--count", "3",
                             "--out", str(tmp_path / "m.png"), "--quiet")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FIXTURES, rel_err
+from conftest import FIXTURES, rel_err, require_installed
 
 from model import load_dit
 from model.fast_forward import FastDiT
@@ -17,7 +17,10 @@ from model.fused_adaln import (
     triton_usable,
 )
 
-pytestmark = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed (pip install triton)")
+
+@pytest.fixture(autouse=True)
+def need_triton():
+    require_installed(HAVE_TRITON, "triton", "pip install triton (the project depends on it on Linux)")
 
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton runs interpreted on the CPU

@@ -54,7 +54,7 @@ def test_browser_generates_the_same_image_as_the_api(server):
         browser.quit()
     info = httpx.get(server.url + "/info").json()
     direct = httpx.post(server.url + "/generate", json={"class_id": 7, "seed": 4242, "steps": 12,
-                                                         "cfg_scale": info["defaults"]["cfg_scale"]})
+                                                         "cfg_scale": info["defaults"]["cfg_scale"]}, timeout=60)
     assert direct.status_code == 200 and shown == direct.content
     assert status.startswith("Sneaker: 12") and link == "Sneaker-4242.png"
 
@@ -88,11 +88,12 @@ def test_async_job_submit_poll_fetch(server):
                         60, "the job to finish")
     assert status["step"] == 30 and status["seeds"] == [9, 10]
     result = httpx.get(server.url + job["result_url"])
-    assert result.status_code == 200 and result.content == httpx.post(server.url + "/generate", json=body).content
+    assert result.status_code == 200 and result.content == httpx.post(server.url + "/generate", json=body,
+                                                                                     timeout=60).content
 
 
 def test_async_job_cancel_frees_its_samples(server):
-    job = httpx.post(server.url + "/jobs", json={"class_id": 1, "steps": 1000, "seed": 3}).json()
+    job = httpx.post(server.url + "/jobs", json={"class_id": 1, "steps": 1000, "seed": 3, "sampler": "ddim"}).json()
     wait_until(lambda: httpx.get(server.url + job["status_url"]).json()["status"] == "running", 30, "the job to run")
     assert httpx.get(server.url + job["result_url"]).status_code == 409  # not finished yet
     assert httpx.delete(server.url + job["status_url"]).json()["status"] == "cancelled"

@@ -33,7 +33,7 @@ def test_step_error_fails_only_that_batch(faulty):
     assert failed and all(a.json()["error"]["code"] == "generation_failed" for a in failed)
     assert "injected fault" in failed[0].json()["error"]["message"]
     assert set(a.status_code for a in answers) <= {200, 500}
-    assert httpx.post(faulty.url + "/generate", json=SMALL).status_code == 200  # still serving
+    assert httpx.post(faulty.url + "/generate", json=SMALL, timeout=60).status_code == 200  # still serving
     assert httpx.get(faulty.url + "/readyz").status_code == 200
 
 
@@ -50,7 +50,7 @@ def test_nan_output_fails_the_request_instead_of_a_garbage_image(faulty):
     arm(faulty, "nan")
     r = httpx.post(faulty.url + "/generate", json=SMALL, timeout=60)
     assert r.status_code == 500 and "non-finite" in r.json()["error"]["message"]
-    assert httpx.post(faulty.url + "/generate", json=SMALL).status_code == 200
+    assert httpx.post(faulty.url + "/generate", json=SMALL, timeout=60).status_code == 200
 
 
 def test_device_error_turns_readiness_off(faulty):
@@ -60,7 +60,7 @@ def test_device_error_turns_readiness_off(faulty):
     ready = httpx.get(faulty.url + "/readyz")
     assert ready.status_code == 503 and "restart" in ready.json()["error"]["message"]
     assert httpx.get(faulty.url + "/healthz").status_code == 200  # alive, but not ready: restart it
-    assert httpx.post(faulty.url + "/generate", json=SMALL).status_code == 503
+    assert httpx.post(faulty.url + "/generate", json=SMALL, timeout=60).status_code == 503
 
 
 def test_small_request_finishes_while_a_huge_one_is_in_flight(tmp_path):

@@ -28,8 +28,9 @@ def test_api_keys(keyed):
     assert no_key.headers["www-authenticate"].startswith("Bearer")
     assert httpx.post(keyed.url + "/generate", json=GOOD, headers={"Authorization": "Bearer wrong"}).status_code == 401
     assert httpx.post(keyed.url + "/generate", json=GOOD,
-                      headers={"Authorization": "Bearer key-from-env"}).status_code == 200
-    assert httpx.post(keyed.url + "/generate", json=GOOD, headers={"X-API-Key": "key-from-file"}).status_code == 200
+                      headers={"Authorization": "Bearer key-from-env"}, timeout=60).status_code == 200
+    assert httpx.post(keyed.url + "/generate", json=GOOD, headers={"X-API-Key": "key-from-file"},
+                      timeout=60).status_code == 200
     assert httpx.get(keyed.url + "/classes").status_code == 401
     for open_path in ("/healthz", "/readyz", "/metrics"):
         assert httpx.get(keyed.url + open_path).status_code == 200, open_path
