@@ -132,12 +132,13 @@ def main(argv=None) -> None:
             for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
                 pe.lerp_(pm, 1 - decay)
         step += 1
-        if not math.isfinite(loss.item()):
-            raise RuntimeError(f"loss became {loss.item()} at step {step}")
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f"loss became {loss_value} at step {step}")
         now = time.monotonic()
         elapsed = now - start
         bar.n = int(elapsed)
-        bar.set_postfix(step=step, loss=f"{loss.item():.4f}", refresh=False)
+        bar.set_postfix(step=step, loss=f"{loss_value:.4f}", refresh=False)
         bar.update(0)
         if now - last_ckpt > args.checkpoint_every * 60:
             checkpoint()
