@@ -12,6 +12,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Literal
 
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -73,6 +74,16 @@ class GenerationResult:
     timings: dict[str, float]
 
 
+class FinishReason(str, Enum):
+    """Why a request ended; each is counted in dit_requests_finished_total{reason}."""
+
+    FINISHED = "finished"  # its images were delivered to the front-end
+    CANCELLED = "cancelled"  # the client cancelled it (DELETE /jobs/{id}) or went away
+    TIMED_OUT = "timed_out"  # its deadline passed (504)
+    REJECTED = "rejected"  # refused before it was admitted (queue full, not ready)
+    FAILED = "failed"  # the model or the device failed it
+
+
 @dataclass(eq=False)
 class Job:
     """One request in the scheduler. `future` resolves (from any thread) to a GenerationResult."""
@@ -80,32 +91,41 @@ class Job:
     spec: GenerationSpec
     output: OutputSpec
     deadline: float  # time.monotonic() value
+    owner: str | None = None  # a hash of the caller's API key (never the key), None without keys
     timings: Timings = field(default_factory=Timings)
     future: Future = field(default_factory=Future)
     progress: int = 0  # denoising steps done (by the job's slowest sample); written by the scheduler thread
+    queue_position: int | None = None  # 1 = next to be admitted; None once admitted; written by the scheduler
+    _cancel_reason: FinishReason | None = field(default=None, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     @property
     def status(self) -> str:
-        """queued, running, encoding, done, failed or cancelled."""
+        """queued, running, encoding, done, failed, cancelled or timed_out."""
         if self.future.done():
             error = self.future.exception()
             if error is None:
                 return "done"
-            return "cancelled" if isinstance(error, Cancelled) else "failed"
+            return error.reason.value if isinstance(error, (Cancelled, DeadlineExceeded)) else "failed"
         if self.cancelled:
-            return "cancelled"
+            return self._cancel_reason.value
         if self.timings.admitted is None:
             return "queued"
         return "running" if self.progress < self.spec.steps else "encoding"
 
-    def cancel(self) -> None:
-        """Ask the scheduler to drop this job's samples at the next step (client gone, deadline)."""
-        self._cancelled.set()
+    def cancel(self, reason: FinishReason = FinishReason.CANCELLED) -> None:
+        """Ask the scheduler to drop this job's samples at the next step (client gone, or `TIMED_OUT`)."""
+        if not self._cancelled.is_set():
+            self._cancel_reason = reason
+            self._cancelled.set()
 
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    @property
+    def cancel_reason(self) -> FinishReason | None:
+        return self._cancel_reason if self.cancelled else None
 
     def fail(self, error: Exception) -> None:
         if not self.future.done():
@@ -117,11 +137,12 @@ class SchedulerError(Exception):
 
     status = 500
     code = "internal_error"
+    reason = FinishReason.FAILED
     retry_after: float | None = None
 
 
 class QueueFull(SchedulerError):
-    status, code = 429, "queue_full"
+    status, code, reason = 429, "queue_full", FinishReason.REJECTED
 
     def __init__(self, message: str, retry_after: float):
         super().__init__(message)
@@ -129,16 +150,18 @@ class QueueFull(SchedulerError):
 
 
 class NotReady(SchedulerError):
-    status, code = 503, "not_ready"
+    status, code, reason = 503, "not_ready", FinishReason.REJECTED
     retry_after = 5.0
 
 
 class DeadlineExceeded(SchedulerError):
-    status, code = 504, "deadline_exceeded"
+    status, code, reason = 504, "deadline_exceeded", FinishReason.TIMED_OUT
 
 
 class Cancelled(SchedulerError):
-    status, code = 499, "cancelled"
+    """The client cancelled the request; a cancelled job's result answers 409 with this code."""
+
+    status, code, reason = 409, "cancelled", FinishReason.CANCELLED
 
 
 class GenerationFailed(SchedulerError):
