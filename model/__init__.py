@@ -8,7 +8,8 @@
 
 from .checkpoint import CheckpointError
 from .config import PRESETS, DiTConfig, preset
-from .denoise import Denoiser, SampleState
+from .batch import Join, SlotBatch
+from .denoise import Denoiser
 from .dit import DiT
 from .loading import load_dit
 from .noise import initial_noise
@@ -17,6 +18,6 @@ from .samplers import SAMPLERS
 from .sampling import sample
 
 __all__ = [
-    "CheckpointError", "PRESETS", "DiTConfig", "preset", "Denoiser", "SampleState", "DiT", "load_dit",
+    "CheckpointError", "PRESETS", "DiTConfig", "preset", "Denoiser", "Join", "SlotBatch", "DiT", "load_dit",
     "initial_noise", "Defaults", "ModelInfo", "Pipeline", "SAMPLERS", "sample",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,9 +11,9 @@ import torch
 
 from .checkpoint import RawCheckpoint, read_checkpoint
 from .decoders import PixelDecoder, VAEDecoder, to_uint8
-from .denoise import Denoiser, SampleState
+from .batch import Join, SlotBatch
+from .denoise import Denoiser
 from .loading import build, infer_config
-from .noise import initial_noise
 
 
 @dataclass(frozen=True)
@@ -114,12 +114,13 @@ class Pipeline:
         c = self.dit.config
         return (c.in_channels, c.input_size, c.input_size)
 
-    def new_state(self, label: int, seed: int, *, sampler: str, steps: int, cfg_scale: float) -> SampleState:
-        """A fresh in-flight sample: x_T from the counter-based noise keyed by `seed`."""
+    def new_batch(self, capacity: int = 8) -> SlotBatch:
+        """An empty slot-indexed batch on this pipeline's denoiser (the per-step API the server drives)."""
+        return SlotBatch(self.denoiser, capacity)
+
+    def check_class(self, label: int) -> None:
         if not 0 <= label < self.dit.config.num_classes:
             raise ValueError(f"class {label} is outside 0..{self.dit.config.num_classes - 1}")
-        x = initial_noise([seed], self.sample_shape, device=self.device)[0]
-        return SampleState.create(x, label, sampler=sampler, steps=steps, cfg_scale=cfg_scale, seed=seed)
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,14 +129,20 @@ class Pipeline:
 
     @torch.no_grad()
     def generate(self, class_ids: Sequence[int], seeds: Sequence[int], *, sampler: str | None = None,
-                 steps: int | None = None, cfg_scale: float | None = None) -> torch.Tensor:
-        """One image per (class, seed): uint8 (N, H, W, 3). Omitted settings take the model's defaults."""
+                 steps: int | None = None, cfg_scale: float | None = None,
+                 on_step: Callable[[int], None] | None = None) -> torch.Tensor:
+        """One image per (class, seed): uint8 (N, H, W, 3). Omitted settings take the model's defaults.
+        on_step(k) is called after each of the k = 1..steps iterations (progress bars)."""
         d = self.info.defaults
-        states = [
-            self.new_state(int(c), int(s), sampler=sampler or d.sampler, steps=steps or d.steps,
-                           cfg_scale=d.cfg_scale if cfg_scale is None else cfg_scale)
-            for c, s in zip(class_ids, seeds, strict=True)
-        ]
-        while not states[0].done:
-            self.denoiser.step(states)
-        return self.decode(torch.stack([s.x for s in states]))
+        sampler, steps = sampler or d.sampler, steps or d.steps
+        cfg_scale = d.cfg_scale if cfg_scale is None else cfg_scale
+        for c in class_ids:
+            self.check_class(int(c))
+        batch = self.new_batch(len(seeds))
+        batch.join([Join(k, int(c), int(s), sampler, steps, cfg_scale)
+                    for k, (c, s) in enumerate(zip(class_ids, seeds, strict=True))])
+        for k in range(steps):
+            batch.step()
+            if on_step is not None:
+                on_step(k + 1)
+        return self.decode(batch.read(range(len(seeds))))

@@ -1,4 +1,4 @@
-"""`sample`: the whole denoising loop for a batch, as a plain loop over the per-step API."""
+"""`sample`: the whole denoising loop for a batch, as a plain loop over the slot-indexed batch."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .denoise import Denoiser, SampleState
+from .batch import Join, SlotBatch
+from .denoise import Denoiser
 
 
 def sample(
@@ -37,13 +38,9 @@ def sample(
         raise ValueError(f"generator must be a list of {n} torch.Generator, one per sample")
     if seeds is None:
         seeds = torch.randint(0, 2**63 - 1, (n,)).tolist()
-    denoiser = Denoiser(dit, cfg_channels=cfg_channels, clip_x0=clip_x0)
-    x = noise.to(denoiser.device, torch.float32)
-    states = [
-        SampleState.create(x[k], labels[k], sampler=sampler, steps=steps, cfg_scale=scales[k], seed=int(seeds[k]),
-                           generator=None if generator is None else generator[k])
-        for k in range(n)
-    ]
-    while not states[0].done:
-        denoiser.step(states)
-    return torch.stack([s.x for s in states])
+    batch = SlotBatch(Denoiser(dit, cfg_channels=cfg_channels, clip_x0=clip_x0), capacity=n)
+    joins = [Join(k, labels[k], int(seeds[k]), sampler, steps, scales[k]) for k in range(n)]
+    batch.join(joins, x=noise, generators=generator)
+    for _ in range(steps):
+        batch.step()
+    return batch.read(range(n))

@@ -8,7 +8,7 @@ from conftest import FIXTURES, rel_err
 from safetensors.torch import load_file
 from test_forward_parity import hub_style_copy
 
-from model import Pipeline, initial_noise
+from model import Join, Pipeline, initial_noise
 
 
 @pytest.fixture(scope="module")
@@ -29,17 +29,14 @@ def test_generate_returns_rgb_images(pipe):
 def test_same_seed_alone_and_in_a_mixed_batch(pipe):
     """Sample k depends only on its own seed and settings, whatever shares its forward passes."""
     alone = pipe.generate([5], seeds=[1234], sampler="ddpm", steps=8, cfg_scale=4.0)[0]
-    mates = [
-        pipe.new_state(5, 1234, sampler="ddpm", steps=8, cfg_scale=4.0),
-        pipe.new_state(17, 99, sampler="ddim", steps=8, cfg_scale=1.0),
-        pipe.new_state(400, 7, sampler="dpm-solver++", steps=8, cfg_scale=2.5),
-        pipe.new_state(999, 2**40, sampler="ddpm", steps=8, cfg_scale=1.5),
-    ]
-    # Stagger the batch: the others start one step later than the sample under test.
-    pipe.denoiser.step(mates[:1])
-    while not mates[0].done:
-        pipe.denoiser.step([s for s in mates if not s.done])
-    together = pipe.decode(mates[0].x[None])[0]
+    batch = pipe.new_batch()
+    batch.join([Join(0, 5, 1234, "ddpm", 8, 4.0)])
+    batch.step()  # stagger the batch: the others start one step later than the sample under test
+    batch.join([Join(1, 17, 99, "ddim", 8, 1.0), Join(2, 400, 7, "dpm-solver++", 8, 2.5),
+                Join(3, 999, 2**40, "ddpm", 8, 1.5)])
+    for _ in range(7):
+        batch.step()
+    together = pipe.decode(batch.read([0]))[0]
     assert (alone.int() - together.int()).abs().max().item() <= 1
 
 
@@ -78,4 +75,4 @@ def test_checkpoint_plus_vae_folder():
 
 def test_out_of_range_class_is_rejected(pipe):
     with pytest.raises(ValueError, match="outside"):
-        pipe.new_state(1000, 0, sampler="ddim", steps=2, cfg_scale=1.0)
+        pipe.generate([1000], seeds=[0], sampler="ddim", steps=2)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import rel_err
 
-from model import Denoiser, SampleState, sample
+from model import Denoiser, Join, SlotBatch, sample
 from model.samplers import plan
 from model.schedule import respaced_timesteps
 
@@ -35,15 +35,11 @@ def test_dpm_solver_matches_diffusers(tiny_dit, reference, steps):
 def test_ddpm_step_mean_and_logvar_match_reference(tiny_dit, reference):
     assert list(plan("ddpm", 10).timesteps) == reference["ddpm10_timesteps"].flip(0).tolist()
     labels = reference["ddpm10_labels"].tolist()
-    denoiser = Denoiser(tiny_dit)
     for i in range(10):  # respaced index i; the sampler reaches it at iteration 9 - i
         x = reference[f"ddpm10_cfg4.0_ch3_step{i}_x"]
-        states = [SampleState.create(x[k], labels[k], sampler="ddpm", steps=10, cfg_scale=4.0) for k in range(len(x))]
-        for s in states:
-            s.index = 9 - i
-        batch = denoiser.build_inputs(states)
-        eps, var_values = denoiser.guide(batch, tiny_dit(batch.x, batch.t, batch.y), len(states))
-        mean, log_var, _, _ = denoiser.posterior(states, x, eps, var_values, torch.zeros_like(x))
+        batch = SlotBatch(Denoiser(tiny_dit))
+        batch.join([Join(k, labels[k], 0, "ddpm", 10, 4.0, index=9 - i) for k in range(len(x))], x=x)
+        _, _, _, mean, log_var, _, _ = batch.posterior()
         assert rel_err(mean, reference[f"ddpm10_cfg4.0_ch3_step{i}_mean"]) <= SAMPLE_TOL, i
         assert rel_err(log_var, reference[f"ddpm10_cfg4.0_ch3_step{i}_logvar"]) <= SAMPLE_TOL, i
 
@@ -79,11 +75,14 @@ def test_respacing_follows_the_paper():
 
 
 def test_guidance_rows_only_for_guided_samples(tiny_dit):
-    x = torch.randn(3, 4, 8, 8)
-    states = [SampleState.create(x[k], k, sampler="ddim", steps=5, cfg_scale=s) for k, s in enumerate([1.0, 4.0, 1.0])]
-    batch = Denoiser(tiny_dit).build_inputs(states)
-    assert batch.rows == 4  # 3 samples + 1 null-class twin
-    assert batch.y.tolist() == [0, 1, 2, 1000]
+    rows = []
+    denoiser = Denoiser(tiny_dit)
+    forward = denoiser.forward
+    denoiser.forward = lambda x, t, y: rows.append(y.tolist()) or forward(x, t, y)
+    batch = SlotBatch(denoiser)
+    batch.join([Join(k, k, k, "ddim", 5, s) for k, s in enumerate([1.0, 4.0, 1.0])])
+    batch.step()
+    assert rows == [[0, 1, 2, 1000]]  # 3 samples + 1 null-class twin
 
 
 def test_bad_sampler_settings_are_rejected():
@@ -94,4 +93,4 @@ def test_bad_sampler_settings_are_rejected():
     with pytest.raises(ValueError, match="repeat"):  # diffusers' spacing repeats a timestep at 1000 steps
         plan("dpm-solver++", 1000)
     with pytest.raises(ValueError, match="cfg_scale"):
-        SampleState.create(torch.zeros(4, 8, 8), 0, sampler="ddim", steps=5, cfg_scale=0.5)
+        Join(0, 0, 0, "ddim", 5, cfg_scale=0.5)
