@@ -134,7 +134,9 @@ def install_middleware(app: FastAPI, settings: Settings, service: Service) -> No
                                            "X-Cfg-Scale", "X-Sampler", "Server-Timing", "Retry-After"])
     keys = api_keys(settings)
     if keys:
-        app.add_middleware(ApiKeyAuth, keys=keys, open_paths=settings.open_paths)
+        # The playground and its assets hold no data: they load without a key, and the page asks for one.
+        page = ["/", *(f"/static/{f.name}" for f in STATIC.iterdir() if f.is_file())]
+        app.add_middleware(ApiKeyAuth, keys=keys, open_paths=[*settings.open_paths, *page])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(GenerateMetrics, metrics=service.metrics)
     app.add_middleware(RequestContext)
