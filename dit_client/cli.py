@@ -101,8 +101,6 @@ def _read_stream(r: httpx.Response, class_name: str, quiet: bool) -> tuple[str, 
 def locally(args, body: dict) -> tuple[str, list[tuple[int, bytes]]]:
     import random
 
-    import torch
-
     from model import Pipeline
     from server.contracts import OutputSpec
     from server.encoding import encode
@@ -114,10 +112,9 @@ def locally(args, body: dict) -> tuple[str, list[tuple[int, bytes]]]:
     seeds = [seed + k for k in range(args.count)]
     sampler, steps = body.get("sampler", d.sampler), body.get("steps", d.steps)
     cfg = body.get("cfg_scale", d.cfg_scale)
-    states = [pipe.new_state(class_id, s, sampler=sampler, steps=steps, cfg_scale=cfg) for s in seeds]
-    for _ in tqdm(range(steps), desc=info.class_names[class_id], unit="step", disable=args.quiet):
-        pipe.denoiser.step(states)
-    pixels = pipe.decode(torch.stack([s.x for s in states])).numpy()
+    with tqdm(total=steps, desc=info.class_names[class_id], unit="step", disable=args.quiet) as bar:
+        pixels = pipe.generate([class_id] * len(seeds), seeds, sampler=sampler, steps=steps, cfg_scale=cfg,
+                               on_step=lambda _: bar.update()).numpy()
     params = {"model": info.name, "class_id": class_id, "class_name": info.class_names[class_id],
               "cfg_scale": float(cfg), "steps": steps, "sampler": sampler}
     images = encode(pixels, tuple(seeds), OutputSpec(format="png", separate=True, metadata=params))

@@ -103,8 +103,8 @@ class SlotBatch:
         self._grow(max(j.slot for j in joins) + 1)
         row0 = [self._plan_rows(j.sampler, j.steps) for j in joins]
         # One staging copy per kind for all joining samples (pinned on CUDA, so it can run async).
-        ints = self._to_device(torch.tensor([[j.slot, j.label, j.seed, r, j.index] for j, r in zip(joins, row0)],
-                                            dtype=torch.int64))  # (N, 5)
+        rows = [[j.slot, j.label, j.seed, r, j.index] for j, r in zip(joins, row0, strict=True)]
+        ints = self._to_device(torch.tensor(rows, dtype=torch.int64))  # (N, 5)
         scales = self._to_device(torch.tensor([j.cfg_scale for j in joins], dtype=torch.float32))  # (N,)
         slots = ints[:, 0]
         self.label[slots], self.seed[slots], self.row0[slots], self.index[slots] = ints[:, 1:].unbind(1)

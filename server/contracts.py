@@ -12,8 +12,10 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Literal
+
+from model.denoise import forward_rows
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 
@@ -32,8 +34,8 @@ class GenerationSpec:
 
     @property
     def rows(self) -> int:
-        """Forward-pass rows the request occupies while in flight: guided samples need a null-class twin."""
-        return self.num_images * (2 if self.cfg_scale != 1.0 else 1)
+        """Forward-pass rows the request occupies while in flight."""
+        return self.num_images * forward_rows(self.cfg_scale)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class GenerationResult:
     timings: dict[str, float]
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     """Why a request ended; each is counted in dit_requests_finished_total{reason}."""
 
     FINISHED = "finished"  # its images were delivered to the front-end
@@ -152,6 +154,10 @@ class QueueFull(SchedulerError):
 class NotReady(SchedulerError):
     status, code, reason = 503, "not_ready", FinishReason.REJECTED
     retry_after = 5.0
+
+
+class InvalidRequest(SchedulerError):
+    status, code, reason = 422, "invalid_request", FinishReason.REJECTED
 
 
 class DeadlineExceeded(SchedulerError):

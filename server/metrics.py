@@ -56,6 +56,9 @@ class Metrics:
                                          buckets=STAGE_BUCKETS, registry=r)
         self.encode_duration = Histogram("dit_encode_duration_seconds", "encoding one request's images",
                                          buckets=STAGE_BUCKETS, registry=r)
+        self.requests_finished = Counter(
+            "dit_requests_finished", "requests ended, by reason: finished, cancelled (by the client), timed_out, "
+            "rejected (queue full, not ready, invalid) or failed", ["reason"], registry=r)
         self.images = Counter("dit_images_generated", "images returned to clients", registry=r)
         self.denoise_steps = Counter("dit_denoise_steps", "sample-steps computed (one sample, one step)",
                                      registry=r)

@@ -6,10 +6,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
+
+from .contracts import GenerationFailed, GenerationResult, Job
+from .encoding import encode
+from .engine.runner import ModelRunner
+from .engine.scheduler import Scheduler
 from .metrics import Metrics
-from .runner import ModelRunner
-from .scheduler import Scheduler
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,6 +30,10 @@ class Service:
         self.status = "starting"
         self._ready = threading.Event()
         self._stopping = False
+        self._encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
+        # Called with the reason when loading or warm-up fails: the CLI then exits non-zero, so that an
+        # orchestrator sees the failure instead of a process that stays up and never turns ready.
+        self.on_start_failure: Callable[[str], None] | None = None
 
     @property
     def ready(self) -> bool:
@@ -47,7 +57,7 @@ class Service:
                 dtype=str(r.dtype).removeprefix("torch."), policy=s.policy,
             ).set(1)
             self.metrics.watch_cuda(r.device)
-            self.scheduler = Scheduler(r, s, self.metrics, on_fatal=self._fatal)
+            self.scheduler = Scheduler(r, s, self.metrics, deliver=self._deliver, on_fatal=self._fatal)
             self.scheduler.start()
             self.metrics.queue_capacity.set(s.max_queue)
             if self._stopping:  # SIGTERM arrived while we were loading
@@ -59,7 +69,25 @@ class Service:
             log.info("ready: serving %s with %s batching", r.info.name, s.policy)
         except Exception as e:
             self.status = f"failed: {type(e).__name__}: {e}"
-            log.exception("start-up failed; /readyz stays 503")
+            log.exception("start-up failed: %s: %s", type(e).__name__, e)
+            if self.on_start_failure is not None:
+                self.on_start_failure(f"{type(e).__name__}: {e}")
+
+    def _deliver(self, job: Job, pixels: np.ndarray) -> None:
+        """A finished request's pixels, from the engine thread: encode them on the pool (never there)."""
+        self._encoder.submit(self._encode, job, pixels)
+
+    def _encode(self, job: Job, pixels: np.ndarray) -> None:
+        try:
+            t0 = time.monotonic()
+            images = encode(pixels, job.spec.seeds, job.output)
+            job.timings.encoded = time.monotonic()
+            self.metrics.encode_duration.observe(job.timings.encoded - t0)
+            if not job.future.done():
+                job.future.set_result(GenerationResult(images, job.timings.durations()))
+        except Exception as e:
+            log.exception("encoding failed")
+            job.fail(GenerationFailed(f"encoding failed: {type(e).__name__}: {e}"))
 
     def _not_ready(self, status: str) -> None:
         self._ready.clear()
@@ -85,4 +113,5 @@ class Service:
         if self.scheduler is not None:
             t0 = time.monotonic()
             self.scheduler.stop()
+            self._encoder.shutdown(wait=True)
             log.info("scheduler drained in %.2f s", time.monotonic() - t0)

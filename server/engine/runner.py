@@ -1,4 +1,9 @@
-"""The model runner: the only server code that touches tensors. Owned by the scheduler's thread."""
+"""The model runner: executes the scheduler's step plans on the device. Owned by the engine thread.
+
+It loads the pipeline, keeps the in-flight samples in a slot-indexed batch (model/batch.py) and, per
+`StepPlan`: frees the leaving slots, writes the joining ones, runs one step, then checks and decodes
+the finishing slots. It is the only engine code that holds tensors; what it returns is numpy pixels.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,11 @@ import time
 
 import torch
 
-from model import Pipeline, SampleState
+from model import Join, Pipeline
 
-from .contracts import GenerationSpec
+from ..settings import Settings
+from .contract import DecodeFailed, SampleJoin, StepPlan, StepResult
 from .faults import FaultInjector
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,10 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def _join(j: SampleJoin) -> Join:
+    return Join(j.slot, j.class_id, j.seed, j.sampler, j.steps, j.cfg_scale)
+
+
 class ModelRunner:
     def __init__(self, settings: Settings):
         if settings.threads:
@@ -51,28 +60,36 @@ class ModelRunner:
         self.cuda_graphs = settings.cuda_graphs == "on" or (settings.cuda_graphs == "auto" and cuda)
         self.graph_sizes = [n for n in settings.graph_batch_sizes if n <= settings.max_batch_rows] or [1]
         self.num_classes = self.pipeline.dit.config.num_classes
+        self.batch = self.pipeline.new_batch(capacity=settings.max_batch_rows)
         log.info("loaded %s (%s, %d px) on %s in %s in %.1f s", settings.model, self.info.space,
                  self.info.image_size, self.device, self.dtype, time.monotonic() - t0)
 
-    def new_state(self, spec: GenerationSpec, seed: int) -> SampleState:
-        return self.pipeline.new_state(spec.class_id, seed, sampler=spec.sampler, steps=spec.steps,
-                                       cfg_scale=spec.cfg_scale)
-
-    def step(self, states: list[SampleState]) -> None:
-        if self.faults is not None:
-            self.faults.before_step()
-        self.pipeline.denoiser.step(states)
-        if self.faults is not None:
-            self.faults.after_step(states)
-
-    @staticmethod
-    def finite(states: list[SampleState]) -> list[bool]:
-        """Whether each sample is free of NaN/inf (one device sync, at retirement only)."""
-        return torch.stack([s.x for s in states]).isfinite().flatten(1).all(1).tolist()
-
-    def decode(self, states: list[SampleState]) -> torch.Tensor:
-        """Finished samples -> uint8 RGB (N, H, W, 3) on the CPU, in one batched decode."""
-        return self.pipeline.decode(torch.stack([s.x for s in states]))
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Leaves, joins, one step, then the finishing slots are checked, decoded and freed."""
+        batch = self.batch
+        if plan.leaves:
+            batch.leave(plan.leaves)
+        if plan.joins:
+            batch.join([_join(j) for j in plan.joins])
+        if not plan.steps_nothing:
+            if self.faults is not None:
+                self.faults.before_step()
+            batch.step(plan.subset)
+            if self.faults is not None:
+                self.faults.after_step(batch)
+        if not plan.finish:
+            return StepResult()
+        try:
+            finite = batch.finite(plan.finish)  # the only device sync of a step, and only when samples finish
+            good = [s for s, ok in zip(plan.finish, finite, strict=True) if ok]
+            t0 = time.monotonic()
+            pixels = self.pipeline.decode(batch.read(good)).numpy() if good else None  # (N, H, W, 3) uint8
+            seconds = time.monotonic() - t0
+        except Exception as e:
+            raise DecodeFailed(f"decoding failed: {type(e).__name__}: {e}") from e
+        finally:
+            batch.leave(plan.finish)
+        return StepResult(finished=plan.finish, finite=tuple(finite), pixels=pixels, decode_seconds=seconds)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -87,14 +104,13 @@ class ModelRunner:
                      self.fused_kernels, self.cuda_graphs, self.graph_sizes if self.cuda_graphs else "-", seconds)
 
     def warmup(self) -> float:
-        """One short guided generation through every sampler, so that first requests pay no set-up."""
+        """One short guided generation through every sampler, along the server's own path (plans)."""
         t0 = time.monotonic()
-        states = [
-            self.pipeline.new_state(0, seed, sampler=sampler, steps=2, cfg_scale=2.0)
-            for seed, sampler in enumerate(("ddpm", "ddim", "dpm-solver++"))
-        ]
-        while not states[0].done:
-            self.step(states)
-        self.decode(states)
+        joins = tuple(SampleJoin(slot, -1, slot, 0, slot, sampler, 2, 2.0)
+                      for slot, sampler in enumerate(("ddpm", "ddim", "dpm-solver++")))
+        self.execute(StepPlan(joins=joins))
+        result = self.execute(StepPlan(finish=tuple(j.slot for j in joins)))
+        assert result.pixels is not None and len(result.pixels) == len(joins), "warm-up produced no images"
         self.synchronize()
         return time.monotonic() - t0
+

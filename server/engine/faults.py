@@ -10,22 +10,9 @@ import threading
 
 import torch
 
+from .failures import DeviceLost
+
 KINDS = ("step_error", "oom", "nan", "device_lost")
-
-
-class DeviceLost(RuntimeError):
-    """The device is unusable (a CUDA error that poisons the context): only a restart helps."""
-
-
-def is_fatal(e: BaseException) -> bool:
-    if isinstance(e, DeviceLost) or type(e).__name__ == "AcceleratorError":
-        return True
-    text = str(e)
-    return any(s in text for s in ("CUDA error", "device-side assert", "illegal memory access", "ECC error"))
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 class FaultInjector:
@@ -54,7 +41,7 @@ class FaultInjector:
         if self.take("device_lost"):
             raise DeviceLost("injected fault: CUDA error: an illegal memory access was encountered")
 
-    def after_step(self, states) -> None:
-        if self.take("nan"):
-            for s in states:
-                s.x = torch.full_like(s.x, float("nan"))
+    def after_step(self, batch) -> None:
+        """`nan`: every sample in the batch turns to NaN (as a diverging model would)."""
+        if self.take("nan") and batch.active:
+            batch.x[batch.active] = float("nan")

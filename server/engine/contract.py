@@ -1,0 +1,54 @@
+"""The step contract between the scheduler and the model runner: plain frozen dataclasses, no tensors.
+
+Each engine iteration the scheduler sends one `StepPlan` (who joins, who leaves, which slots to step,
+which finish and are read out, which want a preview) and the runner answers one `StepResult`. Slots
+are small integers the scheduler allocates; the runner keeps each slot's tensors on the device.
+Finishing follows from step counts, so the scheduler knows which slots finish without asking the
+device; the only device sync is the runner's finite check of the finishing slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SampleJoin:
+    """One sample entering a slot, at its first iteration."""
+
+    slot: int
+    request_id: int
+    sample: int  # its index within the request (image k of num_images)
+    class_id: int
+    seed: int
+    sampler: str
+    steps: int
+    cfg_scale: float
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    joins: tuple[SampleJoin, ...] = ()
+    leaves: tuple[int, ...] = ()  # slots freed before the step (cancelled, timed out, failed requests)
+    subset: tuple[int, ...] | None = None  # step only these slots (out-of-memory fallback); None = all
+    finish: tuple[int, ...] = ()  # slots whose last iteration is this step: check, decode and free them
+    previews: tuple[int, ...] = ()  # slots whose predicted x0 to render small after the step
+
+    @property
+    def steps_nothing(self) -> bool:
+        return self.subset is not None and not self.subset
+
+
+@dataclass(frozen=True)
+class StepResult:
+    finished: tuple[int, ...] = ()  # the plan's `finish` slots, in order
+    finite: tuple[bool, ...] = ()  # per finished slot: free of NaN/inf
+    pixels: np.ndarray | None = None  # (number of finite finished slots, H, W, 3) uint8, in `finished` order
+    previews: dict[int, np.ndarray] = field(default_factory=dict)  # slot -> (h, w, 3) uint8
+    decode_seconds: float = 0.0
+
+
+class DecodeFailed(RuntimeError):
+    """The step succeeded but decoding the finishing slots failed (only their requests fail)."""

@@ -1,0 +1,413 @@
+"""The scheduler: which samples join and leave the batch at each step, and by what policy. No tensors.
+
+One engine iteration (`run_once`, on the engine thread):
+  1. Take the requests the HTTP side submitted from the inbox (submitting never waits for this thread).
+  2. End the requests that were cancelled or passed their deadline; their slots leave the batch.
+  3. Admit, by policy:
+     "continuous" (the default): waiting samples round-robin across the waiting requests, in arrival
+       order (one sample of each request per round), while they fit in the free row budget
+       (`max_batch_rows`; a guided sample costs 2 rows, an unguided one 1). A request for many images
+       shares the rows with the requests behind it, and nothing starves.
+     "request": only when nothing is in flight, as many whole requests as fit; that batch runs until
+       its last request finishes (request-level batching, for comparison).
+     "none": one request at a time (no batching, for comparison).
+  4. Hand the runner one StepPlan: joins, leaves, and the slots whose last iteration this is (known
+     from step counts: a sample admitted before step T with n steps finishes at step T + n - 1).
+  5. Update from the StepResult: progress, finished samples' pixels; a request whose samples have
+     all finished is delivered (the front-end encodes it), one with NaN/inf values fails.
+
+Failures: an exception in a step fails the requests in that batch only; an out-of-memory error halves
+the row budget and retries the step in two halves (the budget doubles back after a run of clean steps);
+a device error (the context is unusable) fails everything and reports the engine broken, so that the
+orchestrator restarts it. The queue holds at most `max_queue` requests; beyond that `submit` raises
+QueueFull (HTTP 429).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from model.denoise import forward_rows
+from model.samplers import plan
+
+from ..contracts import (
+    Cancelled,
+    DeadlineExceeded,
+    FinishReason,
+    GenerationFailed,
+    InvalidRequest,
+    Job,
+    NotReady,
+    QueueFull,
+    SchedulerError,
+)
+from ..metrics import Metrics
+from .contract import DecodeFailed, SampleJoin, StepPlan, StepResult
+from .failures import is_fatal, is_out_of_memory
+
+log = logging.getLogger(__name__)
+
+REGROW_AFTER_STEPS = 64  # clean steps after an out-of-memory halving before the row budget doubles back
+
+
+@dataclass(eq=False)
+class _Request:
+    """The scheduler's bookkeeping for one job: per request, never per step per sample."""
+
+    id: int
+    job: Job
+    admitted: int = 0  # samples admitted so far
+    slots: list[int] = field(default_factory=list)  # slots of its admitted, unfinished samples
+    last_join_tick: int = 0  # the step its most recently admitted sample first ran in
+    pixels: dict[int, np.ndarray] = field(default_factory=dict)  # sample index -> (H, W, 3) uint8
+
+    @property
+    def spec(self):
+        return self.job.spec
+
+    @property
+    def cost(self) -> int:
+        return forward_rows(self.spec.cfg_scale)
+
+
+
+def work(job: Job) -> int:
+    """A request's sample-steps x rows (for Retry-After estimates)."""
+    return job.spec.num_images * job.spec.steps * forward_rows(job.spec.cfg_scale)
+
+
+class Scheduler:
+    def __init__(self, runner, settings, metrics: Metrics, *,
+                 deliver: Callable[[Job, np.ndarray], None],
+                 on_fatal: Callable[[str], None] = lambda reason: None,
+                 clock: Callable[[], float] = time.monotonic):
+        """runner: has `execute(StepPlan) -> StepResult` and `num_classes`. deliver(job, pixels) is called
+        on the engine thread with a finished request's (N, H, W, 3) uint8 images; it must not block."""
+        self.runner = runner
+        self.settings = settings
+        self.metrics = metrics
+        self.policy = settings.policy
+        self.max_rows = settings.max_batch_rows
+        self.deliver = deliver
+        self.on_fatal = on_fatal
+        self.clock = clock
+        # HTTP side -> engine thread: an inbox, and counters behind a lock held only for a few additions.
+        self._inbox: deque[Job] = deque()
+        self._wake = threading.Event()
+        self._counts = threading.Lock()
+        self._waiting = 0  # requests submitted and not yet fully admitted (inbox + queue)
+        self._waiting_work = 0  # their sample-steps x rows
+        self._ids = itertools.count(1)
+        # Engine thread only.
+        self._queue: deque[_Request] = deque()  # requests with samples not yet admitted, in arrival order
+        self._running: dict[int, _Request] = {}  # requests with at least one admitted sample
+        self._owner: dict[int, tuple[_Request, int]] = {}  # slot -> (request, sample index)
+        self._finish_at: dict[int, set[int]] = {}  # step number -> slots whose last iteration it is
+        self._slot_finish: dict[int, int] = {}  # slot -> its finishing step number
+        self._free_slots: list[int] = []
+        self._next_slot = 0
+        self._leaves: list[int] = []  # slots to free in the next plan
+        self._rows = 0  # forward rows in flight
+        self._tick = 0  # steps run so far
+        self._clean_steps = 0
+        self._queue_changed = False
+        self._step_seconds = 0.1  # running mean of one step, for Retry-After estimates
+        self._stopping = False  # admit nothing new, finish what was accepted
+        self._broken: str | None = None  # a device error: nothing more can run
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+
+    # ---- called from the HTTP side (never waits for the engine thread) ----------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        try:
+            if self._stopping or self._broken:
+                raise NotReady(self._broken or "the server is shutting down and takes no new work")
+            self._check(job)
+            with self._counts:
+                if self._waiting >= self.settings.max_queue:
+                    raise QueueFull(f"{self._waiting} requests are already waiting; try again later",
+                                    retry_after=self.retry_after())
+                self._waiting += 1
+                self._waiting_work += work(job)
+        except SchedulerError as e:
+            self.metrics.requests_finished.labels(reason=e.reason.value).inc()
+            raise
+        job.queue_position = self._waiting
+        self._inbox.append(job)
+        self._wake.set()
+
+    def _check(self, job: Job) -> None:
+        """A safety net behind the HTTP validation: a bad spec is refused, never admitted into a batch."""
+        spec = job.spec
+        if not 0 <= spec.class_id < self.runner.num_classes:
+            raise InvalidRequest(f"class_id {spec.class_id} is outside 0..{self.runner.num_classes - 1}")
+        try:
+            plan(spec.sampler, spec.steps)
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from e
+
+    def retry_after(self) -> float:
+        """Rough seconds until the queue has room: the queued work's steps over the batch's width."""
+        return max(1.0, self._waiting_work / max(1, self.max_rows) * self._step_seconds)
+
+    def begin_stop(self) -> None:
+        """Refuse new requests at once (SIGTERM); the engine keeps finishing what it has."""
+        self._stopping = True
+        self._wake.set()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop admitting new requests, finish the queued and in-flight ones, then end the engine thread."""
+        self.begin_stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    @property
+    def queue_depth(self) -> int:
+        return self._waiting
+
+    # ---- the engine thread -------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._broken:
+            if self.run_once():
+                continue
+            if self._stopping and not self._inbox:
+                return
+            self._wake.wait()
+
+    def run_once(self) -> bool:
+        """One iteration: inbox, drop, admit, step, update. False when there was nothing to do."""
+        self._wake.clear()  # before draining: a submit after the drain sets it again
+        while self._inbox:
+            job = self._inbox.popleft()
+            self._queue.append(_Request(next(self._ids), job))
+            self._queue_changed = True
+        now = self.clock()
+        self._drop_abandoned(now)
+        joins = self._admit(now)
+        if self._queue_changed:
+            self._update_queue_positions()
+        if not self._owner:
+            if self._leaves:  # free the slots of dropped requests even when nothing else runs
+                self.runner.execute(StepPlan(leaves=self._take_leaves(), subset=()))
+            self.metrics.active_samples.set(0)
+            return False
+        self._tick += 1
+        finish = tuple(sorted(self._finish_at.pop(self._tick, ())))
+        for slot in finish:
+            del self._slot_finish[slot]
+        plan = StepPlan(joins=joins, leaves=self._take_leaves(), finish=finish)
+        t0 = self.clock()
+        result = self._execute(plan)
+        if result is not None:
+            self._after_step(self.clock() - t0, result)
+        self.metrics.active_samples.set(len(self._owner))
+        return True
+
+    def _take_leaves(self) -> tuple[int, ...]:
+        leaves, self._leaves = tuple(self._leaves), []
+        return leaves
+
+    # ---- admission ---------------------------------------------------------------------------------
+    def _admit(self, now: float) -> list[SampleJoin]:
+        joins: list[SampleJoin] = []
+        if self.policy == "continuous":
+            free = self.max_rows - self._rows
+            while self._queue:
+                for r in list(self._queue):
+                    if r.cost > free and (self._rows or free < self.max_rows):
+                        return joins  # full: the rest waits for a later step
+                    joins.append(self._admit_sample(r, now))
+                    free -= r.cost
+        elif not self._owner:
+            free, admitted = self.max_rows, 0
+            limit = 1 if self.policy == "none" else None
+            while self._queue and (limit is None or admitted < limit):
+                r = self._queue[0]
+                if r.spec.rows > free and admitted:
+                    break
+                while r.admitted < r.spec.num_images:
+                    joins.append(self._admit_sample(r, now))
+                free -= r.spec.rows
+                admitted += 1
+        return joins
+
+    def _admit_sample(self, r: _Request, now: float) -> SampleJoin:
+        """Admit the request's next sample into a free slot; the request leaves the queue with its last one."""
+        spec, k = r.spec, r.admitted
+        slot = self._free_slots.pop() if self._free_slots else self._take_new_slot()
+        finish = self._tick + spec.steps  # this sample first runs in step _tick + 1
+        self._owner[slot] = (r, k)
+        self._finish_at.setdefault(finish, set()).add(slot)
+        self._slot_finish[slot] = finish
+        self._rows += r.cost
+        r.slots.append(slot)
+        r.admitted += 1
+        r.last_join_tick = self._tick + 1
+        if k == 0:
+            self._running[r.id] = r
+            r.job.timings.admitted = now
+            r.job.queue_position = None
+            self.metrics.queue_wait.observe(max(0.0, now - r.job.timings.arrival))
+        if r.admitted == spec.num_images:
+            self._leave_queue(r)
+        return SampleJoin(slot, r.id, k, spec.class_id, spec.seeds[k], spec.sampler, spec.steps, spec.cfg_scale)
+
+    def _take_new_slot(self) -> int:
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def _leave_queue(self, r: _Request) -> None:
+        self._queue.remove(r)
+        self._queue_changed = True
+        with self._counts:
+            self._waiting -= 1
+            self._waiting_work -= work(r.job)
+
+    def _update_queue_positions(self) -> None:
+        for position, r in enumerate(self._queue, start=1):
+            r.job.queue_position = position
+        self.metrics.queue_depth.set(len(self._queue))
+        self._queue_changed = False
+
+    # ---- ending requests ---------------------------------------------------------------------------
+    def _drop_abandoned(self, now: float) -> None:
+        for r in [r for r in (*self._queue, *self._running.values()) if r.job.cancelled or now > r.job.deadline]:
+            if r.job.cancel_reason == FinishReason.CANCELLED:
+                self._end(r, Cancelled("the client cancelled the request"))
+            elif r.job.timings.admitted is None:
+                self._end(r, DeadlineExceeded("the request's deadline passed while it waited"))
+            else:
+                self._end(r, DeadlineExceeded("the request's deadline passed during generation"))
+
+    def _end(self, r: _Request, error: SchedulerError | None = None, pixels: np.ndarray | None = None) -> None:
+        """Take the request out of the engine: free its slots, resolve it, count its finish reason."""
+        if r in self._queue:
+            self._leave_queue(r)
+        self._running.pop(r.id, None)
+        for slot in r.slots:
+            self._release(slot)
+            self._leaves.append(slot)
+        r.slots.clear()
+        if error is None:
+            reason = FinishReason.FINISHED
+            self.deliver(r.job, pixels)
+        else:
+            reason = error.reason
+            r.job.fail(error)
+        self.metrics.requests_finished.labels(reason=reason.value).inc()
+
+    def _release(self, slot: int) -> None:
+        r, _ = self._owner.pop(slot)
+        self._rows -= r.cost
+        finish = self._slot_finish.pop(slot, None)
+        if finish is not None:
+            self._finish_at[finish].discard(slot)
+        self._free_slots.append(slot)
+
+    # ---- stepping ----------------------------------------------------------------------------------
+    def _execute(self, plan: StepPlan) -> StepResult | None:
+        """Run the plan; on failure recover as the module's docstring says. None when the step failed."""
+        try:
+            return self.runner.execute(plan)
+        except DecodeFailed as e:
+            log.exception("decode failed")
+            self._fail_finishing(plan.finish, GenerationFailed(str(e)))
+            return StepResult()
+        except Exception as e:
+            return self._recover(plan, e)
+
+    def _recover(self, plan: StepPlan, e: Exception) -> StepResult | None:
+        if is_fatal(e):
+            reason = f"device error: {type(e).__name__}: {e}"
+            log.critical("%s; failing every request and reporting not ready (restart the server)", reason)
+            self._broken = reason
+            for r in [*self._queue, *self._running.values()]:
+                self._end(r, NotReady(reason))
+            self.on_fatal(reason)
+            return None
+        if is_out_of_memory(e):
+            self.max_rows = max(1, self.max_rows // 2)
+            self._clean_steps = 0
+            slots = sorted(self._owner)
+            log.warning("out of memory with %d samples in one step: row budget halved to %d; retrying the step "
+                        "in two halves", len(slots), self.max_rows)
+            half = max(1, len(slots) // 2)
+            try:
+                self.runner.execute(StepPlan(subset=tuple(slots[:half])))
+                return self.runner.execute(StepPlan(subset=tuple(slots[half:]), finish=plan.finish))
+            except DecodeFailed as again:
+                self._fail_finishing(plan.finish, GenerationFailed(str(again)))
+                return StepResult()
+            except Exception as again:
+                e = again
+        log.error("a denoising step failed; failing the %d requests in this batch", len(self._running),
+                  exc_info=e)
+        for r in list(self._running.values()):
+            self._end(r, GenerationFailed(f"generation failed: {type(e).__name__}: {e}"))
+        return None
+
+    def _fail_finishing(self, slots: tuple[int, ...], error: SchedulerError) -> None:
+        """The runner already freed these slots; fail their requests (and free the rest of their slots)."""
+        requests = {self._owner[s][0] for s in slots if s in self._owner}
+        for slot in slots:
+            if slot in self._owner:
+                self._owner[slot][0].slots.remove(slot)  # so that _end does not ask the runner to free it again
+                self._release(slot)
+        for r in requests:
+            self._end(r, error)
+
+    def _after_step(self, seconds: float, result: StepResult) -> None:
+        self._step_seconds = 0.9 * self._step_seconds + 0.1 * seconds
+        m = self.metrics
+        m.step_duration.observe(seconds)
+        m.batch_size.observe(len(self._owner))
+        m.forward_rows.observe(self._rows)
+        m.denoise_steps.inc(len(self._owner))
+        if self.max_rows < self.settings.max_batch_rows:
+            self._clean_steps += 1
+            if self._clean_steps >= REGROW_AFTER_STEPS:
+                self.max_rows = min(self.settings.max_batch_rows, self.max_rows * 2)
+                self._clean_steps = 0
+                log.info("row budget grows back to %d after %d clean steps", self.max_rows, REGROW_AFTER_STEPS)
+        for r in self._running.values():  # progress for streaming clients: one int per request
+            complete = r.admitted == r.spec.num_images
+            r.job.progress = min(r.spec.steps, self._tick - r.last_join_tick + 1) if complete else 0
+        if result.finished:
+            self._collect(result)
+
+    def _collect(self, result: StepResult) -> None:
+        """Finished samples leave the batch (the runner freed their slots); complete requests are delivered."""
+        if result.decode_seconds:
+            self.metrics.decode_duration.observe(result.decode_seconds)
+        row = 0
+        failed: list[_Request] = []
+        for slot, ok in zip(result.finished, result.finite, strict=True):
+            r, k = self._owner[slot]
+            r.slots.remove(slot)
+            self._release(slot)
+            if ok:
+                r.pixels[k] = result.pixels[row]
+                row += 1
+            elif r not in failed:
+                failed.append(r)
+        for r in failed:
+            log.error("request produced NaN/inf values (class %d, seeds %s); failing it", r.spec.class_id,
+                      r.spec.seeds)
+            self._end(r, GenerationFailed("the model produced non-finite values for this request; "
+                                          "try another seed or a lower guidance scale"))
+        now = self.clock()
+        for r in list(self._running.values()):
+            if len(r.pixels) == r.spec.num_images:
+                r.job.timings.denoised = now - result.decode_seconds
+                r.job.timings.decoded = now
+                self._end(r, pixels=np.stack([r.pixels[k] for k in range(r.spec.num_images)]))
