@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from .batch import Join, SlotBatch
 from .checkpoint import RawCheckpoint, read_checkpoint
 from .decoders import PixelDecoder, VAEDecoder, to_uint8
-from .batch import Join, SlotBatch
 from .denoise import Denoiser
 from .loading import build, infer_config
 
@@ -85,15 +85,19 @@ class Pipeline:
         return cls(dit, decoder, info, cfg_channels=cfg_channels)
 
     def use_fast_path(self, *, fused_kernels: bool = True, cuda_graphs: bool = False,
-                      graph_sizes: Sequence[int] | None = None) -> float:
-        """Switch the denoiser's forward to FastDiT (fused kernels) and/or CUDA graphs.
+                      graph_sizes: Sequence[int] | None = None, fp8=False) -> float:
+        """Switch the denoiser's forward to FastDiT (fused kernels, FP8 linears) and/or CUDA graphs.
 
-        Returns the seconds spent capturing graphs (0 without). Both off restores the reference path.
+        `fp8`: False, True (the default `Fp8Recipe`) or an `Fp8Recipe` (model/fp8.py: which layers, and
+        where it runs). Returns the seconds spent capturing graphs (0 without). All off restores the
+        reference path.
         """
         from .cuda_graphs import DEFAULT_SIZES, GraphedForward
         from .fast_forward import FastDiT
+        from .fp8 import Fp8Recipe
 
-        forward = FastDiT(self.dit, fused=True) if fused_kernels else self.dit
+        recipe = Fp8Recipe() if fp8 is True else (fp8 or None)
+        forward = FastDiT(self.dit, fused=fused_kernels, fp8=recipe) if fused_kernels or recipe else self.dit
         if cuda_graphs:
             if self.device.type != "cuda":
                 raise ValueError("CUDA graphs need the model on a CUDA device")

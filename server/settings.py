@@ -37,6 +37,9 @@ class Settings(BaseSettings):
         "auto", description="Triton fused LayerNorm/adaLN/residual kernels; auto = on with CUDA")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
         "auto", description="replay the forward from CUDA graphs; auto = on with CUDA")
+    fp8: Literal["on", "off"] = Field(
+        "off", description="FP8 (e4m3) matmuls for the blocks' qkv, proj and fc2 on GPUs with compute capability "
+        ">= 8.9 (bf16 on older GPUs, an emulation on the CPU); see model/fp8.py")
     graph_batch_sizes: list[int] = Field(
         [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128], description="forward rows captured as CUDA graphs "
         "(a batch runs the smallest size that holds it)")
