@@ -1,4 +1,5 @@
-"""docs/playground.png: the playground page after a generation, in the same headless Chromium the tests use.
+"""docs/playground.png: the playground page after a few generations (results, seeds, history), in the same
+headless Chromium the tests use.
 
     python bench/playground_screenshot.py [--out docs/playground.png]
 """
@@ -12,31 +13,33 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from browser import start_chromium  # noqa: E402
+from browser import body_data, fill, open_playground, start_chromium, wait_for  # noqa: E402
 from server_harness import run_server  # noqa: E402
+
+# (class, images, seed): earlier generations fill the history; the last one is on screen.
+GENERATIONS = [("Sneaker", 1, "7"), ("Bag", 4, "21"), ("Dress", 1, "3"), ("Ankle boot", 4, "1234")]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--out", default=str(ROOT / "docs" / "playground.png"))
-    p.add_argument("--class-name", default="Ankle boot")
     args = p.parse_args()
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     with run_server(Path(tempfile.mkdtemp())) as server:
         browser = start_chromium(1280, 720)
         try:
-            browser.get(server.url + "/")
-            wait = WebDriverWait(browser, 60)
-            wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
-            browser.find_element(By.ID, "class").send_keys(args.class_name)
-            images = browser.find_element(By.ID, "num-images")
-            images.clear()
-            images.send_keys("4")
-            browser.find_element(By.ID, "generate").click()
-            wait.until(lambda b: b.find_element(By.TAG_NAME, "body").get_attribute("data-done") == "1")
-            browser.execute_script("window.scrollTo(0, 0)")
+            open_playground(browser, server.url)
+            for done, (name, count, seed) in enumerate(GENERATIONS, start=1):
+                fill(browser, "class", name)
+                fill(browser, "num-images", str(count))
+                fill(browser, "seed", seed)
+                browser.find_element(By.ID, "generate").click()
+                wait_for(browser, lambda n=done: body_data(browser, "done") == str(n), what="the result")
+                wait_for(browser, lambda n=done: len(browser.find_elements(By.CSS_SELECTOR, "#history li")) == n,
+                         what="the history entry")
+            fill(browser, "seed", "")  # as a user leaves it: random
+            browser.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             browser.save_screenshot(args.out)
         finally:
