@@ -4,17 +4,25 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# A CUDA host takes the default torch build; elsewhere the CPU build (on this team's machines it is on disk).
 # Optional dependencies to install; the container image installs with EXTRAS= (no test tools).
 EXTRAS ?= test
-TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 'torch>=2.4,<2.15' || echo 'torch==2.13.0')
+# torch: a CUDA host (nvidia-smi on PATH) takes the default build; elsewhere the CPU build, from PyTorch's
+# CPU index when it answers (.ci/torch_index.py probes it once, 5 s at most), else from pip's configured
+# index (this team's machines hold the CPU wheel on disk). TORCH_BUILD=default or cpu overrides the
+# guess (the GPU image is built on a machine without a GPU); TORCH_SPEC picks the release.
+GPU := $(shell command -v nvidia-smi 2>/dev/null)
+TORCH_BUILD ?= $(if $(GPU),default,cpu)
+TORCH_SPEC ?= $(if $(GPU),torch>=2.4$(comma)<2.15,torch==2.13.0)
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+comma := ,
+torch_index = $(if $(filter cpu,$(TORCH_BUILD)),$(shell $(PYTHON) .ci/torch_index.py $(TORCH_CPU_INDEX)))
 
-.PHONY: install serve test test-all bench clean
+.PHONY: install serve test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q $(torch_index) "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".$(if $(strip $(EXTRAS)),[$(EXTRAS)])"
 	touch $@
 
