@@ -3,22 +3,99 @@
 One uvicorn worker per GPU: the scheduler batches only the requests its own process sees, and each
 worker would hold its own copy of the model, so several workers on one GPU would split the batches
 and multiply the memory. Scale out with one server process per GPU behind a load balancer.
+
+A server whose model cannot be loaded exits with status 1 (the reason is in the log) instead of
+answering 503 forever: an orchestrator sees a failed process and reports it, or restarts it.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+from pathlib import Path
+from typing import Any, get_args
 
 import uvicorn
-from pydantic_settings import CliApp
+from pydantic import ValidationError
+from pydantic_settings import CliApp, CliSettingsSource, SettingsError
 
 from .hygiene import JsonLogFormatter
 from .settings import Settings
 
+log = logging.getLogger(__name__)
+
+# What `--help` writes after a flag where the type alone ("float", "list[str]") would not say it.
+METAVARS = {
+    "arch": "PRESET", "device": "DEVICE", "host": "ADDRESS", "port": "PORT", "max_body_bytes": "BYTES",
+    "graph_batch_sizes": "N,N,...", "api_keys": "KEY,KEY,...", "open_paths": "PATH,PATH,...",
+    "cors_origins": "ORIGIN,ORIGIN,...", "body_timeout": "SECONDS", "request_timeout": "SECONDS",
+    "job_timeout": "SECONDS", "job_ttl": "SECONDS", "min_cfg_scale": "SCALE", "max_cfg_scale": "SCALE",
+}
+TYPE_METAVARS = {Path: "PATH", int: "N", float: "NUMBER", str: "TEXT"}
+
+
+def metavar(name: str) -> str | None:
+    """The placeholder after --NAME; None keeps pydantic-settings' own ({a,b,c} for choices)."""
+    if name in METAVARS:
+        return METAVARS[name]
+    annotation = Settings.model_fields[name].annotation
+    types = [t for t in (get_args(annotation) or (annotation,)) if t is not type(None)]  # X | None -> X
+    return TYPE_METAVARS.get(types[0]) if len(types) == 1 else None
+
+
+def show_default(value: Any) -> str:
+    """A default as one would write it in the environment: `none`, `a,b`, `true`."""
+    if value is None or value == []:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _add_argument(parser: argparse.ArgumentParser, *names: str, **kwargs: Any):
+    """pydantic-settings' argument for a setting, with a placeholder that says what to write and its
+    default written once (pydantic-settings appends its own after any the description gives)."""
+    field = Settings.model_fields.get(kwargs.get("dest", ""))
+    if field is not None:
+        name = kwargs["dest"]
+        if "metavar" in kwargs and (placeholder := metavar(name)):
+            kwargs["metavar"] = placeholder
+        env = Settings.model_config["env_prefix"] + name.upper()
+        kwargs["help"] = f"{field.description} (default: {show_default(field.default)}) [env: {env}]".replace(
+            "%", "%%")
+    return parser.add_argument(*names, **kwargs)
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    """Flags over DIT_* env vars over defaults; a bad value exits with status 2 (argparse's, for usage
+    errors) and says which setting, instead of a traceback."""
+    try:
+        return CliApp.run(Settings, cli_args=argv,
+                          cli_settings_source=CliSettingsSource(Settings, add_argument_method=_add_argument))
+    except ValidationError as e:
+        message = "invalid settings:\n" + "\n".join(map(_describe_error, e.errors()))
+    except SettingsError as e:
+        message = f"invalid settings: {e}"
+    print(f"dit-serve: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _describe_error(err: dict) -> str:
+    """`  --port / DIT_PORT: Input should be a valid integer (got 'abc')`; list items say which one."""
+    if not err["loc"]:
+        return f"  {err['msg']}"
+    name, *item = err["loc"]
+    where = f"--{str(name).replace('_', '-')} / {Settings.model_config['env_prefix']}{str(name).upper()}"
+    if item:
+        where += f" (item {int(item[0]) + 1})" if isinstance(item[0], int) else f" ({item[0]})"
+    return f"  {where}: {err['msg']} (got {err['input']!r})"
+
 
 def main(argv: list[str] | None = None) -> None:
-    settings = CliApp.run(Settings, cli_args=sys.argv[1:] if argv is None else argv)
+    settings = parse_settings(sys.argv[1:] if argv is None else argv)
     handler = logging.StreamHandler()
     handler.setFormatter(JsonLogFormatter() if settings.log_format == "json"
                          else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -26,11 +103,23 @@ def main(argv: list[str] | None = None) -> None:
     from .api import create_app  # after logging is set up
 
     app = create_app(settings)
+    service = app.state.service
     # uvicorn logs through the root handler (log_config=None); our RequestContext writes the access log.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=None, access_log=False, workers=1,
                             timeout_graceful_shutdown=settings.request_timeout)
-    GracefulServer(config, on_exit=app.state.service.begin_shutdown).run()
+    server = GracefulServer(config, on_exit=service.begin_shutdown)
+    failures: list[str] = []
+
+    def stop(reason: str) -> None:  # from the loader thread; uvicorn checks should_exit every 0.1 s
+        failures.append(reason)
+        server.should_exit = True
+
+    service.on_start_failure = stop
+    server.run()
+    if failures:
+        log.error("exiting with status 1: the server could not start: %s", failures[0])
+        sys.exit(1)
 
 
 class GracefulServer(uvicorn.Server):

@@ -1,15 +1,39 @@
-"""The one place that reads the environment: every setting is an env var (DIT_*) and a CLI flag."""
+"""The one place that reads the environment: every setting is an env var (DIT_*) and a CLI flag.
+
+List settings take either form from the environment: `DIT_API_KEYS=key1,key2` or the JSON
+`DIT_API_KEYS='["key1", "key2"]'` (for an item that holds a comma). An empty variable counts as unset,
+so `DIT_VAE=` in a compose file means "no VAE", not the path "".
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BeforeValidator, Field, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = PROJECT_ROOT / "weights" / "fashion_dit.safetensors"
+
+
+def _list_from_text(value: object) -> object:
+    """`a,b` or JSON `["a", "b"]` (the environment gives text; the CLI and Python give lists)."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text.startswith("["):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not a JSON list ({e}); write a,b or [\"a\", \"b\"]") from None
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+# List settings: NoDecode hands the raw env text to _list_from_text instead of requiring JSON.
+StrList = Annotated[list[str], NoDecode, BeforeValidator(_list_from_text)]
+IntList = Annotated[list[int], NoDecode, BeforeValidator(_list_from_text)]
 
 
 class Settings(BaseSettings):
@@ -17,14 +41,14 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="DIT_", cli_prog_name="dit-serve", cli_kebab_case=True, cli_show_env_vars=True,
-        cli_implicit_flags=True, protected_namespaces=(),
+        cli_implicit_flags=True, cli_parse_none_str="none", env_ignore_empty=True, protected_namespaces=(),
     )
 
     # Model
-    model: Path = Field(EMBEDDED_MODEL, description="DiT checkpoint file or diffusers folder (default: the embedded "
-                        "Fashion-MNIST model)")
-    vae: Path | None = Field(None, description="diffusers AutoencoderKL folder for latent models (a diffusers "
-                             "pipeline folder brings its own)")
+    model: Path = Field(EMBEDDED_MODEL, description="DiT checkpoint file or diffusers folder; weights/"
+                        "fashion_dit.safetensors is the embedded Fashion-MNIST model")
+    vae: Path | None = Field(None, description="diffusers AutoencoderKL folder for latent models; none for "
+                             "pixel models and diffusers pipeline folders, which bring their own")
     arch: str | None = Field(None, description="DiT preset name (e.g. DiT-XL/2) when the checkpoint names no "
                              "head count")
     num_heads: int | None = Field(None, ge=1, description="attention heads, when neither the checkpoint nor a preset "
@@ -32,7 +56,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="weights and activations; auto = bfloat16 on CUDA, float32 on the CPU")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (default: torch's choice)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; none = torch's choice")
     fused_kernels: Literal["auto", "on", "off"] = Field(
         "auto", description="Triton fused LayerNorm/adaLN/residual kernels; auto = on with CUDA")
     cuda_graphs: Literal["auto", "on", "off"] = Field(
@@ -40,7 +64,7 @@ class Settings(BaseSettings):
     fp8: Literal["on", "off"] = Field(
         "off", description="FP8 (e4m3) matmuls for the blocks' qkv, proj and fc2 on GPUs with compute capability "
         ">= 8.9 (bf16 on older GPUs, an emulation on the CPU); see model/fp8.py")
-    graph_batch_sizes: list[int] = Field(
+    graph_batch_sizes: IntList = Field(
         [1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128], description="forward rows captured as CUDA graphs "
         "(a batch runs the smallest size that holds it)")
 
@@ -52,12 +76,12 @@ class Settings(BaseSettings):
                                                 "the request id; text: plain lines")
 
     # Security and request hygiene
-    api_keys: list[str] = Field([], description="accepted API keys (Authorization: Bearer KEY or X-API-Key); "
-                                "empty = no authentication. Prefer the env var or --api-keys-file to a flag")
+    api_keys: StrList = Field([], description="accepted API keys (Authorization: Bearer KEY or X-API-Key); "
+                              "none = no authentication. Prefer the env var or --api-keys-file to a flag")
     api_keys_file: Path | None = Field(None, description="file with one API key per line (added to --api-keys)")
-    open_paths: list[str] = Field(["/healthz", "/readyz", "/metrics"], description="paths served without a key "
-                                  "when API keys are set")
-    cors_origins: list[str] = Field([], description="origins allowed by CORS; empty = CORS off")
+    open_paths: StrList = Field(["/healthz", "/readyz", "/metrics"], description="paths served without a key "
+                                "when API keys are set")
+    cors_origins: StrList = Field([], description="origins allowed by CORS; none = CORS off")
     max_body_bytes: int = Field(65536, ge=1024, description="largest request body; beyond, 413")
     body_timeout: float = Field(10.0, gt=0, description="seconds to receive a request body; beyond, 408")
 
