@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(65536, ge=1024, description="largest request body; beyond, 413")
     body_timeout: float = Field(10.0, gt=0, description="seconds to receive a request body; beyond, 408")
 
+    # Webhooks (POST /jobs with webhook_url): off unless both are set, since they make the server call out
+    webhook_secret: str | None = Field(None, repr=False, description="HMAC-SHA256 key signing webhook deliveries "
+                                             "(X-DiT-Signature); unset = webhook_url is refused. Prefer the env var")
+    webhook_allow_hosts: StrList = Field([], description="hosts webhook_url may name: exact names, or "
+                                           "suffixes written .example.com; empty = webhook_url is refused")
+
     # Scheduling
     policy: Literal["continuous", "request", "none"] = Field(
         "continuous", description="batching: continuous (step-level), request (run a batch of requests to "
