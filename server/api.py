@@ -9,8 +9,10 @@ import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import FastAPI, Request
+import fastapi_offline
+from fastapi import FastAPI, Query, Request
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,36 +20,47 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from model import SAMPLERS
 
 from . import generation
+from .class_names import class_index
 from .errors import ERROR_RESPONSES, ApiError, error_response, install_error_handlers
 from .hygiene import ApiKeyAuth, BodyLimit, RequestContext
 from .jobs import jobs_router
-from .schemas import ClassesResponse, ErrorBody, GenerateResponse, generate_request_model
+from .schemas import ClassesResponse, ErrorBody, GenerateResponse, generate_request_model, job_request_model
 from .service import Service
 from .settings import Settings
+from .webhooks import Webhooks
 
 STATIC = Path(__file__).parent / "static"
+# Swagger UI and ReDoc ship inside a Python package and are served from here, not from a CDN, so that
+# /docs works on a host without internet access.
+DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
 
 
 def create_app(settings: Settings) -> FastAPI:
     service = Service(settings)
+    webhooks = Webhooks(settings.webhook_secret, settings.webhook_allow_hosts)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.start()  # loads and warms up on its own thread; /readyz says when it is done
         yield
-        await asyncio.to_thread(service.shutdown)
+        await asyncio.to_thread(service.shutdown)  # finishes admitted jobs, which hands over their webhooks
+        await webhooks.close(grace=settings.request_timeout)
 
-    app = FastAPI(title="dit-serve", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="dit-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Class-conditional image generation with Diffusion Transformers (DiT).")
     app.state.service = service
     install_middleware(app, settings, service)
-    install_error_handlers(app)
     GenerateRequest = generate_request_model(settings)
+    JobRequest = job_request_model(GenerateRequest)
+    install_error_handlers(app, {"/generate": list(GenerateRequest.model_fields),
+                                 "/jobs": list(JobRequest.model_fields)})
+    install_docs(app, service, keyed=bool(api_keys(settings)))
 
     @app.get("/", include_in_schema=False)
     async def playground():
         return FileResponse(STATIC / "index.html")
 
+    app.mount("/static/docs", StaticFiles(directory=DOCS_ASSETS), name="docs-assets")  # before /static
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/healthz", summary="liveness: the process answers")
@@ -66,9 +79,11 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/classes", response_model=ClassesResponse, summary="class ids and names of the loaded model")
-    async def classes():
-        info = generation.require_ready(service).runner.info
-        return {"classes": [{"id": i, "name": n} for i, n in enumerate(info.class_names)]}
+    async def classes(q: str | None = Query(None, max_length=200, description="only the classes whose name "
+                                            "contains this (case-insensitive)")):
+        names = generation.require_ready(service).runner.info.class_names
+        ids = range(len(names)) if q is None else class_index(tuple(names)).search(q)
+        return {"classes": [{"id": i, "name": names[i]} for i in ids]}
 
     @app.get("/info", summary="model, resolution, limits, defaults and batching policy")
     async def info():
@@ -95,7 +110,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def generate(body: GenerateRequest, request: Request) -> Response:  # type: ignore[valid-type]
         accept = request.headers.get("accept", "")
         stream = "text/event-stream" in accept
-        job = generation.make_job(service, body, separate=stream or "application/json" in accept,
+        job = generation.make_job(service, body, request, separate=stream or "application/json" in accept,
                                   timeout=settings.request_timeout)
         generation.submit(service, job)
         if stream:
@@ -103,7 +118,7 @@ def create_app(settings: Settings) -> FastAPI:
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return generation.render(service, job, await generation.wait(job, request))
 
-    app.include_router(jobs_router(service, GenerateRequest))
+    app.include_router(jobs_router(service, JobRequest, webhooks))
     if settings.fault_injection:
         @app.post("/_faults", include_in_schema=False)
         async def arm_fault(request: Request):
@@ -114,6 +129,50 @@ def create_app(settings: Settings) -> FastAPI:
                 raise ApiError(422, "invalid_request", str(e), "kind") from e
             return {"armed": body["kind"]}
     return app
+
+
+def install_docs(app: FastAPI, service: Service, keyed: bool) -> None:
+    """/docs (Swagger UI) and /redoc from local assets, and an OpenAPI schema that states `class_id`'s
+    maximum for the loaded model (it is built before the model loads, so it is completed once ready)
+    and, with API keys on, how to send one."""
+    assets = "/static/docs"
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title} - API",
+                                   swagger_js_url=f"{assets}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{assets}/swagger-ui.css",
+                                   swagger_favicon_url=f"{assets}/favicon.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # no call to an online validator
+
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc():
+        return get_redoc_html(openapi_url=app.openapi_url, title=f"{app.title} - API",
+                              redoc_js_url=f"{assets}/redoc.standalone.js", redoc_favicon_url=f"{assets}/favicon.png",
+                              with_google_fonts=False)
+
+    plain_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = plain_openapi()
+        if not service.ready:
+            app.openapi_schema = None  # complete it once the model is loaded
+            return schema
+        last = service.runner.num_classes - 1
+        for component in schema.get("components", {}).get("schemas", {}).values():
+            class_id = component.get("properties", {}).get("class_id")
+            for option in (class_id or {}).get("anyOf", [class_id] if class_id else []):
+                if option.get("type") == "integer":
+                    option["maximum"] = last
+        if keyed:
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "one of the server's API keys"}}
+            schema["security"] = [{"apiKey": []}]
+        return schema
+
+    app.openapi = openapi
 
 
 def api_keys(settings: Settings) -> list[str]:
@@ -130,13 +189,15 @@ def install_middleware(app: FastAPI, settings: Settings, service: Service) -> No
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"],
-                           expose_headers=["X-Request-ID", "X-Seeds", "X-Class-Id", "X-Class-Name", "X-Steps",
-                                           "X-Cfg-Scale", "X-Sampler", "Server-Timing", "Retry-After"])
+                           expose_headers=["X-Request-ID", "Location", "X-Seeds", "X-Class-Id", "X-Class-Name",
+                                           "X-Steps", "X-Cfg-Scale", "X-Sampler", "Server-Timing", "Retry-After"])
     keys = api_keys(settings)
     if keys:
         # The playground and its assets hold no data: they load without a key, and the page asks for one.
         page = ["/", *(f"/static/{f.name}" for f in STATIC.iterdir() if f.is_file())]
-        app.add_middleware(ApiKeyAuth, keys=keys, open_paths=[*settings.open_paths, *page])
+        # Nor do the API docs: /docs lets the reader enter a key (Authorize) to try requests.
+        docs = ["/docs", "/redoc", "/openapi.json", *(f"/static/docs/{f.name}" for f in DOCS_ASSETS.iterdir())]
+        app.add_middleware(ApiKeyAuth, keys=keys, open_paths=[*settings.open_paths, *page, *docs])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(GenerateMetrics, metrics=service.metrics)
     app.add_middleware(RequestContext)

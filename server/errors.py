@@ -1,4 +1,15 @@
-"""The one error shape of the API, `{"error": {"code", "message", "field"}}`, and its handlers."""
+"""The one error shape of the API, `{"error": {"code", "message", "field", "errors"}}`, and its handlers.
+
+Invalid requests teach: every problem is listed (the first also in `field`), broken JSON says where,
+a JSON body without `Content-Type: application/json` says so, and names from other libraries
+(diffusers' `guidance_scale`, ...) get "did you mean".
+"""
+
+from __future__ import annotations
+
+import difflib
+import email.message
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -8,19 +19,43 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .contracts import SchedulerError
 from .schemas import ErrorBody
 
+# What people coming from diffusers, A1111 or Replicate send, and what this API calls it.
+FAMILIAR_NAMES = {
+    "guidance_scale": "cfg_scale", "guidance": "cfg_scale", "cfg": "cfg_scale", "scale": "cfg_scale",
+    "num_inference_steps": "steps", "num_steps": "steps", "sample_steps": "steps",
+    "class_labels": "class_id", "class_label": "class_id", "label": "class_id", "labels": "class_id",
+    "class": "class_id", "prompt": "class_name", "class_names": "class_name",
+    "num_images_per_prompt": "num_images", "batch_size": "num_images", "n": "num_images", "n_samples": "num_images",
+    "scheduler": "sampler", "sampler_name": "sampler", "generator": "seed", "seeds": "seed",
+    "output_type": "format", "output_format": "format", "webhook": "webhook_url", "callback_url": "webhook_url",
+}
+
 
 class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str, field: str | None = None,
-                 retry_after: float | None = None):
+                 retry_after: float | None = None, errors: list[dict] | None = None):
         super().__init__(message)
         self.status, self.code, self.message, self.field, self.retry_after = status, code, message, field, retry_after
+        self.errors = errors
 
     @classmethod
-    def from_scheduler(cls, e: SchedulerError) -> "ApiError":
+    def from_scheduler(cls, e: SchedulerError) -> ApiError:
         return cls(e.status, e.code, str(e), retry_after=e.retry_after)
 
+    @classmethod
+    def invalid(cls, problems: list[tuple[str | None, str]]) -> ApiError:
+        """422 for one or more (field, message) problems: the first in `field` and `message`, all in `errors`."""
+        field, message = problems[0]
+        if len(problems) > 1:
+            message += f" (and {len(problems) - 1} more problem{'s' if len(problems) > 2 else ''}: see errors)"
+        return cls(422, "invalid_request", message, field,
+                   errors=[{"field": f, "message": m} for f, m in problems])
+
     def body(self) -> dict:
-        return {"error": {"code": self.code, "message": self.message, "field": self.field}}
+        detail = {"code": self.code, "message": self.message, "field": self.field}
+        if self.errors is not None:
+            detail["errors"] = self.errors
+        return {"error": detail}
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -29,26 +64,94 @@ def error_response(e: ApiError) -> JSONResponse:
 
 
 ERROR_RESPONSES = {s: {"model": ErrorBody, "description": d} for s, d in {
-    422: "invalid request (the error names the field)", 429: "queue full (see Retry-After)",
-    503: "not ready or shutting down (see Retry-After)", 504: "deadline passed", 500: "generation failed",
+    415: "the body is not sent as application/json", 422: "invalid request (every problem listed; the first "
+    "names its field)", 429: "queue full (see Retry-After)", 503: "not ready or shutting down (see Retry-After)",
+    504: "deadline passed", 500: "generation failed",
 }.items()}
 
 
-def install_error_handlers(app: FastAPI) -> None:
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    m = email.message.Message()
+    m["content-type"] = content_type
+    return m.get_content_maintype() == "application" and (m.get_content_subtype() == "json"
+                                                          or m.get_content_subtype().endswith("+json"))
+
+
+def _where(doc: str, pos: int) -> str:
+    line = doc.count("\n", 0, pos) + 1
+    column = pos - (doc.rfind("\n", 0, pos) + 1) + 1
+    return f"line {line}, column {column}"
+
+
+JOB_ONLY_FIELDS = ("webhook_url", "tag")
+
+
+def unknown_field_message(field: str, known: list[str]) -> str:
+    if field in JOB_ONLY_FIELDS and field not in known:
+        return f"{field} is for async jobs: POST /jobs takes it, /generate does not"
+    hint = FAMILIAR_NAMES.get(field.lower())
+    if hint is None or hint not in known:
+        close = difflib.get_close_matches(field.lower(), known, n=1, cutoff=0.6)
+        hint = close[0] if close else None
+    suggestion = f"did you mean `{hint}`?" if hint else f"the fields are: {', '.join(known)}"
+    return f"unknown field {field!r}: {suggestion}"
+
+
+def class_choice_problems(body: Mapping) -> list[tuple[str, str]]:
+    """The request must name its class exactly once: by `class_id` or by `class_name`."""
+    has_id, has_name = body.get("class_id") is not None, body.get("class_name") is not None
+    if has_id and has_name:
+        return [("class_id", "class_id and class_name were both given; send only one of them")]
+    if not has_id and not has_name:
+        return [("class_id", "a class is required: send class_id (see GET /classes) or class_name")]
+    return []
+
+
+_SOURCES = ("body", "query", "path", "header")
+
+
+def validation_error(e: RequestValidationError, content_type: str | None, known_fields: list[str]) -> ApiError:
+    errors = e.errors()
+    first = errors[0]
+    kind, loc = first.get("type"), first.get("loc", ())
+    if kind == "json_invalid":
+        where = _where(e.body, loc[-1]) if isinstance(e.body, str) and isinstance(loc[-1], int) else "somewhere"
+        detail = (first.get("ctx") or {}).get("error", "invalid JSON")
+        return ApiError(422, "invalid_request", f"the body is not valid JSON: {detail} at {where}")
+    if isinstance(e.body, bytes | bytearray) and e.body and not _is_json(content_type):
+        got = f"Content-Type: {content_type}" if content_type else "no Content-Type"
+        return ApiError(415, "unsupported_media_type", f"the body must be JSON sent with Content-Type: "
+                        f"application/json (this request had {got})", "content-type")
+    problems: list[tuple[str | None, str]] = []
+    for err in errors:
+        loc = err.get("loc", ())
+        field = ".".join(str(p) for p in loc[1 if loc and loc[0] in _SOURCES else 0:]) or None
+        if err.get("type") == "extra_forbidden" and field is not None:
+            message = unknown_field_message(field, known_fields)
+        elif err.get("type") == "missing" and field is None:
+            message = "the body is empty: send a JSON object, e.g. {\"class_id\": 3}"
+        elif err.get("type") in ("model_attributes_type", "dict_type", "model_type") and field is None:
+            message = "the body must be a JSON object, e.g. {\"class_id\": 3}"
+        else:
+            message = f"{field}: {err.get('msg', 'invalid')}" if field else err.get("msg", "invalid request")
+        problems.append((field, message))
+    if isinstance(e.body, Mapping):
+        problems += [p for p in class_choice_problems(e.body) if p[0] not in {f for f, _ in problems}]
+    return ApiError.invalid(problems)
+
+
+def install_error_handlers(app: FastAPI, fields: dict[str, list[str]]) -> None:
+    """`fields`: the body fields of each POST path (for "did you mean")."""
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
         return error_response(e)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        message = first.get("msg", "invalid request")
-        if first.get("type") == "extra_forbidden":
-            message = f"unknown field {field!r}; the fields are those of GenerateRequest in /docs"
-        elif first.get("type") in ("json_invalid", "model_attributes_type"):
-            message = "the body must be a JSON object, e.g. {\"class_id\": 3}"
-        return error_response(ApiError(422, "invalid_request", message, field))
+        known = fields.get(request.url.path, [])
+        return error_response(validation_error(e, request.headers.get("content-type"), known))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):

@@ -1,6 +1,8 @@
 """Turning a validated request body into a scheduler job, and a job's result into an HTTP answer:
 an image, JSON, or a stream of server-sent progress events ending with the result."""
 
+from __future__ import annotations
+
 import asyncio
 import base64
 import json
@@ -14,12 +16,23 @@ from fastapi.responses import JSONResponse, Response
 
 from model.samplers import plan
 
-from .contracts import Cancelled, DeadlineExceeded, GenerationResult, GenerationSpec, Job, OutputSpec, SchedulerError
-from .errors import ApiError
-from .schemas import MAX_SEED
+from .class_names import ClassNameError, class_index
+from .contracts import (
+    Cancelled,
+    DeadlineExceeded,
+    FinishReason,
+    GenerationResult,
+    GenerationSpec,
+    Job,
+    OutputSpec,
+    SchedulerError,
+)
+from .errors import ApiError, class_choice_problems
+from .schemas import MAX_SEED, MAX_SERVER_SEED
 from .service import Service
 
 PROGRESS_POLL_SECONDS = 0.05  # how often a stream looks at its job's progress (the step loop never waits)
+ACCEPTED_IMAGES = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
 
 
 def require_ready(service: Service) -> Service:
@@ -28,28 +41,69 @@ def require_ready(service: Service) -> Service:
     return service
 
 
-def make_job(service: Service, body, *, separate: bool, timeout: float) -> Job:
-    """A scheduler job for a validated GenerateRequest body; omitted fields take the model's defaults."""
+def resolve_class(service: Service, body) -> int:
+    """The class id a body names, by `class_id` or `class_name` (exactly one of them)."""
+    problems = class_choice_problems({"class_id": body.class_id, "class_name": body.class_name})
+    if problems:
+        raise ApiError.invalid(problems)
+    num_classes = service.runner.num_classes
+    if body.class_id is not None:
+        if body.class_id >= num_classes:
+            raise ApiError.invalid([("class_id", f"class_id must be below {num_classes} (see GET /classes)")])
+        return body.class_id
+    try:
+        return class_index(tuple(service.runner.info.class_names)).resolve(body.class_name)
+    except ClassNameError as e:
+        raise ApiError.invalid([("class_name", str(e))]) from e
+
+
+def image_format(body, accept: str) -> str:
+    """`format` when the body gives one; else the image type the Accept header prefers; else PNG."""
+    if "format" in body.model_fields_set:
+        return body.format
+    best, best_q = "png", 0.0
+    for part in accept.split(","):
+        media, *params = (p.strip() for p in part.split(";"))
+        q = next((float(p[2:]) for p in params if p.startswith("q=") and _is_number(p[2:])), 1.0)
+        if media.lower() in ACCEPTED_IMAGES and q > best_q:
+            best, best_q = ACCEPTED_IMAGES[media.lower()], q
+    return best
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def make_job(service: Service, body, request: Request, *, separate: bool, timeout: float,
+             tag: str | None = None) -> Job:
+    """A scheduler job for a validated request body; omitted fields take the model's defaults."""
     svc = require_ready(service)
     info, settings = svc.runner.info, svc.settings
-    if body.class_id >= svc.runner.num_classes:
-        raise ApiError(422, "invalid_request", f"class_id must be below {svc.runner.num_classes} (see GET /classes)",
-                       "class_id")
+    class_id = resolve_class(svc, body)
     d = info.defaults
+    steps, sampler = body.steps or min(d.steps, settings.max_steps), body.sampler or d.sampler
     try:  # the sampler's own limits (e.g. DPM-Solver++ cannot take 1000 steps)
-        plan(body.sampler or d.sampler, body.steps or min(d.steps, settings.max_steps))
+        plan(sampler, steps)
     except ValueError as e:
-        raise ApiError(422, "invalid_request", str(e), "steps") from e
-    base_seed = body.seed if body.seed is not None else random.randrange(MAX_SEED)
+        raise ApiError.invalid([("steps", str(e))]) from e
+    # A seed the server picks stays below 2^53 with all of its images, so a JavaScript client can repeat it.
+    base_seed = body.seed if body.seed is not None else random.randrange(MAX_SERVER_SEED + 2 - body.num_images)
     spec = GenerationSpec(
-        class_id=body.class_id, cfg_scale=d.cfg_scale if body.cfg_scale is None else body.cfg_scale,
-        steps=body.steps or min(d.steps, settings.max_steps), sampler=body.sampler or d.sampler,
+        class_id=class_id, cfg_scale=d.cfg_scale if body.cfg_scale is None else body.cfg_scale,
+        steps=steps, sampler=sampler,
         seeds=tuple((base_seed + k) % (MAX_SEED + 1) for k in range(body.num_images)),
     )
     params = {"model": info.name, "class_id": spec.class_id, "class_name": info.class_names[spec.class_id],
               "cfg_scale": spec.cfg_scale, "steps": spec.steps, "sampler": spec.sampler}
-    return Job(spec, OutputSpec(format=body.format, separate=separate, metadata=params),
-               deadline=time.monotonic() + timeout)
+    if tag is not None:
+        params["tag"] = tag
+    output = OutputSpec(format=image_format(body, request.headers.get("accept", "")), separate=separate,
+                        metadata=params)
+    return Job(spec, output, deadline=time.monotonic() + timeout, owner=getattr(request.state, "owner", None))
 
 
 def submit(service: Service, job: Job) -> None:
@@ -59,9 +113,17 @@ def submit(service: Service, job: Job) -> None:
         raise ApiError.from_scheduler(e) from e
 
 
+def watch(job: Job) -> asyncio.Future:
+    """The job's future on this event loop. Its outcome counts as retrieved even when nobody awaits it
+    (a client gone, a deadline passed), so asyncio never logs "Future exception was never retrieved"."""
+    future = asyncio.wrap_future(job.future)
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+    return future
+
+
 async def wait(job: Job, request: Request) -> GenerationResult:
     """The job's result; cancels the job when the client disconnects or the deadline passes."""
-    result = asyncio.wrap_future(job.future)
+    result = watch(job)
     gone = asyncio.create_task(_disconnected(request))
     try:
         done, _ = await asyncio.wait({result, gone}, timeout=max(0.0, job.deadline - time.monotonic()),
@@ -71,10 +133,12 @@ async def wait(job: Job, request: Request) -> GenerationResult:
     try:
         if result in done:
             return result.result()
-        job.cancel()
         if gone in done:
+            job.cancel(FinishReason.CANCELLED)
             raise Cancelled("the client went away")
-        raise DeadlineExceeded("no result within the request timeout")
+        job.cancel(FinishReason.TIMED_OUT)
+        raise DeadlineExceeded(f"no result within the request timeout ({job.spec.steps} steps); ask for fewer "
+                               "steps or images, or submit it as a job (POST /jobs)")
     except SchedulerError as e:
         raise ApiError.from_scheduler(e) from e
 
@@ -115,25 +179,36 @@ def _event(name: str, data: dict) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
+def progress(job: Job) -> dict:
+    """A job's progress as its stream reports it: {step, steps, status}, and queue_position while queued."""
+    out = {"step": job.progress, "steps": job.spec.steps, "status": job.status}
+    position = job.queue_position
+    if out["status"] == "queued" and position is not None:
+        out["queue_position"] = position
+    return out
+
+
 async def progress_events(service: Service, job: Job) -> AsyncIterator[str]:
-    """Server-sent events: `progress` {step, steps, status} as steps complete, then `result` (the JSON
-    answer) or `error` (the error shape). If the client goes away, the job is cancelled."""
-    result = asyncio.wrap_future(job.future)
-    last = -1
+    """Server-sent events: `progress` {step, steps, status[, queue_position]} whenever one changes, then
+    `result` (the JSON answer) or `error` (the error shape). If the client goes away, the job is cancelled."""
+    result = watch(job)
+    last = None
     try:
         while not result.done():
-            if job.progress != last:
-                last = job.progress
-                yield _event("progress", {"step": last, "steps": job.spec.steps, "status": job.status})
+            now = progress(job)
+            if now != last:
+                last = now
+                yield _event("progress", now)
             if time.monotonic() > job.deadline:
-                job.cancel()
+                job.cancel(FinishReason.TIMED_OUT)
                 raise DeadlineExceeded("no result within the request timeout")
             await asyncio.wait({result}, timeout=PROGRESS_POLL_SECONDS)
+        outcome = result.result()  # raises the job's error, if it failed
         service.metrics.images.inc(job.spec.num_images)
         yield _event("progress", {"step": job.spec.steps, "steps": job.spec.steps, "status": "done"})
-        yield _event("result", json_body(job, result.result()))
+        yield _event("result", json_body(job, outcome))
     except SchedulerError as e:
         yield _event("error", ApiError.from_scheduler(e).body())
     finally:
         if not job.future.done():
-            job.cancel()  # the stream ended early: the client went away
+            job.cancel(FinishReason.CANCELLED)  # the stream ended early: the client went away

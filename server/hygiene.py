@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import hashlib
 import hmac
 import json
 import logging
@@ -104,20 +105,28 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+def key_owner(key: bytes) -> str:
+    """Who a request is for the API (jobs belong to it; per-key quotas count it): a hash of its key,
+    never the key itself, so that logs, job records and metrics cannot leak one."""
+    return hashlib.sha256(key).hexdigest()[:16]
+
+
 class ApiKeyAuth:
     """`Authorization: Bearer KEY` or `X-API-Key: KEY` on every path but the open ones; keys are compared
-    in constant time (every key, every time)."""
+    in constant time (every key, every time). An authorized request carries `key_owner(key)` as
+    `request.state.owner`."""
 
     def __init__(self, app, keys: list[str], open_paths: list[str]):
         self.app = app
         self.keys = [k.encode() for k in keys]
         self.open_paths = set(open_paths)
 
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
-        given = headers.get(b"x-api-key", b"")
+    @staticmethod
+    def _given(headers: dict[bytes, bytes]) -> bytes:
         auth = headers.get(b"authorization", b"")
-        if auth[:7].lower() == b"bearer ":
-            given = auth[7:].strip()
+        return auth[7:].strip() if auth[:7].lower() == b"bearer " else headers.get(b"x-api-key", b"")
+
+    def _authorized(self, given: bytes) -> bool:
         ok = False
         for key in self.keys:
             ok |= hmac.compare_digest(given, key)
@@ -126,10 +135,13 @@ class ApiKeyAuth:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in self.open_paths or scope["method"] == "OPTIONS":
             return await self.app(scope, receive, send)
-        if not self._authorized(dict(scope["headers"])):
+        given = self._given(dict(scope["headers"]))
+        if not self._authorized(given):
             return await _send_error(send, ApiError(401, "unauthorized", "a valid API key is required: send "
                                                     "Authorization: Bearer <key> or X-API-Key: <key>"),
                                      [(b"www-authenticate", b'Bearer realm="dit-serve"')])
+        # A new dict: the server may share the lifespan state between requests.
+        scope["state"] = {**scope.get("state", {}), "owner": key_owner(given)}
         await self.app(scope, receive, send)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
 
 from model import SAMPLERS
 
@@ -13,12 +13,20 @@ from .settings import Settings
 SamplerName = Literal["ddpm", "ddim", "dpm-solver++"]
 assert set(SamplerName.__args__) == set(SAMPLERS)
 MAX_SEED = 2**63 - 1
+MAX_SERVER_SEED = 2**53 - 1  # seeds the server picks stay exact in a JavaScript number (a double)
+
+
+class FieldError(BaseModel):
+    field: str | None = Field(None, description="the request field at fault (dotted path), if one is")
+    message: str
 
 
 class ErrorDetail(BaseModel):
     code: str = Field(description="machine-readable kind, e.g. invalid_request, queue_full, deadline_exceeded")
     message: str = Field(description="what went wrong and what to do")
-    field: str | None = Field(None, description="the request field at fault, if one is")
+    field: str | None = Field(None, description="the request field at fault, if one is (the first, when several)")
+    errors: list[FieldError] | None = Field(None, description="every problem found in the request (invalid "
+                                            "requests only)")
 
 
 class ErrorBody(BaseModel):
@@ -31,19 +39,39 @@ def generate_request_model(settings: Settings) -> type[BaseModel]:
     """The /generate body with this server's limits in its schema (so /docs shows the real bounds).
 
     Unknown fields are rejected (422), so a typo such as "cfg" does not silently take the default.
+    `class_id`'s maximum depends on the model, which loads after this is built: the app writes it
+    into the OpenAPI schema once the model is ready (server/api.py).
     """
     return create_model(
         "GenerateRequest",
-        __config__=ConfigDict(extra="forbid"),
-        class_id=(StrictInt, Field(ge=0, description="class index, 0..num_classes-1 (see GET /classes)")),
+        __config__=ConfigDict(extra="forbid", json_schema_extra={
+            "oneOf": [{"required": ["class_id"]}, {"required": ["class_name"]}]}),
+        class_id=(StrictInt | None, Field(None, ge=0, description="class index, 0..num_classes-1 (see GET "
+                                          "/classes); give class_id or class_name")),
+        class_name=(StrictStr | None, Field(None, min_length=1, max_length=200, description="a class by name, "
+                                            "instead of class_id: any of its names, case-insensitive, or a "
+                                            "prefix only one class has (e.g. \"ankle\")")),
         cfg_scale=(float | None, Field(None, ge=settings.min_cfg_scale, le=settings.max_cfg_scale,
                                        allow_inf_nan=False, description="guidance scale; 1 = no guidance")),
         steps=(StrictInt | None, Field(None, ge=1, le=settings.max_steps, description="denoising steps")),
-        seed=(StrictInt | None, Field(None, ge=0, le=MAX_SEED, description="random when absent; image k of "
-                                      "num_images uses seed + k")),
+        seed=(StrictInt | None, Field(None, ge=0, le=MAX_SEED, description="random (below 2^53) when absent; "
+                                      "image k of num_images uses seed + k")),
         sampler=(SamplerName | None, Field(None, description="ddpm (the paper's), ddim (eta 0) or dpm-solver++")),
         num_images=(StrictInt, Field(1, ge=1, le=settings.max_images, description="images; > 1 gives a grid")),
-        format=(Literal["png", "jpeg", "webp"], Field("png", description="image encoding")),
+        format=(Literal["png", "jpeg", "webp"], Field("png", description="image encoding; when absent, an "
+                                                      "Accept: image/jpeg or image/webp header picks it")),
+    )
+
+
+def job_request_model(generate_request: type[BaseModel]) -> type[BaseModel]:
+    """The POST /jobs body: a GenerateRequest plus a webhook and a client tag."""
+    return create_model(
+        "JobRequest", __base__=generate_request,
+        webhook_url=(StrictStr | None, Field(None, max_length=2048, description="POSTed the job's status JSON "
+                                             "when it ends (signed; needs --webhook-secret and a host in "
+                                             "--webhook-allow-hosts)")),
+        tag=(StrictStr | None, Field(None, max_length=256, description="any client text, echoed in the job's "
+                                     "status, result metadata and webhook")),
     )
 
 
@@ -62,8 +90,32 @@ class GenerateResponse(BaseModel):
     cfg_scale: float
     steps: int
     sampler: str
+    tag: str | None = Field(None, description="the job's tag (async jobs submitted with one)")
     images: list[ImageOut]
     timings: dict[str, float] = Field(description="seconds per stage: queue, denoise, decode, encode, total")
+
+
+class JobStatus(BaseModel):
+    """GET /jobs/{id}; also the body of the job's webhook."""
+
+    id: str
+    status: Literal["queued", "running", "encoding", "done", "failed", "cancelled", "timed_out"]
+    step: int = Field(description="denoising steps done (by the job's slowest image)")
+    steps: int
+    queue_position: int | None = Field(None, description="while queued: 1 = next to be admitted")
+    num_images: int
+    seeds: list[int]
+    class_id: int
+    class_name: str
+    tag: str | None = None
+    created: float = Field(description="submission time, unix seconds")
+    status_url: str
+    result_url: str
+    error: ErrorDetail | None = Field(None, description="why it failed, was cancelled or timed out")
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatus] = Field(description="the caller's jobs, newest first")
 
 
 class ClassOut(BaseModel):

@@ -176,3 +176,11 @@ def test_help_lists_every_setting_with_its_env_name():
 
     for name in Settings.model_fields:
         assert f"--{name.replace('_', '-')}" in out and f"DIT_{name.upper()}" in out, name
+
+
+def test_webhook_url_is_refused_without_a_secret(server):
+    with server.client() as c:
+        r = c.post("/jobs", json={"class_id": 1, "steps": 2, "webhook_url": "http://127.0.0.1:9/hook"})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["field"] == "webhook_url" and "--webhook-secret" in err["message"]
