@@ -87,9 +87,9 @@ class Settings(BaseSettings):
 
     # Webhooks (POST /jobs with webhook_url): off unless both are set, since they make the server call out
     webhook_secret: str | None = Field(None, repr=False, description="HMAC-SHA256 key signing webhook deliveries "
-                                             "(X-DiT-Signature); unset = webhook_url is refused. Prefer the env var")
+                                             "(X-DiT-Signature); none = webhook_url is refused. Prefer the env var")
     webhook_allow_hosts: StrList = Field([], description="hosts webhook_url may name: exact names, or "
-                                           "suffixes written .example.com; empty = webhook_url is refused")
+                                           "suffixes written .example.com; none = webhook_url is refused")
 
     # Scheduling
     policy: Literal["continuous", "request", "none"] = Field(
