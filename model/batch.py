@@ -24,7 +24,7 @@ import torch
 
 from . import noise as noise_lib
 from .denoise import Denoiser
-from .samplers import NUM_COEFFS, plan
+from .samplers import NOISE_ON, NUM_COEFFS, plan
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,22 @@ class _View:
     scales: torch.Tensor  # (G, 1, 1, 1) their guidance scales
     y: torch.Tensor  # (B + G,) classes of the forward rows: the samples', then the null class
     row0: torch.Tensor  # (B,) each sample's first row in the coefficient tables
-    seeds: torch.Tensor  # (B,)
     ones: torch.Tensor  # (B,) int64, to advance the iteration counters
-    stochastic: bool  # whether any sample adds noise (DDPM)
-    generators: tuple[tuple[int, torch.Generator], ...]  # (position, generator) of caller-driven noise
+    noisy: torch.Tensor  # (K,) positions of the samples whose sampler adds noise (DDPM)
+    noisy_seeds: torch.Tensor  # (K,) their seeds
+    generators: tuple[tuple[int, torch.Generator], ...]  # (index into noisy, generator) of caller-driven noise
+
+
+@dataclass(frozen=True)
+class _Posterior:
+    """One step's prediction for a view, before noise: what `step` writes back, and what tests check."""
+
+    view: _View
+    index: torch.Tensor  # (B,) iterations done
+    coeffs: torch.Tensor  # (B, NUM_COEFFS) this iteration's coefficient rows
+    var_values: torch.Tensor  # (B, C, H, W) the learned-variance output
+    mean: torch.Tensor  # (B, C, H, W)
+    x0: torch.Tensor  # (B, C, H, W) predicted clean sample
 
 
 class SlotBatch:
@@ -143,9 +155,8 @@ class SlotBatch:
 
     # ---- one step ----------------------------------------------------------------------------------
     @torch.no_grad()
-    def posterior(self, slots: Sequence[int] | None = None):
-        """One forward for the active slots (or `slots`), without advancing them:
-        (view, iteration indices (B,), x (B, C, H, W), mean, log_var, noise_on, x0)."""
+    def posterior(self, slots: Sequence[int] | None = None) -> _Posterior:
+        """One forward for the active slots (or `slots`), without advancing them."""
         v = self._current_view() if slots is None else self._make_view(list(slots))
         idx = self.index.index_select(0, v.slots)  # (B,)
         rows = v.row0 + idx
@@ -158,8 +169,8 @@ class SlotBatch:
         out = self.denoiser.forward(x_in, t_in, v.y)  # (B + G, 2C, H, W); the model casts x to its dtype
         eps, var_values = self.denoiser.guide(out, v.n, v.guided, v.scales)
         k = self.coeffs.index_select(0, rows)  # (B, NUM_COEFFS)
-        x0_prev = self.x0_prev.index_select(0, v.slots)
-        return (v, idx, x, *self.denoiser.update(k, x, eps, var_values, x0_prev))
+        mean, x0 = self.denoiser.update(k, x, eps, self.x0_prev.index_select(0, v.slots))
+        return _Posterior(v, idx, k, var_values, mean, x0)
 
     @torch.no_grad()
     def step(self, slots: Sequence[int] | None = None) -> None:
@@ -167,18 +178,22 @@ class SlotBatch:
         by one iteration with one forward pass. No slot may be past its last iteration."""
         if not self._active or (slots is not None and not slots):
             return
-        v, idx, x, mean, log_var, noise_on, x0 = self.posterior(slots)
-        x_next = mean
-        if v.stochastic:
-            x_next = mean + noise_on * torch.exp(0.5 * log_var) * self._noise(v, idx)
+        p = self.posterior(slots)
+        v, x_next = p.view, p.mean
+        if v.noisy.numel():  # only the noisy samples need a variance and noise (hashing noise is costly)
+            k = p.coeffs.index_select(0, v.noisy)
+            log_var = self.denoiser.log_variance(k, p.var_values.index_select(0, v.noisy))  # (K, C, H, W)
+            sigma = k[:, NOISE_ON, None, None, None] * torch.exp(0.5 * log_var)
+            x_next = x_next.index_add(0, v.noisy, sigma * self._noise(v, p.index.index_select(0, v.noisy)))
         self.x.index_copy_(0, v.slots, x_next)
-        self.x0_prev.index_copy_(0, v.slots, x0)
+        self.x0_prev.index_copy_(0, v.slots, p.x0)
         self.index.index_add_(0, v.slots, v.ones)
 
     def _noise(self, v: _View, idx: torch.Tensor) -> torch.Tensor:
-        """The noise after this iteration, (B, C, H, W): counter-based from (seed, iteration + 1), or from
-        a caller's torch.Generator where one was given (a slower per-sample path, library use only)."""
-        z = noise_lib.gaussian(v.seeds, idx + 1, self.shape)
+        """The noise after this iteration for the noisy samples, (K, C, H, W): counter-based from (seed,
+        iteration + 1), or from a caller's torch.Generator where one was given (a slower per-sample path,
+        library use only)."""
+        z = noise_lib.gaussian(v.noisy_seeds, idx + 1, self.shape)
         for pos, gen in v.generators:
             z[pos] = torch.randn(self.shape, generator=gen, device=gen.device).to(self.device)
         return z
@@ -191,16 +206,18 @@ class SlotBatch:
 
     def _make_view(self, slots: list[int]) -> _View:
         guided = [p for p, s in enumerate(slots) if self._host[s][0]]
+        noisy = [p for p, s in enumerate(slots) if self._host[s][1]]
         a = self._index(slots)
         g = self._to_device(torch.tensor(guided, dtype=torch.int64))
-        g_slots = a.index_select(0, g)
+        k = self._to_device(torch.tensor(noisy, dtype=torch.int64))
         null = torch.full((len(guided),), self.denoiser.null_class, dtype=torch.int64, device=self.device)
         return _View(
-            n=len(slots), slots=a, guided=g, scales=self.scale.index_select(0, g_slots).view(-1, 1, 1, 1),
+            n=len(slots), slots=a, guided=g,
+            scales=self.scale.index_select(0, a.index_select(0, g)).view(-1, 1, 1, 1),
             y=torch.cat([self.label.index_select(0, a), null]), row0=self.row0.index_select(0, a),
-            seeds=self.seed.index_select(0, a), ones=torch.ones_like(a),
-            stochastic=any(self._host[s][1] for s in slots),
-            generators=tuple((p, self._generators[s]) for p, s in enumerate(slots) if s in self._generators),
+            ones=torch.ones_like(a), noisy=k, noisy_seeds=self.seed.index_select(0, a.index_select(0, k)),
+            generators=tuple((i, self._generators[slots[p]]) for i, p in enumerate(noisy)
+                             if slots[p] in self._generators),
         )
 
     def _index(self, slots: Sequence[int]) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .samplers import A_E, A_X, K_0, K_E, K_P, K_X, MAX_LOG, MIN_LOG, NOISE_ON
+from .samplers import A_E, A_X, K_0, K_E, K_P, K_X, MAX_LOG, MIN_LOG
 
 
 def forward_rows(cfg_scale: float) -> int:
@@ -61,16 +61,21 @@ class Denoiser:
             eps[guided, :g] = uncond + scales * (cond - uncond)
         return eps, var_values
 
-    def update(self, k: torch.Tensor, x: torch.Tensor, eps: torch.Tensor, var_values: torch.Tensor,
-               x0_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The update rule of model/samplers.py with coefficient rows `k` (B, NUM_COEFFS):
-        (mean, log_var, noise_on, x0), each broadcastable to (B, C, H, W)."""
+    def update(self, k: torch.Tensor, x: torch.Tensor, eps: torch.Tensor,
+               x0_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The update rule of model/samplers.py with coefficient rows `k` (B, NUM_COEFFS), without the
+        noise term: (mean, x0), each (B, C, H, W)."""
         k = k[:, :, None, None, None].unbind(1)  # NUM_COEFFS x (B, 1, 1, 1)
-        x0 = k[A_X] * x - k[A_E] * eps
+        ax = k[A_X] * x
+        x0 = ax - k[A_E] * eps
         if self.clip_x0 is not None:
             x0 = x0.clamp(*self.clip_x0)
-        eps_x0 = (k[A_X] * x - x0) / k[A_E]
+        eps_x0 = (ax - x0) / k[A_E]
         mean = k[K_X] * x + k[K_0] * x0 + k[K_E] * eps_x0 + k[K_P] * x0_prev
+        return mean, x0
+
+    @staticmethod
+    def log_variance(k: torch.Tensor, var_values: torch.Tensor) -> torch.Tensor:
+        """The learned log-variance (B, C, H, W) from the variance outputs (B, C, H, W) and rows `k`."""
         frac = (var_values + 1) / 2
-        log_var = frac * k[MAX_LOG] + (1 - frac) * k[MIN_LOG]
-        return mean, log_var, k[NOISE_ON], x0
+        return frac * k[:, MAX_LOG, None, None, None] + (1 - frac) * k[:, MIN_LOG, None, None, None]

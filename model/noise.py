@@ -41,12 +41,11 @@ def gaussian(seeds: torch.Tensor, draws: torch.Tensor, shape: tuple[int, ...], d
     numel = math.prod(shape)
     pairs = (numel + 1) // 2
     key = _key(seeds, draws)[:, None]  # (N, 1)
-    counter = torch.arange(pairs, dtype=torch.int64, device=seeds.device)[None] * 2  # (1, P)
-    h1 = _mix((counter ^ key) & _MASK)  # (N, P)
-    h2 = _mix(((counter + 1) ^ key) & _MASK)
+    # Element pair p hashes counters 2p and 2p + 1, both in one pass; counter ^ key stays below 2**32.
+    h = _mix(torch.arange(2 * pairs, dtype=torch.int64, device=seeds.device)[None] ^ key)  # (N, 2P)
     # 24-bit uniforms in the open interval (0, 1): log(u1) stays finite.
-    u1 = ((h1 >> 8).float() + 0.5) * (1.0 / 16777216.0)
-    u2 = ((h2 >> 8).float() + 0.5) * (1.0 / 16777216.0)
+    u = ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
+    u1, u2 = u[:, 0::2], u[:, 1::2]  # (N, P) each
     radius = torch.sqrt(-2.0 * torch.log(u1))
     angle = (2.0 * math.pi) * u2
     z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)  # (N, 2P)

@@ -1,0 +1,115 @@
+"""Host time per denoising step outside the forward pass, before vs after the slot-indexed batch.
+
+The embedded model's forward is replaced by a stub that returns a preallocated output, so what is
+timed is only the step's own work: building the batch, guidance, the update rule, noise, write-back.
+"Before" is the per-sample step API of an earlier commit (checked out into a temporary git worktree);
+"after" is this tree's SlotBatch. One thread, mixed samplers and guidance scales, no sample finishes
+during the measurement. Also counts, per steady step, tensors built from Python data (aten.lift_fresh)
+and host syncs (aten._local_scalar_dense).
+
+    python bench/step_overhead.py                 # before = 4bee158 (the last commit before the change)
+    python bench/step_overhead.py --before REV
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SIZES = (8, 32, 64)
+MIX = [("ddpm", 4.0), ("ddim", 1.0), ("dpm-solver++", 2.0), ("ddim", 4.0)]  # (sampler, cfg) in turn
+STEPS = 500  # long enough that no sample finishes while timed
+
+
+def child(impl: str, repeats: int) -> dict:
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import model
+
+    torch.set_num_threads(1)
+    pipe = model.Pipeline.from_pretrained(ROOT / "weights" / "fashion_dit.safetensors")
+    c, h, w = pipe.sample_shape
+    stub_out = torch.zeros(2 * max(SIZES), 2 * c, h, w)
+    pipe.denoiser.forward = lambda x, t, y: stub_out[: x.shape[0]]
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.created = self.syncs = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            self.created += "lift_fresh" in name
+            self.syncs += "_local_scalar_dense" in name
+            return func(*args, **(kwargs or {}))
+
+    results = {}
+    for n in SIZES:
+        specs = [(k % 10, k, *MIX[k % len(MIX)]) for k in range(n)]
+        if impl == "before":
+            states = [pipe.new_state(lab, seed, sampler=smp, steps=STEPS, cfg_scale=cfg)
+                      for lab, seed, smp, cfg in specs]
+            step = functools.partial(pipe.denoiser.step, states)
+        else:
+            batch = pipe.new_batch(n)
+            batch.join([model.Join(k, lab, seed, smp, STEPS, cfg) for k, (lab, seed, smp, cfg) in enumerate(specs)])
+            step = batch.step
+        for _ in range(5):  # warm-up (the first step after joining builds the index tensors)
+            step()
+        t0 = time.process_time()  # CPU time of this one-thread process: robust to other load on the machine
+        for _ in range(repeats):
+            step()
+        seconds = (time.process_time() - t0) / repeats
+        with Count() as counted:
+            step()
+        results[n] = {"ms": seconds * 1000, "created": counted.created, "syncs": counted.syncs}
+    return results
+
+
+def run_child(impl: str, tree: Path, repeats: int) -> dict:
+    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, __file__, "--child", impl, "--repeats", str(repeats)], cwd=tree, env=env,
+                         check=True, capture_output=True, text=True)
+    return {int(k): v for k, v in json.loads(out.stdout.strip().splitlines()[-1]).items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--before", default="4bee158", help="git revision with the per-sample step API")
+    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--child", choices=["before", "after"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.repeats)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "before"
+        subprocess.run(["git", "worktree", "add", "--detach", "-q", str(old), args.before], cwd=ROOT, check=True)
+        try:
+            (old / "weights").is_dir() or sys.exit(f"{args.before} has no weights/ folder")
+            before = run_child("before", old, args.repeats)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(old)], cwd=ROOT, check=True)
+    after = run_child("after", ROOT, args.repeats)
+    print(f"host CPU time per step outside the forward (stub forward, 1 thread, {args.repeats} steps; "
+          f"before = {args.before})")
+    print("| samples | before ms | after ms | ratio | tensors from Python data per step (before → after) "
+          "| host syncs per step (before → after) |")
+    print("|---|---|---|---|---|---|")
+    for n in SIZES:
+        b, a = before[n], after[n]
+        print(f"| {n} | {b['ms']:.3f} | {a['ms']:.3f} | {b['ms'] / a['ms']:.1f}x | {b['created']} → {a['created']} "
+              f"| {b['syncs']} → {a['syncs']} |")
+
+
+if __name__ == "__main__":
+    main()
