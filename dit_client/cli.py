@@ -1,15 +1,22 @@
 """dit-generate CLASS [options]: generate images from a running server (default) or locally (--local).
 
-CLASS is a class id or (part of) a class name. Shows a progress bar, retries 429 answers after their
-Retry-After, writes PNGs (`--out`; with several images, `<stem>-<seed>.png` each), and exits non-zero
-with a message on errors.
+CLASS is a class id or (part of) a class name; `dit-generate --list-classes` lists them. Shows a progress
+bar (and the queue position while waiting), retries 429 answers after their Retry-After, and exits
+non-zero with a message on errors.
+
+Files: one image per seed, each with its generation parameters inside. `--out sneakers.png` with one
+image writes sneakers.png; with `--count 4` it writes sneakers-<seed>.png for each of the 4 seeds
+(seed, seed+1, ...). Without --out: <Class>-<seed>.png here; --out DIR/ puts those names in DIR. The
+suffix picks the format: .png (default), .jpg/.jpeg or .webp (lossless).
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import difflib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,45 +24,97 @@ from pathlib import Path
 import httpx
 from tqdm import tqdm
 
+FORMATS = {".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg", ".webp": "webp"}  # file suffix -> API format
+LIST_ALL_UP_TO = 50  # an unknown name lists every class of a model this small; of a larger one, the nearest
+
 
 class CliError(Exception):
     pass
 
 
+def _listing(ids, names: list[str]) -> str:
+    return ", ".join(f"{i}: {names[i]}" for i in ids)
+
+
+def _valid_classes(text: str, names: list[str]) -> str:
+    """What to tell someone whose class matched nothing: every class, or for ImageNet-sized models the
+    nearest names and how to see them all."""
+    if len(names) <= LIST_ALL_UP_TO:
+        return f"the classes are {_listing(range(len(names)), names)}"
+    lowered = [n.lower() for n in names]
+    near = difflib.get_close_matches(text.lower(), lowered, n=8, cutoff=0.5)
+    hint = f"the nearest are {_listing([lowered.index(n) for n in near], names)}; " if near else ""
+    return f"{hint}dit-generate --list-classes shows all {len(names)}"
+
+
 def resolve_class(text: str, names: list[str]) -> int:
     if text.isdigit():
         if int(text) >= len(names):
-            raise CliError(f"class {text} does not exist: the model has {len(names)} classes (0..{len(names) - 1})")
+            raise CliError(f"class {text} does not exist: the model has {len(names)} classes (0..{len(names) - 1}); "
+                           + _valid_classes(text, names))
         return int(text)
     t = text.lower()
     exact = [i for i, n in enumerate(names) if n.lower() == t]
     matches = exact or [i for i, n in enumerate(names) if t in n.lower()]
-    if len(matches) != 1:
-        shown = ", ".join(f"{i}: {names[i]}" for i in matches[:8]) or "none"
-        raise CliError(f"class {text!r} matches {len(matches)} classes ({shown}); give an id or a longer name")
+    if not matches:
+        raise CliError(f"no class is called {text!r}: {_valid_classes(text, names)}")
+    if len(matches) > 1:
+        more = f" and {len(matches) - 8} more" if len(matches) > 8 else ""
+        raise CliError(f"class {text!r} matches {len(matches)} classes ({_listing(matches[:8], names)}{more}); "
+                       "give an id or a longer name")
     return matches[0]
 
 
-def output_paths(out: Path | None, class_name: str, seeds: list[int]) -> list[Path]:
-    stem = "".join(ch if ch.isalnum() else "_" for ch in class_name).strip("_")
-    if out is None:
-        return [Path(f"{stem}-{s}.png") for s in seeds]
+def is_folder(out: str) -> bool:
+    return out.endswith(("/", os.sep)) or Path(out).is_dir()
+
+
+def output_format(out: str | None) -> str:
+    """The API's format for the --out suffix (png when there is none)."""
+    if out is None or is_folder(out) or Path(out).suffix == "":
+        return "png"
+    suffix = Path(out).suffix.lower()
+    if suffix not in FORMATS:
+        raise CliError(f"cannot write {suffix!r} files: use {', '.join(FORMATS)} (or no suffix for .png)")
+    return FORMATS[suffix]
+
+
+def output_paths(out: str | None, class_name: str, seeds: list[int]) -> list[Path]:
+    """One file per seed: OUT itself for one image, OUT-<seed>.EXT for several; <Class>-<seed>.png in the
+    current folder (or in OUT, when OUT is a folder) without a file name."""
+    if out is None or is_folder(out):
+        stem = "".join(ch if ch.isalnum() else "_" for ch in class_name).strip("_")
+        return [Path(out or ".") / f"{stem}-{s}.png" for s in seeds]
+    path = Path(out)
     if len(seeds) == 1:
-        return [out]
-    return [out.with_name(f"{out.stem}-{s}{out.suffix or '.png'}") for s in seeds]
+        return [path]
+    return [path.with_name(f"{path.stem}-{s}{path.suffix or '.png'}") for s in seeds]
+
+
+def auth_headers(args) -> dict[str, str]:
+    return {"X-API-Key": args.api_key} if args.api_key else {}
+
+
+def fetch_classes(url: str, args) -> list[str]:
+    try:
+        r = httpx.get(url + "/classes", headers=auth_headers(args), timeout=30)
+    except httpx.TransportError as e:
+        raise CliError(f"cannot reach the server at {url} ({e}); is it running? (make serve)") from e
+    if r.status_code == 401:
+        raise CliError(f"{url} needs an API key: pass --api-key KEY or set DIT_API_KEY"
+                       + (" (the one given was refused)" if args.api_key else ""))
+    if r.status_code != 200:
+        raise CliError(f"{url}/classes answered {r.status_code}: {_error_message(r)}")
+    return [c["name"] for c in r.json()["classes"]]
 
 
 def from_server(args, body_extra: dict) -> tuple[str, list[tuple[int, bytes]]]:
     url = args.url.rstrip("/")
-    try:
-        names = [c["name"] for c in httpx.get(url + "/classes", timeout=30).raise_for_status().json()["classes"]]
-    except httpx.TransportError as e:
-        raise CliError(f"cannot reach the server at {url} ({e}); is it running? (make serve)") from e
-    except httpx.HTTPStatusError as e:
-        raise CliError(f"{url}/classes answered {e.response.status_code}: {e.response.text[:200]}") from e
+    names = fetch_classes(url, args)
     body = dict(body_extra, class_id=resolve_class(args.class_, names))
+    headers = {"Accept": "text/event-stream", **auth_headers(args)}
     for attempt in range(args.retries + 1):
-        with httpx.stream("POST", url + "/generate", json=body, headers={"Accept": "text/event-stream"},
+        with httpx.stream("POST", url + "/generate", json=body, headers=headers,
                           timeout=httpx.Timeout(30, read=None)) as r:
             if r.status_code == 429 and attempt < args.retries:
                 wait = float(r.headers.get("retry-after", 2))
@@ -78,7 +137,7 @@ def _error_message(r: httpx.Response) -> str:
 
 
 def _read_stream(r: httpx.Response, class_name: str, quiet: bool) -> tuple[str, list[tuple[int, bytes]]]:
-    bar, event = None, None
+    bar, event, shown = None, None, ""
     try:
         for line in r.iter_lines():
             if line.startswith("event: "):
@@ -87,6 +146,10 @@ def _read_stream(r: httpx.Response, class_name: str, quiet: bool) -> tuple[str, 
                 data = json.loads(line.removeprefix("data: "))
                 if event == "progress":
                     bar = bar or tqdm(total=data["steps"], desc=class_name, unit="step", disable=quiet)
+                    position = data.get("queue_position") if data.get("status") == "queued" else None
+                    waiting = f"queued, position {position}" if position else ""
+                    if waiting != shown:
+                        bar.set_postfix_str(shown := waiting)
                     bar.update(data["step"] - bar.n)
                 elif event == "result":
                     return data["class_name"], [(im["seed"], base64.b64decode(im["data"])) for im in data["images"]]
@@ -108,8 +171,8 @@ def locally(args, body: dict) -> tuple[str, list[tuple[int, bytes]]]:
     pipe = Pipeline.from_pretrained(args.model, vae=args.vae)
     info, d = pipe.info, pipe.info.defaults
     class_id = resolve_class(args.class_, info.class_names)
-    seed = body.get("seed", random.randrange(2**63 - 1))
-    seeds = [seed + k for k in range(args.count)]
+    seed = body.get("seed", random.randrange(2**63))
+    seeds = [(seed + k) % 2**63 for k in range(args.count)]  # as the server does
     sampler, steps = body.get("sampler", d.sampler), body.get("steps", d.steps)
     cfg = body.get("cfg_scale", d.cfg_scale)
     with tqdm(total=steps, desc=info.class_names[class_id], unit="step", disable=args.quiet) as bar:
@@ -117,15 +180,29 @@ def locally(args, body: dict) -> tuple[str, list[tuple[int, bytes]]]:
                                on_step=lambda _: bar.update()).numpy()
     params = {"model": info.name, "class_id": class_id, "class_name": info.class_names[class_id],
               "cfg_scale": float(cfg), "steps": steps, "sampler": sampler}
-    images = encode(pixels, tuple(seeds), OutputSpec(format="png", separate=True, metadata=params))
+    images = encode(pixels, tuple(seeds), OutputSpec(format=body["format"], separate=True, metadata=params))
     return info.class_names[class_id], [(im.seeds[0], im.data) for im in images]
+
+
+def list_classes(args) -> int:
+    if args.local:
+        from model import Pipeline
+
+        names = Pipeline.from_pretrained(args.model, vae=args.vae).info.class_names
+    else:
+        names = fetch_classes(args.url.rstrip("/"), args)
+    print("\n".join(f"{i}\t{n}" for i, n in enumerate(names)))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dit-generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("class_", metavar="CLASS", help="class id or (part of) its name")
+    p.add_argument("class_", metavar="CLASS", nargs="?", help="class id or (part of) its name")
+    p.add_argument("--list-classes", action="store_true", help="list the model's class ids and names, then exit")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server to ask (default %(default)s)")
+    p.add_argument("--api-key", default=os.environ.get("DIT_API_KEY"),
+                   help="for a server with API keys (default: $DIT_API_KEY; a flag shows in `ps`)")
     p.add_argument("--local", action="store_true", help="run the model in this process instead of a server")
     p.add_argument("--model", default=None, help="with --local: checkpoint or folder (default: the embedded model)")
     p.add_argument("--vae", default=None, help="with --local: VAE folder for latent checkpoints")
@@ -133,18 +210,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm-solver++"], help="default: the model's")
     p.add_argument("--seed", type=int, help="random when absent; image k uses seed + k")
-    p.add_argument("--count", type=int, default=1, help="number of images")
-    p.add_argument("--out", type=Path, help="output PNG (several images: OUT-<seed>.png)")
+    p.add_argument("--count", type=int, default=1, help="number of images (one file each)")
+    p.add_argument("--out", help="output file: .png, .jpg or .webp; with --count > 1, OUT-<seed>.EXT "
+                   "for each seed; a folder (ending in /) gets <Class>-<seed>.png files")
     p.add_argument("--retries", type=int, default=5, help="retries of 429 answers")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
-    body = {k: v for k, v in (("cfg_scale", args.cfg_scale), ("steps", args.steps), ("sampler", args.sampler),
-                              ("seed", args.seed)) if v is not None}
+    if args.class_ is None and not args.list_classes:
+        p.error("give a CLASS (an id or part of a name), or --list-classes to see them")
+    if args.count < 1:
+        p.error("--count must be at least 1")
+    if args.local and args.model is None:
+        from server.settings import EMBEDDED_MODEL
+        args.model = EMBEDDED_MODEL
     try:
+        if args.list_classes:
+            return list_classes(args)
+        body = {k: v for k, v in (("cfg_scale", args.cfg_scale), ("steps", args.steps), ("sampler", args.sampler),
+                                  ("seed", args.seed)) if v is not None}
+        body["format"] = output_format(args.out)
         if args.local:
-            if args.model is None:
-                from server.settings import EMBEDDED_MODEL
-                args.model = EMBEDDED_MODEL
             class_name, images = locally(args, body)
         else:
             class_name, images = from_server(args, dict(body, num_images=args.count))
