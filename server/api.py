@@ -1,6 +1,6 @@
 """The HTTP app: routes, readiness, metrics, the playground page.
 
-No tensors here, and nothing that blocks the event loop: generation runs on the scheduler's thread,
+No tensors here, and nothing that blocks the event loop: generation runs in the engine (server/engine/),
 encoding on its pool; the routes only wait on futures (server/generation.py).
 """
 
@@ -15,7 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from model import SAMPLERS
 
@@ -76,18 +76,18 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics():
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/classes", response_model=ClassesResponse, summary="class ids and names of the loaded model")
     async def classes(q: str | None = Query(None, max_length=200, description="only the classes whose name "
                                             "contains this (case-insensitive)")):
-        names = generation.require_ready(service).runner.info.class_names
+        names = generation.require_ready(service).model.info.class_names
         ids = range(len(names)) if q is None else class_index(tuple(names)).search(q)
         return {"classes": [{"id": i, "name": names[i]} for i in ids]}
 
     @app.get("/info", summary="model, resolution, limits, defaults and batching policy")
     async def info():
-        r = generation.require_ready(service).runner
+        r = generation.require_ready(service).model
         d = r.info.defaults
         return {
             "model": r.info.name, "space": r.info.space, "image_size": r.info.image_size,
@@ -124,7 +124,7 @@ def create_app(settings: Settings) -> FastAPI:
         async def arm_fault(request: Request):
             body = await request.json()
             try:
-                generation.require_ready(service).runner.faults.arm(body["kind"], int(body.get("count", 1)))
+                generation.require_ready(service).arm_fault(body["kind"], int(body.get("count", 1)))
             except (KeyError, ValueError) as e:
                 raise ApiError(422, "invalid_request", str(e), "kind") from e
             return {"armed": body["kind"]}
@@ -160,7 +160,7 @@ def install_docs(app: FastAPI, service: Service, keyed: bool) -> None:
         if not service.ready:
             app.openapi_schema = None  # complete it once the model is loaded
             return schema
-        last = service.runner.num_classes - 1
+        last = service.model.num_classes - 1
         for component in schema.get("components", {}).get("schemas", {}).values():
             class_id = component.get("properties", {}).get("class_id")
             for option in (class_id or {}).get("anyOf", [class_id] if class_id else []):

@@ -20,7 +20,7 @@ import uvicorn
 from pydantic import ValidationError
 from pydantic_settings import CliApp, CliSettingsSource, SettingsError
 
-from .hygiene import JsonLogFormatter
+from .logs import setup_logging
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -96,10 +96,7 @@ def _describe_error(err: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonLogFormatter() if settings.log_format == "json"
-                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=settings.log_level.upper(), handlers=[handler], force=True)
+    setup_logging(settings.log_level, settings.log_format)
     from .api import create_app  # after logging is set up
 
     app = create_app(settings)
@@ -115,10 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         failures.append(reason)
         server.should_exit = True
 
-    service.on_start_failure = stop
+    service.on_exit_failure = stop
     server.run()
     if failures:
-        log.error("exiting with status 1: the server could not start: %s", failures[0])
+        log.error("exiting with status 1: the server cannot serve: %s", failures[0])
         sys.exit(1)
 
 

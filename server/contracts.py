@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -98,6 +99,7 @@ class Job:
     future: Future = field(default_factory=Future)
     progress: int = 0  # denoising steps done (by the job's slowest sample); written by the scheduler thread
     queue_position: int | None = None  # 1 = next to be admitted; None once admitted; written by the scheduler
+    on_cancel: Callable[[Job, FinishReason], None] | None = field(default=None, repr=False)
     _cancel_reason: FinishReason | None = field(default=None, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
@@ -120,6 +122,8 @@ class Job:
         if not self._cancelled.is_set():
             self._cancel_reason = reason
             self._cancelled.set()
+            if self.on_cancel is not None:  # an engine in another process learns of it by message
+                self.on_cancel(self, reason)
 
     @property
     def cancelled(self) -> bool:
@@ -151,6 +155,18 @@ class QueueFull(SchedulerError):
         self.retry_after = retry_after
 
 
+class Overloaded(QueueFull):
+    """Admitted now, the request could not finish before its deadline: come back when the backlog drains."""
+
+    code = "overloaded"
+
+
+class KeyQuotaExceeded(QueueFull):
+    """This API key already has --max-requests-per-key requests queued or in flight."""
+
+    code = "key_quota_exceeded"
+
+
 class NotReady(SchedulerError):
     status, code, reason = 503, "not_ready", FinishReason.REJECTED
     retry_after = 5.0
@@ -170,5 +186,23 @@ class Cancelled(SchedulerError):
     status, code, reason = 409, "cancelled", FinishReason.CANCELLED
 
 
+class EngineDied(SchedulerError):
+    """The engine process ended while the request was in it; the server is restarting."""
+
+    status, code, reason = 503, "engine_died", FinishReason.FAILED
+    retry_after = 5.0
+
+
 class GenerationFailed(SchedulerError):
     status, code = 500, "generation_failed"
+
+
+def scheduler_error(kind: str, message: str, retry_after: float | None = None) -> SchedulerError:
+    """Rebuild an error sent by name across the engine's process boundary."""
+    known = (QueueFull, Overloaded, KeyQuotaExceeded, NotReady, InvalidRequest, DeadlineExceeded, Cancelled,
+             GenerationFailed, EngineDied)
+    cls = {c.__name__: c for c in known}.get(kind, GenerationFailed)
+    error = cls(message, retry_after or 1.0) if issubclass(cls, QueueFull) else cls(message)
+    if retry_after is not None:
+        error.retry_after = retry_after
+    return error

@@ -46,13 +46,13 @@ def resolve_class(service: Service, body) -> int:
     problems = class_choice_problems({"class_id": body.class_id, "class_name": body.class_name})
     if problems:
         raise ApiError.invalid(problems)
-    num_classes = service.runner.num_classes
+    num_classes = service.model.num_classes
     if body.class_id is not None:
         if body.class_id >= num_classes:
             raise ApiError.invalid([("class_id", f"class_id must be below {num_classes} (see GET /classes)")])
         return body.class_id
     try:
-        return class_index(tuple(service.runner.info.class_names)).resolve(body.class_name)
+        return class_index(tuple(service.model.info.class_names)).resolve(body.class_name)
     except ClassNameError as e:
         raise ApiError.invalid([("class_name", str(e))]) from e
 
@@ -82,7 +82,7 @@ def make_job(service: Service, body, request: Request, *, separate: bool, timeou
              tag: str | None = None) -> Job:
     """A scheduler job for a validated request body; omitted fields take the model's defaults."""
     svc = require_ready(service)
-    info, settings = svc.runner.info, svc.settings
+    info, settings = svc.model.info, svc.settings
     class_id = resolve_class(svc, body)
     d = info.defaults
     steps, sampler = body.steps or min(d.steps, settings.max_steps), body.sampler or d.sampler
@@ -108,7 +108,7 @@ def make_job(service: Service, body, request: Request, *, separate: bool, timeou
 
 def submit(service: Service, job: Job) -> None:
     try:
-        service.scheduler.submit(job)
+        service.submit(job)
     except SchedulerError as e:
         raise ApiError.from_scheduler(e) from e
 

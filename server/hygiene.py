@@ -4,7 +4,6 @@ API-key authentication. Pure ASGI (no BaseHTTPMiddleware): nothing here buffers 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import hashlib
 import hmac
 import json
@@ -14,8 +13,8 @@ import time
 import uuid
 
 from .errors import ApiError
+from .logs import request_id_var
 
-request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
 access_log = logging.getLogger("server.access")
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -143,16 +142,3 @@ class ApiKeyAuth:
         # A new dict: the server may share the lifespan state between requests.
         scope["state"] = {**scope.get("state", {}), "owner": key_owner(given)}
         await self.app(scope, receive, send)
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request id, and any structured extras."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"), "level": record.levelname.lower(),
-               "logger": record.name, "message": record.getMessage(), "request_id": request_id_var.get()}
-        if hasattr(record, "http"):
-            out.update(record.http)
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)

@@ -32,19 +32,40 @@ class _CudaMemoryCollector:
 
 
 class Metrics:
+    """The front-end's metrics: HTTP answers, readiness, encoding, finish reasons. With `--engine thread`
+    the engine's metrics (EngineMetrics) share this registry; with an engine process /metrics appends
+    the engine's own exposition (the families do not overlap)."""
+
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("dit_requests", "HTTP generation requests answered, by status code", ["code"],
                                 registry=r)
         self.request_duration = Histogram("dit_request_duration_seconds", "arrival to answer of /generate",
                                           buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("dit_queue_wait_seconds", "arrival to admission into the batch",
-                                    buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("dit_queue_depth", "requests waiting for admission", registry=r)
         self.queue_capacity = Gauge("dit_queue_capacity", "requests the queue holds at most (--max-queue)",
                                     registry=r)
         self.ready = Gauge("dit_ready", "1 once the model is loaded and warmed up, 0 before and while stopping",
                            registry=r)
+        self.encode_duration = Histogram("dit_encode_duration_seconds", "encoding one request's images",
+                                         buckets=STAGE_BUCKETS, registry=r)
+        self.requests_finished = Counter(
+            "dit_requests_finished", "requests ended, by reason: finished, cancelled (by the client), timed_out, "
+            "rejected (queue full, overloaded, over the key's quota, not ready, invalid) or failed", ["reason"],
+            registry=r)
+        self.admitted = Counter("dit_requests_admitted", "requests accepted into the engine (not rejected at once)",
+                                registry=r)
+        self.images = Counter("dit_images_generated", "images returned to clients", registry=r)
+        self.engine_up = Gauge("dit_engine_up", "1 while the engine (process) is serving", registry=r)
+
+
+class EngineMetrics:
+    """The engine's metrics: queue, batch, step and decode; registered where the engine runs."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        self.queue_wait = Histogram("dit_queue_wait_seconds", "arrival to admission into the batch",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("dit_queue_depth", "requests waiting for admission", registry=r)
         self.active_samples = Gauge("dit_active_samples", "samples in flight (being denoised)", registry=r)
         self.batch_size = Histogram("dit_batch_size", "samples advanced per forward pass", buckets=BATCH_BUCKETS,
                                     registry=r)
@@ -54,17 +75,15 @@ class Metrics:
                                        buckets=STAGE_BUCKETS, registry=r)
         self.decode_duration = Histogram("dit_decode_duration_seconds", "one batched decode to pixels",
                                          buckets=STAGE_BUCKETS, registry=r)
-        self.encode_duration = Histogram("dit_encode_duration_seconds", "encoding one request's images",
-                                         buckets=STAGE_BUCKETS, registry=r)
-        self.requests_finished = Counter(
-            "dit_requests_finished", "requests ended, by reason: finished, cancelled (by the client), timed_out, "
-            "rejected (queue full, not ready, invalid) or failed", ["reason"], registry=r)
-        self.images = Counter("dit_images_generated", "images returned to clients", registry=r)
         self.denoise_steps = Counter("dit_denoise_steps", "sample-steps computed (one sample, one step)",
                                      registry=r)
         self.model_info = Gauge("dit_model_info", "the loaded model (value 1)",
                                 ["model", "space", "image_size", "device", "dtype", "policy"], registry=r)
 
-    def watch_cuda(self, device: torch.device) -> None:
-        if device.type == "cuda":
-            self.registry.register(_CudaMemoryCollector(device))
+    def describe_model(self, runner, policy: str) -> None:
+        info = runner.info
+        self.model_info.labels(model=info.name, space=info.space, image_size=str(info.image_size),
+                               device=str(runner.device), dtype=str(runner.dtype).removeprefix("torch."),
+                               policy=policy).set(1)
+        if runner.device.type == "cuda":
+            self.registry.register(_CudaMemoryCollector(runner.device))

@@ -1,21 +1,30 @@
-"""The server's life cycle: load the model and warm up off the event loop, then report ready;
-on shutdown stop admitting and finish what was accepted."""
+"""The server's life cycle and its one door into the engine.
+
+Start-up: the engine (its own process by default, `--engine thread` for the in-process reference)
+loads the model and warms up; the service reports ready when it says so. Every request goes in through
+`submit`: admission at the front door (server/admission.py), then the engine. Results come back as
+pixels and are encoded here on a thread pool, off the engine. Shutdown: stop admitting at once, let the
+engine finish what it accepted. If the engine process dies, its requests answer 503, readiness turns
+off at once and the server exits non-zero (`on_exit_failure`), so that an orchestrator restarts it.
+"""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .contracts import GenerationFailed, GenerationResult, Job
+from .admission import Admission
+from .contracts import FinishReason, GenerationFailed, GenerationResult, Job, NotReady, SchedulerError
 from .encoding import encode
-from .engine.runner import ModelRunner
-from .engine.scheduler import Scheduler
-from .metrics import Metrics
+from .engine.client import EngineProcess, LocalEngine
+from .engine.messages import EngineInfo
+from .metrics import EngineMetrics, Metrics
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -25,56 +34,109 @@ class Service:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.metrics = Metrics()
-        self.runner: ModelRunner | None = None
-        self.scheduler: Scheduler | None = None
+        if settings.engine == "thread":
+            self.engine = LocalEngine(settings, self, EngineMetrics(self.metrics.registry))
+        else:
+            self.engine = EngineProcess(settings, self)
+        self.model: EngineInfo | None = None  # set once the engine has started
+        self.admission = Admission(settings.max_queue, settings.max_requests_per_key, settings.deadline_admission)
         self.status = "starting"
         self._ready = threading.Event()
         self._stopping = False
+        self._started = False
+        self._owned: Counter[str | None] = Counter()  # requests in the engine per API key hash
+        self._owned_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
-        # Called with the reason when loading or warm-up fails: the CLI then exits non-zero, so that an
-        # orchestrator sees the failure instead of a process that stays up and never turns ready.
-        self.on_start_failure: Callable[[str], None] | None = None
+        # Called with the reason when the server cannot serve at all (the model cannot be loaded, the engine
+        # died): the CLI then exits non-zero, so that an orchestrator sees it and restarts the server.
+        self.on_exit_failure: Callable[[str], None] | None = None
 
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
 
     def start(self) -> None:
-        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+        self.metrics.queue_capacity.set(self.settings.max_queue)
+        self.engine.start()
 
-    def _load(self) -> None:
+    # ---- the way in ---------------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        """Admit the job into the engine or raise the error to answer (429, 503...) at once."""
         try:
-            self.status = "loading model"
-            self.runner = ModelRunner(self.settings)
-            self.status = "preparing the fast path"
-            self.runner.prepare_fast_path()
-            if self.settings.warmup:
-                self.status = "warming up"
-                log.info("warm-up took %.2f s", self.runner.warmup())
-            r, s = self.runner, self.settings
-            self.metrics.model_info.labels(
-                model=r.info.name, space=r.info.space, image_size=str(r.info.image_size), device=str(r.device),
-                dtype=str(r.dtype).removeprefix("torch."), policy=s.policy,
-            ).set(1)
-            self.metrics.watch_cuda(r.device)
-            self.scheduler = Scheduler(r, s, self.metrics, deliver=self._deliver, on_fatal=self._fatal)
-            self.scheduler.start()
-            self.metrics.queue_capacity.set(s.max_queue)
-            if self._stopping:  # SIGTERM arrived while we were loading
-                self.scheduler.begin_stop()
-                return
-            self.status = "ready"
-            self._ready.set()
-            self.metrics.ready.set(1)
-            log.info("ready: serving %s with %s batching", r.info.name, s.policy)
-        except Exception as e:
-            self.status = f"failed: {type(e).__name__}: {e}"
-            log.exception("start-up failed: %s: %s", type(e).__name__, e)
-            if self.on_start_failure is not None:
-                self.on_start_failure(f"{type(e).__name__}: {e}")
+            if not self.ready:
+                raise NotReady(f"not ready: {self.status}")
+            with self._owned_lock:
+                owned = self._owned[job.owner]
+            self.admission.check(job, self.engine.load(), owned, time.monotonic())
+            with self._owned_lock:
+                self._owned[job.owner] += 1
+            try:
+                self.engine.submit(job)
+            except BaseException:
+                self._release(job)
+                raise
+        except SchedulerError as e:
+            self.metrics.requests_finished.labels(reason=e.reason.value).inc()
+            raise
+        self.metrics.admitted.inc()
+        job.future.add_done_callback(lambda _: self._ended(job))
 
-    def _deliver(self, job: Job, pixels: np.ndarray) -> None:
-        """A finished request's pixels, from the engine thread: encode them on the pool (never there)."""
+    def _ended(self, job: Job) -> None:
+        self._release(job)
+        error = job.future.exception()
+        reason = FinishReason.FINISHED if error is None else getattr(error, "reason", FinishReason.FAILED)
+        self.metrics.requests_finished.labels(reason=reason.value).inc()
+
+    def _release(self, job: Job) -> None:
+        with self._owned_lock:
+            self._owned[job.owner] -= 1
+            if self._owned[job.owner] <= 0:
+                del self._owned[job.owner]
+
+    def arm_fault(self, kind: str, count: int) -> None:
+        self.engine.arm_fault(kind, count)
+
+    def metrics_text(self) -> bytes:
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.metrics.registry) + self.engine.metrics_text()
+
+    # ---- what the engine tells us (EngineEvents; from its threads) ----------------------------------
+    def on_status(self, text: str) -> None:
+        if not self._started:
+            self.status = text
+
+    def on_started(self, info: EngineInfo) -> None:
+        self.model = info
+        self._started = True
+        self.metrics.engine_up.set(1)
+        if self._stopping:  # SIGTERM arrived while we were loading
+            self.engine.begin_stop()
+            return
+        self.status = "ready"
+        self._ready.set()
+        self.metrics.ready.set(1)
+        log.info("ready: serving %s with %s batching (engine: %s)", info.info.name, self.settings.policy,
+                 self.settings.engine)
+
+    def on_start_failed(self, reason: str) -> None:
+        self.status = f"failed: {reason}"
+        log.error("start-up failed: %s", reason)
+        if self.on_exit_failure is not None:
+            self.on_exit_failure(reason)
+
+    def on_fatal(self, reason: str) -> None:
+        """The device is unusable: report not ready for good, so that the orchestrator restarts us."""
+        self._not_ready(f"failed: {reason}; restart the server")
+
+    def on_died(self, reason: str) -> None:
+        self.metrics.engine_up.set(0)
+        self._not_ready(f"failed: {reason}; restarting")
+        if self.on_exit_failure is not None:
+            self.on_exit_failure(reason)
+
+    def deliver(self, job: Job, pixels: np.ndarray) -> None:
+        """A finished request's pixels: encode them on the pool (never on the engine's threads)."""
         self._encoder.submit(self._encode, job, pixels)
 
     def _encode(self, job: Job, pixels: np.ndarray) -> None:
@@ -89,29 +151,24 @@ class Service:
             log.exception("encoding failed")
             job.fail(GenerationFailed(f"encoding failed: {type(e).__name__}: {e}"))
 
+    # ---- stopping -----------------------------------------------------------------------------------
     def _not_ready(self, status: str) -> None:
         self._ready.clear()
         self.metrics.ready.set(0)
         self.status = status
 
-    def _fatal(self, reason: str) -> None:
-        """The device is unusable: report not ready for good, so that the orchestrator restarts us."""
-        self._not_ready(f"failed: {reason}; restart the server")
-
     def begin_shutdown(self) -> None:
         """On SIGTERM, before uvicorn drains connections: not ready at once, no new work admitted."""
         self._stopping = True
         self._not_ready("shutting down")
-        if self.scheduler is not None:
-            self.scheduler.begin_stop()
+        self.engine.begin_stop()
         log.info("shutting down: readiness off, finishing admitted requests")
 
     def shutdown(self) -> None:
         """Lifespan end (after uvicorn drained the connections): finish what was accepted."""
         self._stopping = True
         self._not_ready("shutting down")
-        if self.scheduler is not None:
-            t0 = time.monotonic()
-            self.scheduler.stop()
-            self._encoder.shutdown(wait=True)
-            log.info("scheduler drained in %.2f s", time.monotonic() - t0)
+        t0 = time.monotonic()
+        self.engine.stop(timeout=self.settings.request_timeout + 10)
+        self._encoder.shutdown(wait=True)
+        log.info("scheduler drained in %.2f s", time.monotonic() - t0)

@@ -104,6 +104,13 @@ class Settings(BaseSettings):
     max_jobs: int = Field(1000, ge=1, description="async jobs held at once (queued, running or finished)")
     encode_threads: int = Field(2, ge=1, description="threads encoding images off the device thread")
     warmup: bool = Field(True, description="run a short generation before reporting ready")
+    engine: Literal["process", "thread"] = Field(
+        "process", description="where the engine (scheduler + model runner) runs: its own process, so that HTTP "
+        "load cannot slow the step loop, or a thread of the server's process (the reference)")
+    deadline_admission: bool = Field(True, description="answer 429 at once when a request could not finish "
+                                     "before its deadline, instead of admitting it")
+    max_requests_per_key: int | None = Field(None, ge=1, description="requests one API key may have queued or "
+                                             "running at once; beyond, 429 key_quota_exceeded (none = no limit)")
     fault_injection: bool = Field(False, description="TEST ONLY: enable POST /_faults, which makes the model "
                                   "runner fail on purpose")
 

@@ -22,7 +22,7 @@ from server.contracts import (
 from server.engine.contract import DecodeFailed, StepPlan, StepResult
 from server.engine.failures import DeviceLost
 from server.engine.scheduler import REGROW_AFTER_STEPS, Scheduler
-from server.metrics import Metrics
+from server.metrics import EngineMetrics
 from server.settings import Settings
 
 
@@ -92,7 +92,9 @@ class Harness:
     def __init__(self, **settings):
         self.clock = FakeClock()
         self.runner = FakeRunner(self.clock)
-        self.metrics = Metrics()
+        self.metrics = EngineMetrics()
+        self.jobs: list[Job] = []
+        self.rejected = 0
         self.settings = Settings(**{"max_batch_rows": 8, "max_queue": 16, **settings})
         self.delivered: list[tuple[Job, np.ndarray]] = []
         self.fatal: list[str] = []
@@ -108,7 +110,12 @@ class Harness:
 
     def submit(self, *jobs: Job) -> None:
         for job in jobs:
-            self.scheduler.submit(job)
+            try:
+                self.scheduler.submit(job)
+            except Exception:
+                self.rejected += 1
+                raise
+            self.jobs.append(job)
 
     def run(self, max_iterations: int = 1000) -> int:
         """Run iterations until idle; returns how many stepped."""
@@ -117,8 +124,13 @@ class Harness:
                 return n
         raise AssertionError("the scheduler never went idle")
 
-    def finished(self, reason: str) -> float:
-        return self.metrics.requests_finished.labels(reason=reason)._value.get()
+    def finished(self, reason: str) -> int:
+        """Requests that ended for this reason (the front-end counts them the same way)."""
+        if reason == "rejected":
+            return self.rejected
+        ended = [j.future.exception() for j in self.jobs if j.future.done()]
+        ended += [None] * len(self.delivered)
+        return sum(1 for e in ended if (e.reason.value if e is not None else "finished") == reason)
 
     def order(self) -> list[Job]:
         return [job for job, _ in self.delivered]

@@ -33,12 +33,11 @@ def test_queue_full_answers_429_with_retry_after(tmp_path):
 def test_deadline_answers_504(tmp_path):
     with run_server(tmp_path, "--request-timeout", "1", "--max-steps", "1000", "--max-batch-rows", "1") as s:
         with s.client() as c:
-            t0 = time.monotonic()
             r = c.post("/generate", json=LONG)
             assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
-            assert time.monotonic() - t0 < 10
             # The expired samples were dropped: the server is idle again and serves the next request.
-            wait_until(lambda: s.metric("dit_active_samples") == 0, 10, "the expired samples to be dropped")
+            wait_until(lambda: s.metric("dit_active_samples") == 0, 30, "the expired samples to be dropped")
+            assert s.metric("dit_requests_finished_total", 'reason="timed_out"') == 1
             assert c.post("/generate", json={"class_id": 1, "steps": 5}).status_code == 200
 
 

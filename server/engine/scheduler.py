@@ -49,9 +49,10 @@ from ..contracts import (
     QueueFull,
     SchedulerError,
 )
-from ..metrics import Metrics
+from ..metrics import EngineMetrics
 from .contract import DecodeFailed, SampleJoin, StepPlan, StepResult
 from .failures import is_fatal, is_out_of_memory
+from .messages import Load
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def work(job: Job) -> int:
 
 
 class Scheduler:
-    def __init__(self, runner, settings, metrics: Metrics, *,
+    def __init__(self, runner, settings, metrics: EngineMetrics, *,
                  deliver: Callable[[Job, np.ndarray], None],
                  on_fatal: Callable[[str], None] = lambda reason: None,
                  clock: Callable[[], float] = time.monotonic):
@@ -116,6 +117,8 @@ class Scheduler:
         self._next_slot = 0
         self._leaves: list[int] = []  # slots to free in the next plan
         self._rows = 0  # forward rows in flight
+        self._inflight_work = 0  # row-steps the admitted samples still need
+        self._row_step_seconds = 0.0  # running mean of one step's seconds per forward row
         self._tick = 0  # steps run so far
         self._clean_steps = 0
         self._queue_changed = False
@@ -129,19 +132,15 @@ class Scheduler:
         self._thread.start()
 
     def submit(self, job: Job) -> None:
-        try:
-            if self._stopping or self._broken:
-                raise NotReady(self._broken or "the server is shutting down and takes no new work")
-            self._check(job)
-            with self._counts:
-                if self._waiting >= self.settings.max_queue:
-                    raise QueueFull(f"{self._waiting} requests are already waiting; try again later",
-                                    retry_after=self.retry_after())
-                self._waiting += 1
-                self._waiting_work += work(job)
-        except SchedulerError as e:
-            self.metrics.requests_finished.labels(reason=e.reason.value).inc()
-            raise
+        if self._stopping or self._broken:
+            raise NotReady(self._broken or "the server is shutting down and takes no new work")
+        self._check(job)
+        with self._counts:
+            if self._waiting >= self.settings.max_queue:
+                raise QueueFull(f"{self._waiting} requests are already waiting; try again later",
+                                retry_after=self.retry_after())
+            self._waiting += 1
+            self._waiting_work += work(job)
         job.queue_position = self._waiting
         self._inbox.append(job)
         self._wake.set()
@@ -159,6 +158,12 @@ class Scheduler:
     def retry_after(self) -> float:
         """Rough seconds until the queue has room: the queued work's steps over the batch's width."""
         return max(1.0, self._waiting_work / max(1, self.max_rows) * self._step_seconds)
+
+    def load(self) -> Load:
+        """The backlog, for admission at the front door (server/admission.py); read from any thread."""
+        return Load(waiting=self._waiting, work=self._waiting_work + self._inflight_work,
+                    row_step_seconds=self._row_step_seconds, step_seconds=self._step_seconds if self._tick else 0.0,
+                    max_rows=self.max_rows)
 
     def begin_stop(self) -> None:
         """Refuse new requests at once (SIGTERM); the engine keeps finishing what it has."""
@@ -197,6 +202,7 @@ class Scheduler:
         if self._queue_changed:
             self._update_queue_positions()
         if not self._owner:
+            self._inflight_work = 0  # nothing in flight: drop any drift from failed steps
             if self._leaves:  # free the slots of dropped requests even when nothing else runs
                 self.runner.execute(StepPlan(leaves=self._take_leaves(), subset=()))
             self.metrics.active_samples.set(0)
@@ -250,6 +256,7 @@ class Scheduler:
         self._finish_at.setdefault(finish, set()).add(slot)
         self._slot_finish[slot] = finish
         self._rows += r.cost
+        self._inflight_work += r.cost * spec.steps
         r.slots.append(slot)
         r.admitted += 1
         r.last_join_tick = self._tick + 1
@@ -299,12 +306,9 @@ class Scheduler:
             self._leaves.append(slot)
         r.slots.clear()
         if error is None:
-            reason = FinishReason.FINISHED
             self.deliver(r.job, pixels)
         else:
-            reason = error.reason
             r.job.fail(error)
-        self.metrics.requests_finished.labels(reason=reason.value).inc()
 
     def _release(self, slot: int) -> None:
         r, _ = self._owner.pop(slot)
@@ -312,6 +316,7 @@ class Scheduler:
         finish = self._slot_finish.pop(slot, None)
         if finish is not None:
             self._finish_at[finish].discard(slot)
+            self._inflight_work -= r.cost * (finish - self._tick)  # the steps it will not take
         self._free_slots.append(slot)
 
     # ---- stepping ----------------------------------------------------------------------------------
@@ -368,6 +373,9 @@ class Scheduler:
 
     def _after_step(self, seconds: float, result: StepResult) -> None:
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * seconds
+        per_row = seconds / max(1, self._rows)
+        self._row_step_seconds = per_row if not self._row_step_seconds else 0.9 * self._row_step_seconds + 0.1 * per_row
+        self._inflight_work -= self._rows
         m = self.metrics
         m.step_duration.observe(seconds)
         m.batch_size.observe(len(self._owner))

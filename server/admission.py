@@ -1,0 +1,61 @@
+"""Admission at the front door: refuse at once, with an honest Retry-After, what the engine could not
+serve in time, instead of admitting work that would end in 504.
+
+A request is refused (429) when
+  - the queue holds --max-queue requests (`queue_full`),
+  - its API key already has --max-requests-per-key requests queued or in flight (`key_quota_exceeded`),
+  - or it could not finish before its deadline (`overloaded`): the backlog's row-steps drain at the
+    measured rate, then the request needs its own steps. Two rates bound the drain: seconds per
+    row-step (right where a step costs in proportion to its rows, as on a CPU) and seconds per step over
+    the row budget (right where a step costs about the same at any width, as on a GPU below saturation);
+    the smaller is used, so a request is refused only when even the optimistic estimate misses.
+Nothing is estimated before the engine has measured a step.
+"""
+
+from __future__ import annotations
+
+import math
+
+from model.denoise import forward_rows
+
+from .contracts import Job, KeyQuotaExceeded, Overloaded, QueueFull
+from .engine.messages import Load
+
+
+def seconds_to_finish(job: Job, load: Load) -> float | None:
+    """Estimated seconds from now until `job` would finish if admitted now; None before any measurement."""
+    if load.step_seconds <= 0:
+        return None
+    spec = job.spec
+    ahead = load.work + spec.num_images * spec.steps * forward_rows(spec.cfg_scale)  # row-steps
+    drain = min(ahead * load.row_step_seconds, ahead / max(1, load.max_rows) * load.step_seconds)
+    return max(drain, spec.steps * load.step_seconds)
+
+
+class Admission:
+    def __init__(self, max_queue: int, max_per_key: int | None, deadline_aware: bool = True):
+        self.max_queue, self.max_per_key, self.deadline_aware = max_queue, max_per_key, deadline_aware
+
+    def check(self, job: Job, load: Load, owned: int, now: float) -> None:
+        """Raise the 429 error for `job`, or return if it may go in. owned: the key's requests in the engine."""
+        if load.waiting >= self.max_queue:
+            raise QueueFull(f"{load.waiting} requests are already waiting; try again later",
+                            retry_after=self._drain_seconds(load))
+        if self.max_per_key is not None and job.owner is not None and owned >= self.max_per_key:
+            raise KeyQuotaExceeded(f"this API key already has {owned} requests queued or running (the limit "
+                                   f"is {self.max_per_key}); wait for one to finish",
+                                   retry_after=self._drain_seconds(load))
+        if self.deadline_aware:
+            seconds = seconds_to_finish(job, load)
+            budget = job.deadline - now
+            if seconds is not None and seconds > budget:
+                raise Overloaded(f"the server is busy: this request would take about {seconds:.1f} s, more than its "
+                                 f"{budget:.1f} s deadline; try again later",
+                                 retry_after=math.ceil(seconds - budget))
+
+    @staticmethod
+    def _drain_seconds(load: Load) -> float:
+        """Roughly when the backlog leaves room: its row-steps at the measured rate (at least 1 s)."""
+        if load.step_seconds <= 0:
+            return 1.0
+        return max(1.0, min(load.work * load.row_step_seconds, load.work / max(1, load.max_rows) * load.step_seconds))

@@ -1,0 +1,120 @@
+"""The messages between the front-end process and the engine process (pickled over one pipe).
+
+    front-end -> engine:  Submit, Cancel, ArmFault, Stop
+    engine -> front-end:  Status (loading...), Started (model facts), StartFailed, Progress (steps done,
+                          queue positions, load), Done (a request's pixels), Failed (a request's error),
+                          MetricsSnapshot (the engine's Prometheus text), Fatal (the device is unusable)
+
+Requests are named by an integer id the front-end chooses; futures and events never cross the pipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..contracts import FinishReason, GenerationSpec, SchedulerError, scheduler_error
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """What the front-end needs to know about the loaded model (plain data)."""
+
+    info: object  # model.ModelInfo: name, space, image_size, class names, defaults
+    num_classes: int
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Submit:
+    id: int
+    spec: GenerationSpec
+    deadline: float  # time.monotonic(): CLOCK_MONOTONIC is the same in every process of the machine
+    owner: str | None
+    arrival: float
+
+
+@dataclass(frozen=True)
+class Cancel:
+    id: int
+    reason: FinishReason
+
+
+@dataclass(frozen=True)
+class ArmFault:
+    kind: str
+    count: int
+
+
+@dataclass(frozen=True)
+class Stop:
+    """Admit nothing more, finish what was accepted, then exit."""
+
+
+@dataclass(frozen=True)
+class Status:
+    text: str
+
+
+@dataclass(frozen=True)
+class Started:
+    info: EngineInfo
+
+
+@dataclass(frozen=True)
+class StartFailed:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Load:
+    """The engine's backlog, for the front-end's admission decisions (see server/admission.py)."""
+
+    waiting: int  # requests not yet fully admitted
+    work: int  # sample-steps x rows queued or in flight, not yet computed
+    row_step_seconds: float  # measured seconds per row-step (one forward row for one step)
+    step_seconds: float  # measured seconds per step
+    max_rows: int  # the current row budget (halved after out-of-memory errors)
+
+
+@dataclass(frozen=True)
+class Progress:
+    updates: tuple[tuple[int, int, int | None, float | None], ...]  # (id, steps done, queue position, admitted)
+    load: Load
+
+
+@dataclass(frozen=True)
+class Done:
+    id: int
+    pixels: np.ndarray  # (N, H, W, 3) uint8
+    admitted: float | None
+    denoised: float | None
+    decoded: float | None
+
+
+@dataclass(frozen=True)
+class Failed:
+    id: int
+    kind: str  # the name of a server.contracts SchedulerError subclass
+    message: str
+    retry_after: float | None
+    admitted: float | None
+
+    @classmethod
+    def of(cls, id: int, error: SchedulerError, admitted: float | None) -> Failed:
+        return cls(id, type(error).__name__, str(error), error.retry_after, admitted)
+
+    def error(self) -> SchedulerError:
+        return scheduler_error(self.kind, self.message, self.retry_after)
+
+
+@dataclass(frozen=True)
+class MetricsSnapshot:
+    text: bytes
+
+
+@dataclass(frozen=True)
+class Fatal:
+    reason: str
