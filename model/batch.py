@@ -8,6 +8,12 @@ writes every slot back with vectorised ops: in a steady step there is no per-sam
 host-to-device copy and no device sync. Samples may join and leave between any two steps, each at
 its own iteration, sampler and step count.
 
+Guidance interval: a sample is guided only on the iterations its interval selects (one contiguous
+run, model/samplers.py `guided_range`), so the set of guided samples, and with it the forward's row
+count, changes at iterations known when the sample joins. The host mirrors each slot's iteration as
+`clock - base` (one counter for the whole batch, advanced once per full step) and a view records the
+clock value at which its first slot flips; the view is rebuilt on that step only.
+
     batch = SlotBatch(denoiser)
     batch.join([Join(slot=0, label=7, seed=1, sampler="ddim", steps=50, cfg_scale=4.0)])
     for _ in range(50):
@@ -24,7 +30,7 @@ import torch
 
 from . import noise as noise_lib
 from .denoise import Denoiser
-from .samplers import NOISE_ON, NUM_COEFFS, plan
+from .samplers import FULL_INTERVAL, NOISE_ON, NUM_COEFFS, check_interval, guided_range, plan
 
 
 @dataclass(frozen=True)
@@ -38,12 +44,30 @@ class Join:
     steps: int
     cfg_scale: float = 1.0
     index: int = 0
+    guidance_interval: tuple[float, float] = FULL_INTERVAL  # guided iff lo <= t / 999 <= hi
 
     def __post_init__(self):
         if self.cfg_scale < 1.0:
             raise ValueError(f"cfg_scale must be >= 1, got {self.cfg_scale}")
         if not 0 <= self.index < self.steps:
             raise ValueError(f"index must be in 0..{self.steps - 1}, got {self.index}")
+        object.__setattr__(self, "guidance_interval", check_interval(self.guidance_interval))
+
+
+@dataclass
+class _Slot:
+    """Host-side facts of one active slot, enough to know when it is guided without asking the device."""
+
+    steps: int
+    guided: range  # iterations at which it is guided (empty for cfg_scale 1)
+    stochastic: bool
+    base: int  # its iteration is the batch's clock - base
+
+    def next_flip(self, iteration: int) -> int | None:
+        """The iteration, after `iteration`, at which it starts or stops being guided (None: never)."""
+        g = self.guided
+        flip = g.start if iteration < g.start else g.stop if iteration < g.stop else None
+        return flip if flip is not None and flip < self.steps else None
 
 
 @dataclass(frozen=True)
@@ -51,6 +75,7 @@ class _View:
     """Index tensors of one set of active slots; rebuilt only when membership changes."""
 
     n: int  # B samples
+    expires: int | float  # the batch clock at which some slot's guidance flips: rebuild the view then
     slots: torch.Tensor  # (B,) their slots
     guided: torch.Tensor  # (G,) positions in [0, B) of the guided samples
     scales: torch.Tensor  # (G, 1, 1, 1) their guidance scales
@@ -95,7 +120,8 @@ class SlotBatch:
         self._plan_row0: dict[tuple[str, int], int] = {}
         # Host-side membership: which slots are active, in join order, and what the view needs of them.
         self._active: list[int] = []
-        self._host: dict[int, tuple[bool, bool]] = {}  # slot -> (guided, stochastic)
+        self._host: dict[int, _Slot] = {}
+        self._clock = 0  # full steps run; a slot's iteration is _clock - its base
         self._generators: dict[int, torch.Generator] = {}
         self._view: _View | None = None
 
@@ -127,7 +153,8 @@ class SlotBatch:
         self.x0_prev[slots] = 0.0
         for k, j in enumerate(joins):
             self._active.append(j.slot)
-            self._host[j.slot] = (j.cfg_scale != 1.0, plan(j.sampler, j.steps).stochastic)
+            guided = guided_range(j.sampler, j.steps, j.guidance_interval) if j.cfg_scale != 1.0 else range(0)
+            self._host[j.slot] = _Slot(j.steps, guided, plan(j.sampler, j.steps).stochastic, self._clock - j.index)
             if generators is not None and generators[k] is not None:
                 self._generators[j.slot] = generators[k]
         self._view = None
@@ -188,6 +215,12 @@ class SlotBatch:
         self.x.index_copy_(0, v.slots, x_next)
         self.x0_prev.index_copy_(0, v.slots, p.x0)
         self.index.index_add_(0, v.slots, v.ones)
+        if slots is None:
+            self._clock += 1
+        else:  # a partial step (rare: the out-of-memory fallback) moves only these slots' iterations
+            for s in slots:
+                self._host[s].base -= 1
+            self._view = None
 
     def _noise(self, v: _View, idx: torch.Tensor) -> torch.Tensor:
         """The noise after this iteration for the noisy samples, (K, C, H, W): counter-based from (seed,
@@ -200,19 +233,22 @@ class SlotBatch:
 
     # ---- internals ---------------------------------------------------------------------------------
     def _current_view(self) -> _View:
-        if self._view is None:
+        if self._view is None or self._clock >= self._view.expires:
             self._view = self._make_view(self._active)
         return self._view
 
     def _make_view(self, slots: list[int]) -> _View:
-        guided = [p for p, s in enumerate(slots) if self._host[s][0]]
-        noisy = [p for p, s in enumerate(slots) if self._host[s][1]]
+        hosts = [self._host[s] for s in slots]
+        iterations = [self._clock - h.base for h in hosts]
+        guided = [p for p, (h, i) in enumerate(zip(hosts, iterations, strict=True)) if i in h.guided]
+        noisy = [p for p, h in enumerate(hosts) if h.stochastic]
+        flips = [h.base + f for h, i in zip(hosts, iterations, strict=True) if (f := h.next_flip(i)) is not None]
         a = self._index(slots)
         g = self._to_device(torch.tensor(guided, dtype=torch.int64))
         k = self._to_device(torch.tensor(noisy, dtype=torch.int64))
         null = torch.full((len(guided),), self.denoiser.null_class, dtype=torch.int64, device=self.device)
         return _View(
-            n=len(slots), slots=a, guided=g,
+            n=len(slots), expires=min(flips, default=float("inf")), slots=a, guided=g,
             scales=self.scale.index_select(0, a.index_select(0, g)).view(-1, 1, 1, 1),
             y=torch.cat([self.label.index_select(0, a), null]), row0=self.row0.index_select(0, a),
             ones=torch.ones_like(a), noisy=k, noisy_seeds=self.seed.index_select(0, a.index_select(0, k)),

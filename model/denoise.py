@@ -7,14 +7,28 @@ in-flight samples, calls `guide` and `update` here, and writes the results back 
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
-from .samplers import A_E, A_X, K_0, K_E, K_P, K_X, MAX_LOG, MIN_LOG
+from .samplers import A_E, A_X, FULL_INTERVAL, K_0, K_E, K_P, K_X, MAX_LOG, MIN_LOG, check_interval, guided_range
 
 
-def forward_rows(cfg_scale: float) -> int:
-    """Forward-pass rows a sample occupies in a step: a guided sample needs a null-class twin."""
-    return 2 if cfg_scale != 1.0 else 1
+def forward_rows(cfg_scale: float, guided: bool = True) -> int:
+    """Forward-pass rows a sample occupies in a step: a guided sample needs a null-class twin. A scale
+    of 1 is no guidance; `guided` False is an iteration outside the sample's guidance interval."""
+    return 2 if guided and cfg_scale != 1.0 else 1
+
+
+def rows_per_iteration(sampler: str, steps: int, cfg_scale: float, interval=FULL_INTERVAL) -> tuple[int, ...]:
+    """A sample's forward rows at each of its iterations, in order (what a scheduler must budget)."""
+    return _rows_per_iteration(sampler, steps, float(cfg_scale), *check_interval(interval))
+
+
+@lru_cache(maxsize=4096)
+def _rows_per_iteration(sampler: str, steps: int, cfg_scale: float, lo: float, hi: float) -> tuple[int, ...]:
+    guided = guided_range(sampler, steps, (lo, hi))
+    return tuple(forward_rows(cfg_scale, i in guided) for i in range(steps))
 
 
 class Denoiser:

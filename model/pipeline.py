@@ -14,15 +14,21 @@ from .checkpoint import RawCheckpoint, read_checkpoint
 from .decoders import PixelDecoder, VAEDecoder, to_uint8
 from .denoise import Denoiser
 from .loading import build, infer_config
+from .samplers import FULL_INTERVAL, check_interval
 
 
 @dataclass(frozen=True)
 class Defaults:
-    """What a request that names nothing gets. The paper's sample.py: DDPM, 250 steps, scale 4."""
+    """What a request that names nothing gets. The paper's sample.py: DDPM, 250 steps, scale 4, guided at
+    every step."""
 
     sampler: str = "ddpm"
     steps: int = 250
     cfg_scale: float = 4.0
+    guidance_interval: tuple[float, float] = FULL_INTERVAL
+
+    def __post_init__(self):  # a sidecar's JSON gives a list
+        object.__setattr__(self, "guidance_interval", check_interval(self.guidance_interval))
 
 
 @dataclass
@@ -134,16 +140,18 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, class_ids: Sequence[int], seeds: Sequence[int], *, sampler: str | None = None,
                  steps: int | None = None, cfg_scale: float | None = None,
+                 guidance_interval: tuple[float, float] | None = None,
                  on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """One image per (class, seed): uint8 (N, H, W, 3). Omitted settings take the model's defaults.
         on_step(k) is called after each of the k = 1..steps iterations (progress bars)."""
         d = self.info.defaults
         sampler, steps = sampler or d.sampler, steps or d.steps
         cfg_scale = d.cfg_scale if cfg_scale is None else cfg_scale
+        interval = d.guidance_interval if guidance_interval is None else guidance_interval
         for c in class_ids:
             self.check_class(int(c))
         batch = self.new_batch(len(seeds))
-        batch.join([Join(k, int(c), int(s), sampler, steps, cfg_scale)
+        batch.join([Join(k, int(c), int(s), sampler, steps, cfg_scale, guidance_interval=interval)
                     for k, (c, s) in enumerate(zip(class_ids, seeds, strict=True))])
         for k in range(steps):
             batch.step()

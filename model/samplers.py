@@ -18,6 +18,10 @@ with one coefficient row per sample. Each sampler only fills its rows:
   the first and last step).
 
 Coefficients are computed once per (sampler, steps) in float64 and cached.
+
+Guidance interval (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited Interval"): a sample is
+guided at an iteration iff lo <= t / 999 <= hi, t the original timestep the model sees there. Since a
+plan's timesteps only decrease, the guided iterations of a plan form one contiguous run.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 from .schedule import NUM_TRAIN_TIMESTEPS, respaced_tables
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
+FULL_INTERVAL = (0.0, 1.0)  # guided at every iteration: the paper's classifier-free guidance
 
 # Column order of a coefficient row.
 A_X, A_E, K_X, K_0, K_E, K_P, MAX_LOG, MIN_LOG, NOISE_ON = range(9)
@@ -123,3 +128,26 @@ def plan(sampler: str, steps: int) -> SamplerPlan:
                              "timestep; use fewer steps")
         return _dpm_solver_plan(steps)
     return _respaced_plan(sampler, steps)
+
+
+def check_interval(interval) -> tuple[float, float]:
+    """(lo, hi) as floats, or ValueError: two numbers with 0 <= lo < hi <= 1."""
+    try:
+        lo, hi = (float(v) for v in interval)
+    except (TypeError, ValueError):
+        raise ValueError(f"guidance_interval must be two numbers [lo, hi], got {interval!r}") from None
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"guidance_interval must satisfy 0 <= lo < hi <= 1, got [{lo:g}, {hi:g}]")
+    return lo, hi
+
+
+def guided_range(sampler: str, steps: int, interval=FULL_INTERVAL) -> range:
+    """The iterations of `plan(sampler, steps)` at which guidance is on: one contiguous run, maybe empty
+    (an interval narrower than the plan's timestep spacing can fall between two timesteps)."""
+    return _guided_range(sampler, steps, *check_interval(interval))
+
+
+@lru_cache(maxsize=4096)
+def _guided_range(sampler: str, steps: int, lo: float, hi: float) -> range:
+    on = [i for i, t in enumerate(plan(sampler, steps).timesteps) if lo <= t / (NUM_TRAIN_TIMESTEPS - 1) <= hi]
+    return range(on[0], on[-1] + 1) if on else range(0)

@@ -126,6 +126,7 @@ class Engine:
         self.scheduler = Scheduler(runner, self.settings, self.metrics, deliver=self._deliver,
                                    on_fatal=lambda reason: self.send(msg.Fatal(reason)))
         self.scheduler.start()
+        self.send(msg.MetricsSnapshot(generate_latest(self.metrics.registry)))  # /metrics is whole once ready
         self.send(msg.Started(msg.EngineInfo(runner.info, runner.num_classes, str(runner.device),
                                              str(runner.dtype).removeprefix("torch."))))
         return True
