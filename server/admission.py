@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 
-from model.denoise import forward_rows
-
 from .contracts import Job, KeyQuotaExceeded, Overloaded, QueueFull
 from .engine.messages import Load
 
@@ -27,7 +25,7 @@ def seconds_to_finish(job: Job, load: Load) -> float | None:
     if load.step_seconds <= 0:
         return None
     spec = job.spec
-    ahead = load.work + spec.num_images * spec.steps * forward_rows(spec.cfg_scale)  # row-steps
+    ahead = load.work + spec.row_steps  # row-steps (a sample costs 2 rows only where it is guided)
     drain = min(ahead * load.row_step_seconds, ahead / max(1, load.max_rows) * load.step_seconds)
     return max(drain, spec.steps * load.step_seconds)
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
-from model.denoise import forward_rows
+from model.denoise import rows_per_iteration
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 
@@ -28,15 +28,26 @@ class GenerationSpec:
     steps: int
     sampler: str
     seeds: tuple[int, ...]  # one per image
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # guided iff lo <= t / 999 <= hi
 
     @property
     def num_images(self) -> int:
         return len(self.seeds)
 
     @property
+    def timeline(self) -> tuple[int, ...]:
+        """Forward-pass rows one image occupies at each of its steps (2 where guided, else 1)."""
+        return rows_per_iteration(self.sampler, self.steps, self.cfg_scale, self.guidance_interval)
+
+    @property
     def rows(self) -> int:
-        """Forward-pass rows the request occupies while in flight."""
-        return self.num_images * forward_rows(self.cfg_scale)
+        """Forward-pass rows the request occupies at its widest step, all images in flight."""
+        return self.num_images * max(self.timeline)
+
+    @property
+    def row_steps(self) -> int:
+        """The request's whole cost: forward rows summed over every step of every image."""
+        return self.num_images * sum(self.timeline)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.samplers import plan as sampler_plan
 from server.contracts import (
     Cancelled,
     DeadlineExceeded,
@@ -48,6 +49,8 @@ class FakeRunner:
         self.raise_next: list[Exception] = []
         self.nonfinite: set[int] = set()  # classes whose samples come out NaN
         self.max_rows_seen = 0
+        self.rows_per_step: list[int] = []  # the forward rows of each step run
+        self.max_samples_seen = 0
 
     def execute(self, plan: StepPlan) -> StepResult:
         self.plans.append(plan)
@@ -60,8 +63,9 @@ class FakeRunner:
             raise self.raise_next.pop(0)
         if not plan.steps_nothing:
             stepped = list(self.slots) if plan.subset is None else list(plan.subset)
-            self.max_rows_seen = max(self.max_rows_seen, sum(2 if self.slots[s][0].cfg_scale != 1 else 1
-                                                             for s in stepped))
+            self.rows_per_step.append(sum(self._rows(*self.slots[s]) for s in stepped))
+            self.max_rows_seen = max(self.max_rows_seen, self.rows_per_step[-1])
+            self.max_samples_seen = max(self.max_samples_seen, len(stepped))
             for s in stepped:
                 self.slots[s][1] += 1
                 assert self.slots[s][1] <= self.slots[s][0].steps, f"slot {s} stepped past its last iteration"
@@ -79,6 +83,13 @@ class FakeRunner:
                   [self._class_of(plan, s) for s, ok in zip(plan.finish, finite, strict=True) if ok]]
         return StepResult(finished=plan.finish, finite=tuple(finite),
                           pixels=np.stack(images) if images else None)
+
+    @staticmethod
+    def _rows(join, done: int) -> int:
+        """Rows of a sample at its iteration `done`: 2 if guided there (u = t / 999 in its interval)."""
+        lo, hi = join.guidance_interval
+        t = sampler_plan(join.sampler, join.steps).timesteps[done]
+        return 2 if join.cfg_scale != 1 and lo <= t / 999 <= hi else 1
 
     def _class_of(self, plan: StepPlan, slot: int) -> int:
         for p in reversed(self.plans):
@@ -102,8 +113,9 @@ class Harness:
                                    deliver=lambda job, px: self.delivered.append((job, px)),
                                    on_fatal=self.fatal.append)
 
-    def job(self, class_id=1, steps=3, images=1, cfg=1.0, timeout=60.0, sampler="ddim") -> Job:
-        spec = GenerationSpec(class_id, cfg, steps, sampler, tuple(range(images)))
+    def job(self, class_id=1, steps=3, images=1, cfg=1.0, timeout=60.0, sampler="ddim",
+            interval=(0.0, 1.0)) -> Job:
+        spec = GenerationSpec(class_id, cfg, steps, sampler, tuple(range(images)), interval)
         job = Job(spec, OutputSpec(), deadline=self.clock.now + timeout)
         job.timings.arrival = self.clock.now
         return job
@@ -316,3 +328,54 @@ def test_stop_finishes_what_was_accepted_on_the_engine_thread():
     assert h.order() == jobs
     with pytest.raises(NotReady):
         h.submit(h.job())
+
+
+# ddim 10 steps: t = 999, 888, ..., 111, 0; [0.5, 1] guides the first 5 (t >= 499.5), [0, 0.5] the last 5.
+EARLY, LATE = (0.5, 1.0), (0.0, 0.5)
+
+
+def test_narrow_intervals_admit_more_samples_and_keep_every_step_within_the_budget():
+    def run(interval):
+        h = Harness(max_batch_rows=4)
+        jobs = [h.job(class_id=k, steps=10, cfg=3.0, interval=interval) for k in range(5)]
+        h.submit(*jobs)
+        steps = h.run()
+        assert sorted(map(id, h.order())) == sorted(map(id, jobs))
+        assert h.runner.max_rows_seen <= 4
+        return h.runner.max_samples_seen, steps
+
+    assert run((0.0, 1.0)) == (2, 30)  # 2 rows each at every step: two at a time
+    # guided early only: a sample joins as soon as its guided steps meet the others' unguided ones
+    assert run(EARLY) == (3, 25)
+
+
+def test_admission_looks_ahead_to_a_sample_s_guided_steps():
+    h = Harness(max_batch_rows=3)
+    late = h.job(class_id=1, steps=10, cfg=3.0, interval=LATE)  # 1 row for 5 steps, then 2
+    h.submit(late)
+    h.scheduler.run_once()
+    # 1 + 1 rows would fit at step 2, but its guided steps 7..11 would meet the first's (2 + 2 > 3): it
+    # joins at step 6, where its unguided steps 6..10 meet the first's guided ones (2 + 1 = 3)
+    h.submit(h.job(class_id=2, steps=10, cfg=3.0, interval=LATE))
+    h.run()
+    assert h.runner.max_rows_seen == 3
+    assert [k + 1 for k, p in enumerate(h.runner.plans) if p.joins] == [1, 6]  # full guidance: [1, 11]
+
+
+def test_mixed_intervals_never_exceed_the_budget_and_the_accounting_returns_to_zero():
+    h = Harness(max_batch_rows=7)
+    intervals = [(0.0, 1.0), EARLY, LATE, (0.3, 0.6), (0.45, 0.55)]
+    jobs = [h.job(class_id=k % 10, steps=3 + k % 9, images=1 + k % 3, cfg=[1.0, 2.0, 4.0][k % 3],
+                  sampler=["ddim", "ddpm", "dpm-solver++"][k % 4 % 3], interval=intervals[k % 5]) for k in range(15)]
+    h.submit(*jobs[:10])
+    for _ in range(4):
+        h.scheduler.run_once()
+    victim = next(j for j in jobs if j.status == "running" and j.spec.steps > 6)
+    victim.cancel()  # frees its future rows
+    h.submit(*jobs[10:])
+    h.run()
+    assert h.runner.max_rows_seen <= 7
+    # the scheduler's rows of each step are the runner's (observed by dit_forward_rows)
+    assert h.metrics.forward_rows._sum.get() == sum(h.runner.rows_per_step)
+    assert h.scheduler._ahead == {} and h.scheduler._inflight_work == 0
+    assert len(h.order()) == 14

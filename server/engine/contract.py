@@ -26,6 +26,7 @@ class SampleJoin:
     sampler: str
     steps: int
     cfg_scale: float
+    guidance_interval: tuple[float, float] = (0.0, 1.0)  # guided iff lo <= t / 999 <= hi (model/samplers.py)
 
 
 @dataclass(frozen=True)

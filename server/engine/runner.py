@@ -39,7 +39,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def _join(j: SampleJoin) -> Join:
-    return Join(j.slot, j.class_id, j.seed, j.sampler, j.steps, j.cfg_scale)
+    return Join(j.slot, j.class_id, j.seed, j.sampler, j.steps, j.cfg_scale, guidance_interval=j.guidance_interval)
 
 
 class ModelRunner:

@@ -16,6 +16,11 @@ One engine iteration (`run_once`, on the engine thread):
   5. Update from the StepResult: progress, finished samples' pixels; a request whose samples have
      all finished is delivered (the front-end encodes it), one with NaN/inf values fails.
 
+Rows: a sample costs 2 forward rows on the steps where it is guided (cfg_scale != 1 and the step inside
+its guidance interval) and 1 elsewhere (model/denoise.py `rows_per_iteration`). The scheduler keeps the
+rows of every future step (a small timeline, per step), and admits a sample only if every step it will
+run in stays within the budget; so narrow intervals fit more samples and no step exceeds the budget.
+
 Failures: an exception in a step fails the requests in that batch only; an out-of-memory error halves
 the row budget and retries the step in two halves (the budget doubles back after a run of clean steps);
 a device error (the context is unusable) fails everything and reports the engine broken, so that the
@@ -35,8 +40,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.denoise import forward_rows
-from model.samplers import plan
+from model.samplers import check_interval, plan
 
 from ..contracts import (
     Cancelled,
@@ -75,14 +79,14 @@ class _Request:
         return self.job.spec
 
     @property
-    def cost(self) -> int:
-        return forward_rows(self.spec.cfg_scale)
-
+    def timeline(self) -> tuple[int, ...]:
+        """Forward rows one of its samples occupies at each of its steps."""
+        return self.spec.timeline
 
 
 def work(job: Job) -> int:
     """A request's sample-steps x rows (for Retry-After estimates)."""
-    return job.spec.num_images * job.spec.steps * forward_rows(job.spec.cfg_scale)
+    return job.spec.row_steps
 
 
 class Scheduler:
@@ -116,7 +120,9 @@ class Scheduler:
         self._free_slots: list[int] = []
         self._next_slot = 0
         self._leaves: list[int] = []  # slots to free in the next plan
-        self._rows = 0  # forward rows in flight
+        # Forward rows of the admitted samples at each future step: step number -> rows. A sample costs 2
+        # rows only on the steps where it is guided (its guidance interval), so admission looks ahead.
+        self._ahead: dict[int, int] = {}
         self._inflight_work = 0  # row-steps the admitted samples still need
         self._row_step_seconds = 0.0  # running mean of one step's seconds per forward row
         self._tick = 0  # steps run so far
@@ -152,6 +158,7 @@ class Scheduler:
             raise InvalidRequest(f"class_id {spec.class_id} is outside 0..{self.runner.num_classes - 1}")
         try:
             plan(spec.sampler, spec.steps)
+            check_interval(spec.guidance_interval)
         except ValueError as e:
             raise InvalidRequest(str(e)) from e
 
@@ -216,6 +223,7 @@ class Scheduler:
         result = self._execute(plan)
         if result is not None:
             self._after_step(self.clock() - t0, result)
+        self._ahead.pop(self._tick, None)  # this step is past (failed or not)
         self.metrics.active_samples.set(len(self._owner))
         return True
 
@@ -227,25 +235,29 @@ class Scheduler:
     def _admit(self, now: float) -> list[SampleJoin]:
         joins: list[SampleJoin] = []
         if self.policy == "continuous":
-            free = self.max_rows - self._rows
             while self._queue:
                 for r in list(self._queue):
-                    if r.cost > free and (self._rows or free < self.max_rows):
-                        return joins  # full: the rest waits for a later step
+                    if self._owner and not self._fits(r.timeline):
+                        return joins  # full at some future step: the rest waits for a later step
                     joins.append(self._admit_sample(r, now))
-                    free -= r.cost
         elif not self._owner:
-            free, admitted = self.max_rows, 0
+            admitted = 0
             limit = 1 if self.policy == "none" else None
             while self._queue and (limit is None or admitted < limit):
                 r = self._queue[0]
-                if r.spec.rows > free and admitted:
+                if admitted and not self._fits(r.timeline, r.spec.num_images):
                     break
                 while r.admitted < r.spec.num_images:
                     joins.append(self._admit_sample(r, now))
-                free -= r.spec.rows
                 admitted += 1
         return joins
+
+    def _fits(self, timeline: tuple[int, ...], samples: int = 1) -> bool:
+        """Whether `samples` samples with this rows timeline, joining before the next step, keep every
+        future step within the row budget (nothing in flight admits anything: an oversized request
+        then runs alone)."""
+        start, ahead = self._tick + 1, self._ahead
+        return all(ahead.get(start + i, 0) + samples * rows <= self.max_rows for i, rows in enumerate(timeline))
 
     def _admit_sample(self, r: _Request, now: float) -> SampleJoin:
         """Admit the request's next sample into a free slot; the request leaves the queue with its last one."""
@@ -255,8 +267,9 @@ class Scheduler:
         self._owner[slot] = (r, k)
         self._finish_at.setdefault(finish, set()).add(slot)
         self._slot_finish[slot] = finish
-        self._rows += r.cost
-        self._inflight_work += r.cost * spec.steps
+        for i, rows in enumerate(r.timeline):
+            self._ahead[self._tick + 1 + i] = self._ahead.get(self._tick + 1 + i, 0) + rows
+        self._inflight_work += sum(r.timeline)
         r.slots.append(slot)
         r.admitted += 1
         r.last_join_tick = self._tick + 1
@@ -267,7 +280,8 @@ class Scheduler:
             self.metrics.queue_wait.observe(max(0.0, now - r.job.timings.arrival))
         if r.admitted == spec.num_images:
             self._leave_queue(r)
-        return SampleJoin(slot, r.id, k, spec.class_id, spec.seeds[k], spec.sampler, spec.steps, spec.cfg_scale)
+        return SampleJoin(slot, r.id, k, spec.class_id, spec.seeds[k], spec.sampler, spec.steps, spec.cfg_scale,
+                          spec.guidance_interval)
 
     def _take_new_slot(self) -> int:
         self._next_slot += 1
@@ -312,11 +326,14 @@ class Scheduler:
 
     def _release(self, slot: int) -> None:
         r, _ = self._owner.pop(slot)
-        self._rows -= r.cost
         finish = self._slot_finish.pop(slot, None)
         if finish is not None:
             self._finish_at[finish].discard(slot)
-            self._inflight_work -= r.cost * (finish - self._tick)  # the steps it will not take
+            timeline = r.timeline
+            start = finish - len(timeline) + 1  # the step it first ran in
+            for tick in range(self._tick + 1, finish + 1):  # the steps it will not take
+                self._ahead[tick] -= timeline[tick - start]
+                self._inflight_work -= timeline[tick - start]
         self._free_slots.append(slot)
 
     # ---- stepping ----------------------------------------------------------------------------------
@@ -373,13 +390,14 @@ class Scheduler:
 
     def _after_step(self, seconds: float, result: StepResult) -> None:
         self._step_seconds = 0.9 * self._step_seconds + 0.1 * seconds
-        per_row = seconds / max(1, self._rows)
+        rows = self._ahead.get(self._tick, 0)  # this step's forward rows
+        per_row = seconds / max(1, rows)
         self._row_step_seconds = per_row if not self._row_step_seconds else 0.9 * self._row_step_seconds + 0.1 * per_row
-        self._inflight_work -= self._rows
+        self._inflight_work -= rows
         m = self.metrics
         m.step_duration.observe(seconds)
         m.batch_size.observe(len(self._owner))
-        m.forward_rows.observe(self._rows)
+        m.forward_rows.observe(rows)
         m.denoise_steps.inc(len(self._owner))
         if self.max_rows < self.settings.max_batch_rows:
             self._clean_steps += 1
