@@ -93,7 +93,8 @@ def create_app(settings: Settings) -> FastAPI:
             "model": r.info.name, "space": r.info.space, "image_size": r.info.image_size,
             "num_classes": r.num_classes, "device": str(r.device), "dtype": str(r.dtype).removeprefix("torch."),
             "policy": settings.policy, "max_batch_rows": settings.max_batch_rows, "samplers": list(SAMPLERS),
-            "defaults": {"sampler": d.sampler, "steps": d.steps, "cfg_scale": d.cfg_scale},
+            "defaults": {"sampler": d.sampler, "steps": d.steps, "cfg_scale": d.cfg_scale,
+                         "guidance_interval": list(d.guidance_interval)},
             "limits": {"max_steps": settings.max_steps, "max_images": settings.max_images,
                        "min_cfg_scale": settings.min_cfg_scale, "max_cfg_scale": settings.max_cfg_scale,
                        "max_queue": settings.max_queue, "request_timeout": settings.request_timeout},
@@ -195,8 +196,9 @@ def install_middleware(app: FastAPI, settings: Settings, service: Service) -> No
     if keys:
         # The playground and its assets hold no data: they load without a key, and the page asks for one.
         page = ["/", *(f"/static/{f.name}" for f in STATIC.iterdir() if f.is_file())]
-        # Nor do the API docs: /docs lets the reader enter a key (Authorize) to try requests.
-        docs = ["/docs", "/redoc", "/openapi.json", *(f"/static/docs/{f.name}" for f in DOCS_ASSETS.iterdir())]
+        # Nor do the docs pages' assets (Swagger UI, ReDoc); the pages themselves and the schema open
+        # without a key only when --open-paths lists /docs, /redoc and /openapi.json.
+        docs = [f"/static/docs/{f.name}" for f in DOCS_ASSETS.iterdir() if f.is_file()]
         app.add_middleware(ApiKeyAuth, keys=keys, open_paths=[*settings.open_paths, *page, *docs])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(GenerateMetrics, metrics=service.metrics)

@@ -95,10 +95,12 @@ def make_job(service: Service, body, request: Request, *, separate: bool, timeou
     spec = GenerationSpec(
         class_id=class_id, cfg_scale=d.cfg_scale if body.cfg_scale is None else body.cfg_scale,
         steps=steps, sampler=sampler,
+        guidance_interval=body.guidance_interval or d.guidance_interval,
         seeds=tuple((base_seed + k) % (MAX_SEED + 1) for k in range(body.num_images)),
     )
     params = {"model": info.name, "class_id": spec.class_id, "class_name": info.class_names[spec.class_id],
-              "cfg_scale": spec.cfg_scale, "steps": spec.steps, "sampler": spec.sampler}
+              "cfg_scale": spec.cfg_scale, "steps": spec.steps, "sampler": spec.sampler,
+              "guidance_interval": list(spec.guidance_interval)}
     if tag is not None:
         params["tag"] = tag
     output = OutputSpec(format=image_format(body, request.headers.get("accept", "")), separate=separate,
@@ -163,6 +165,7 @@ def headers(job: Job, result: GenerationResult) -> dict[str, str]:
         "X-Seeds": ",".join(map(str, spec.seeds)), "X-Class-Id": str(spec.class_id),
         "X-Class-Name": quote(job.output.metadata["class_name"]), "X-Steps": str(spec.steps),
         "X-Cfg-Scale": f"{spec.cfg_scale:g}", "X-Sampler": spec.sampler, "Server-Timing": timing,
+        "X-Guidance-Interval": "{:g},{:g}".format(*spec.guidance_interval),
     }
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
 
 from model import SAMPLERS
+from model.samplers import check_interval
 
 from .settings import Settings
 
@@ -14,6 +15,8 @@ SamplerName = Literal["ddpm", "ddim", "dpm-solver++"]
 assert set(SamplerName.__args__) == set(SAMPLERS)
 MAX_SEED = 2**63 - 1
 MAX_SERVER_SEED = 2**53 - 1  # seeds the server picks stay exact in a JavaScript number (a double)
+# [lo, hi] with 0 <= lo < hi <= 1 (a list, so that a wrong length is an error of the field, not of an item)
+GuidanceInterval = Annotated[list[float], Field(min_length=2, max_length=2), AfterValidator(check_interval)]
 
 
 class FieldError(BaseModel):
@@ -57,6 +60,9 @@ def generate_request_model(settings: Settings) -> type[BaseModel]:
         seed=(StrictInt | None, Field(None, ge=0, le=MAX_SEED, description="random (below 2^53) when absent; "
                                       "image k of num_images uses seed + k")),
         sampler=(SamplerName | None, Field(None, description="ddpm (the paper's), ddim (eta 0) or dpm-solver++")),
+        guidance_interval=(GuidanceInterval | None, Field(None, description="[lo, hi], 0 <= lo < hi <= 1: guide "
+                                                          "only the steps whose timestep t has lo <= t/999 <= hi "
+                                                          "(fewer forward rows); [0, 1] guides every step")),
         num_images=(StrictInt, Field(1, ge=1, le=settings.max_images, description="images; > 1 gives a grid")),
         format=(Literal["png", "jpeg", "webp"], Field("png", description="image encoding; when absent, an "
                                                       "Accept: image/jpeg or image/webp header picks it")),
@@ -90,6 +96,8 @@ class GenerateResponse(BaseModel):
     cfg_scale: float
     steps: int
     sampler: str
+    guidance_interval: tuple[float, float] = Field(description="[lo, hi]: the steps with lo <= t/999 <= hi "
+                                                   "were guided")
     tag: str | None = Field(None, description="the job's tag (async jobs submitted with one)")
     images: list[ImageOut]
     timings: dict[str, float] = Field(description="seconds per stage: queue, denoise, decode, encode, total")

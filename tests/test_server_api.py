@@ -111,6 +111,22 @@ def test_32_concurrent_mixed_requests_share_forward_passes(server):
     assert forwards < sum(r["steps"] for r in reqs) / 2
 
 
+def test_guidance_interval_in_the_answer_the_png_and_info(server):
+    req = {"class_id": 3, "seed": 8, "steps": 10, "cfg_scale": 3.0}
+    with server.client() as c:
+        default = c.get("/info").json()["defaults"]["guidance_interval"]
+        plain = c.post("/generate", json=req)
+        full = c.post("/generate", json=dict(req, guidance_interval=[0, 1]))
+        narrow = c.post("/generate", json=dict(req, guidance_interval=[0.2, 0.6]),
+                        headers={"Accept": "application/json"})
+    assert plain.content == full.content  # [0, 1] is the paper's guidance at every step
+    assert full.headers["x-guidance-interval"] == "0,1" and default == [0.0, 1.0]
+    assert narrow.headers["x-guidance-interval"] == "0.2,0.6" and narrow.json()["guidance_interval"] == [0.2, 0.6]
+    image = base64.b64decode(narrow.json()["images"][0]["data"])
+    assert json.loads(Image.open(io.BytesIO(image)).info["parameters"])["guidance_interval"] == [0.2, 0.6]
+    assert not np.array_equal(pixels(image), pixels(full.content))
+
+
 BAD_BODIES = [
     ({"class_id": 10}, "class_id"), ({"class_id": -1}, "class_id"), ({"class_id": "3"}, "class_id"),
     ({"class_id": 1.5}, "class_id"), ({}, "class_id"), ({"class_id": 1, "cfg_scale": 0.5}, "cfg_scale"),
@@ -119,7 +135,8 @@ BAD_BODIES = [
     ({"class_id": 1, "num_images": 0}, "num_images"), ({"class_id": 1, "num_images": 1000}, "num_images"),
     ({"class_id": 1, "format": "gif"}, "format"), ({"class_id": 1, "seed": -5}, "seed"),
     ({"class_id": 1, "seed": 2**70}, "seed"), ({"class_id": 1, "cfg": 3}, "cfg"),
-    ({"class_id": 2**80}, "class_id"),
+    ({"class_id": 2**80}, "class_id"), ({"class_id": 1, "guidance_interval": [0.7, 0.2]}, "guidance_interval"),
+    ({"class_id": 1, "guidance_interval": [0.5]}, "guidance_interval"),
 ]
 
 
