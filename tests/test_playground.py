@@ -18,7 +18,8 @@ KEY = "playground-test-key"
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with run_server(tmp_path_factory.mktemp("play"), "--max-steps", "1000",
+    # 8 rows: four guided samples fill the batch, so a queue is cheap to make.
+    with run_server(tmp_path_factory.mktemp("play"), "--max-steps", "1000", "--max-batch-rows", "8",
                     env={"DIT_API_KEYS": json.dumps([KEY])}) as s:
         yield s
 
@@ -176,6 +177,25 @@ def test_cancel_stops_the_job_and_frees_its_samples(page, server):
     wait_until(lambda: server.metric("dit_active_samples") == 0, 10, "the cancelled sample to be dropped")
     assert server.metric("dit_images_generated_total") == images_before  # no image was made
     assert server.metric("dit_denoise_steps_total") - steps_before < 1000  # it stopped part-way
+
+
+def test_queue_position_is_shown_while_waiting_and_a_waiting_request_can_be_cancelled(page, server, client):
+    rows = client.get("/info").json()["max_batch_rows"]
+    filler = {"class_id": 2, "steps": 1000, "sampler": "ddim", "num_images": rows // 2}  # guided: 2 rows each
+    job = client.post("/jobs", json=filler).json()
+    try:
+        wait_until(lambda: server.metric("dit_active_samples") == rows // 2, 30, "the batch to be full")
+        by_id(page, "class").send_keys("Pullover")
+        fill(page, "steps", "5")
+        by_id(page, "generate").click()
+        wait_for(page, lambda: by_id(page, "status").text == "waiting in the queue: next", what="the queue position")
+        by_id(page, "cancel").click()
+        wait_for(page, lambda: body_data(page, "cancelled") is not None, what="the page to show the cancel")
+        assert by_id(page, "status").text.startswith("Cancelled before it started")
+        wait_until(lambda: server.metric("dit_queue_depth") == 0, 10, "the waiting request to leave the queue")
+    finally:
+        client.delete(job["status_url"])
+    wait_until(lambda: server.metric("dit_active_samples") == 0, 10, "the filler to be dropped")
 
 
 def previews_landed(client) -> bool:

@@ -261,9 +261,10 @@ function showPreview(job, p) {
   }
   const img = fig.querySelector("img");
   img.src = `data:${p.media_type};base64,${p.data}`;
-  // The preview is a grid of the request's images: give each cell the size a result will have.
+  // The preview is a grid of the request's images, ceil(sqrt(n)) per row: each cell gets about the
+  // size its image will have as a result.
   const cols = Math.ceil(Math.sqrt(job.body.num_images));
-  showAt(img, p.width, p.height, Math.min(RESULT_PX * cols, $("results").clientWidth || RESULT_PX * cols));
+  showAt(img, p.width, p.height, resultBox(job.body.num_images) * cols);
   fig.querySelector("figcaption").textContent = `preview: step ${p.step} of ${p.steps}`;
   job.previews += 1;
   bump("previews");
