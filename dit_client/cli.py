@@ -175,11 +175,12 @@ def locally(args, body: dict) -> tuple[str, list[tuple[int, bytes]]]:
     seeds = [(seed + k) % 2**63 for k in range(args.count)]  # as the server does
     sampler, steps = body.get("sampler", d.sampler), body.get("steps", d.steps)
     cfg = body.get("cfg_scale", d.cfg_scale)
+    interval = tuple(body.get("guidance_interval", d.guidance_interval))
     with tqdm(total=steps, desc=info.class_names[class_id], unit="step", disable=args.quiet) as bar:
         pixels = pipe.generate([class_id] * len(seeds), seeds, sampler=sampler, steps=steps, cfg_scale=cfg,
-                               on_step=lambda _: bar.update()).numpy()
+                               guidance_interval=interval, on_step=lambda _: bar.update()).numpy()
     params = {"model": info.name, "class_id": class_id, "class_name": info.class_names[class_id],
-              "cfg_scale": float(cfg), "steps": steps, "sampler": sampler}
+              "cfg_scale": float(cfg), "steps": steps, "sampler": sampler, "guidance_interval": list(interval)}
     images = encode(pixels, tuple(seeds), OutputSpec(format=body["format"], separate=True, metadata=params))
     return info.class_names[class_id], [(im.seeds[0], im.data) for im in images]
 
@@ -209,6 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--cfg", type=float, dest="cfg_scale", help="guidance scale (default: the model's)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
     p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm-solver++"], help="default: the model's")
+    p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
+                   help="guide only the steps whose timestep t has LO <= t/999 <= HI, 0 <= LO < HI <= 1 "
+                   "(fewer forward rows; default: the model's, usually 0 1 = every step)")
     p.add_argument("--seed", type=int, help="random when absent; image k uses seed + k")
     p.add_argument("--count", type=int, default=1, help="number of images (one file each)")
     p.add_argument("--out", help="output file: .png, .jpg or .webp; with --count > 1, OUT-<seed>.EXT "
@@ -220,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("give a CLASS (an id or part of a name), or --list-classes to see them")
     if args.count < 1:
         p.error("--count must be at least 1")
+    if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] < args.guidance_interval[1] <= 1:
+        p.error("--guidance-interval LO HI needs 0 <= LO < HI <= 1, e.g. --guidance-interval 0 0.7")
     if args.local and args.model is None:
         from server.settings import EMBEDDED_MODEL
         args.model = EMBEDDED_MODEL
@@ -227,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.list_classes:
             return list_classes(args)
         body = {k: v for k, v in (("cfg_scale", args.cfg_scale), ("steps", args.steps), ("sampler", args.sampler),
-                                  ("seed", args.seed)) if v is not None}
+                                  ("seed", args.seed), ("guidance_interval", args.guidance_interval))
+                if v is not None}
         body["format"] = output_format(args.out)
         if args.local:
             class_name, images = locally(args, body)

@@ -58,6 +58,20 @@ def test_server_mode_by_name_and_local_mode_give_the_server_image(keyed, tmp_pat
     assert (tmp_path / "l.png").read_bytes() == direct.content  # same pipeline, same bytes
 
 
+def test_guidance_interval_from_the_server_and_locally(keyed, tmp_path):
+    args = ["Bag", "--seed", "3", "--steps", "10", "--cfg", "3", "--guidance-interval", "0.2", "0.6", "--quiet"]
+    remote = dit_generate(*args, "--url", keyed.url, "--out", str(tmp_path / "r.png"))
+    local = dit_generate(*args, "--local", "--out", str(tmp_path / "l.png"))
+    assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
+    with httpx.Client(base_url=keyed.url, headers={"X-API-Key": KEY}, timeout=60) as c:
+        direct = c.post("/generate", json={"class_id": 8, "seed": 3, "steps": 10, "cfg_scale": 3,
+                                           "guidance_interval": [0.2, 0.6]})
+    assert direct.headers["x-guidance-interval"] == "0.2,0.6"
+    assert (tmp_path / "r.png").read_bytes() == direct.content == (tmp_path / "l.png").read_bytes()
+    bad = dit_generate("Bag", "--url", keyed.url, "--guidance-interval", "0.6", "0.2")
+    assert bad.returncode == 2 and "0 <= LO < HI <= 1" in bad.stderr
+
+
 def test_errors_exit_non_zero_with_a_message(keyed, tmp_path):
     unknown = dit_generate("spaceship", "--url", keyed.url)
     assert unknown.returncode == 1 and "no class is called 'spaceship'" in unknown.stderr
