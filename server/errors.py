@@ -131,7 +131,7 @@ def validation_error(e: RequestValidationError, content_type: str | None, known_
         if err.get("type") == "extra_forbidden" and field is not None:
             message = unknown_field_message(field, known_fields)
         elif err.get("type") == "missing" and field is None:
-            message = "the body is empty: send a JSON object, e.g. {\"class_id\": 3}"
+            message = "the body is empty (or null): send a JSON object, e.g. {\"class_id\": 3}"
         elif err.get("type") in ("model_attributes_type", "dict_type", "model_type") and field is None:
             message = "the body must be a JSON object, e.g. {\"class_id\": 3}"
         else:

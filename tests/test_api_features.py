@@ -93,6 +93,7 @@ def receiver():
 def server(tmp_path_factory):
     with run_server(tmp_path_factory.mktemp("features"), "--max-steps", "1000", "--max-batch-rows", "16",
                     "--webhook-allow-hosts", '["127.0.0.1", ".hooks.example"]',
+                    "--open-paths", "/healthz,/readyz,/metrics,/docs,/redoc,/openapi.json",
                     env={"DIT_API_KEYS": json.dumps([ALICE, BOB]), "DIT_WEBHOOK_SECRET": SECRET}) as s:
         yield s
 
@@ -139,7 +140,7 @@ def test_classes_search_and_schema_maximum(server, alice):
     found = alice.get("/classes", params={"q": "SHIRT"}).json()["classes"]
     assert found == [{"id": 0, "name": "T-shirt/top"}, {"id": 6, "name": "Shirt"}]
     assert alice.get("/classes", params={"q": "zzz"}).json() == {"classes": []}
-    schema = httpx.get(server.url + "/openapi.json").json()  # no key needed, like the docs
+    schema = httpx.get(server.url + "/openapi.json").json()  # opened by --open-paths, like the docs
     for model in ("GenerateRequest", "JobRequest"):
         class_id = schema["components"]["schemas"][model]["properties"]["class_id"]
         assert {"type": "integer", "minimum": 0, "maximum": 9} in class_id["anyOf"], class_id
@@ -314,7 +315,7 @@ def test_accept_picks_the_image_format_when_format_is_absent(alice):
 
 def test_docs_work_offline(server):
     for page in ("/docs", "/redoc"):
-        html = httpx.get(server.url + page).text  # no key needed: the docs hold no data
+        html = httpx.get(server.url + page).text  # opened by --open-paths; the assets need no key
         assert not re.search(r"(https?:)?//[a-z0-9]", html, re.I), html  # nothing from a CDN
         assets = re.findall(r'(?:src|href)="([^"]+)"', html)
         assert assets and all(a.startswith("/static/docs/") for a in assets), assets
