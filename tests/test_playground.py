@@ -134,6 +134,22 @@ def test_each_click_gets_a_new_seed_which_can_be_reused(page):
     assert "whole number from 0 to" in by_id(page, "status").text and body_data(page, "state") == "idle"
 
 
+def test_the_guidance_interval_control(page, client):
+    defaults = client.get("/info").json()["defaults"]
+    shown = [float(by_id(page, f"interval-{end}").get_attribute("value")) for end in ("lo", "hi")]
+    assert shown == defaults["guidance_interval"]
+    by_id(page, "class").send_keys("Bag")
+    for field, value in (("steps", "6"), ("seed", "9"), ("interval-lo", "0.2"), ("interval-hi", "0.6")):
+        fill(page, field, value)
+    click_generate(page)
+    direct = client.post("/generate", json={"class_id": 8, "seed": 9, "steps": 6, "cfg_scale": defaults["cfg_scale"],
+                                            "guidance_interval": [0.2, 0.6]})
+    assert shown_bytes(page) == direct.content and "guided in [0.2, 0.6]" in by_id(page, "status").text
+    fill(page, "interval-lo", "0.7")  # above its upper end
+    by_id(page, "generate").click()
+    assert "guidance interval needs" in by_id(page, "status").text and body_data(page, "state") == "idle"
+
+
 def test_history_survives_a_reload_and_can_be_cleared(page, server):
     by_id(page, "class").send_keys("Trouser")
     fill(page, "steps", "5")

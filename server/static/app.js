@@ -96,7 +96,13 @@ function fillForm(i) {
   $("cfg-value").textContent = i.defaults.cfg_scale;
   Object.assign($("steps"), { max: i.limits.max_steps, value: Math.min(i.defaults.steps, i.limits.max_steps) });
   $("sampler").replaceChildren(...i.samplers.map((s) => new Option(s, s, false, s === i.defaults.sampler)));
+  showGuidanceInterval(i.defaults.guidance_interval);
   $("num-images").max = i.limits.max_images;
+}
+
+function showGuidanceInterval([lo, hi]) {
+  $("interval-lo").value = lo;
+  $("interval-hi").value = hi;
 }
 
 function retryLoad(reason) {
@@ -165,8 +171,12 @@ async function generate(ev) {
     return setStatus(`The seed is a whole number from 0 to ${SEED_END - count}; leave it empty for a random one.`,
                      true);
   }
+  const interval = [Number($("interval-lo").value), Number($("interval-hi").value)];
+  if (!(0 <= interval[0] && interval[0] < interval[1] && interval[1] <= 1)) {
+    return setStatus("The guidance interval needs 0 ≤ from < to ≤ 1 (0 to 1 guides every step).", true);
+  }
   const body = { class_id: id, cfg_scale: Number($("cfg").value), steps: Number($("steps").value),
-                 sampler: $("sampler").value, seed, num_images: count };
+                 sampler: $("sampler").value, guidance_interval: interval, seed, num_images: count };
   const job = current = { controller: new AbortController(), body, step: 0, steps: body.steps, previews: 0,
                           finished: false };
   setBusy(true);
@@ -300,7 +310,9 @@ function showResult(job, result) {
   $("results").replaceChildren(...figures);
   $("results").classList.remove("stale");
   const t = result.timings;
-  setStatus(`${result.class_name}: ${result.steps} ${result.sampler} steps, cfg ${result.cfg_scale}, ` +
+  const [lo, hi] = result.guidance_interval;
+  const guided = lo === 0 && hi === 1 ? "" : ` guided in [${lo}, ${hi}]`;
+  setStatus(`${result.class_name}: ${result.steps} ${result.sampler} steps, cfg ${result.cfg_scale}${guided}, ` +
             `${(t.total * 1000).toFixed(0)} ms (queue ${(t.queue * 1000).toFixed(0)} ms)`);
   document.body.dataset.previewsBeforeResult = job.previews;
   bump("done");
@@ -379,6 +391,7 @@ async function thumbnail(images) {
 async function remember(result) {
   const entry = { time: Date.now(), model: result.model, class_id: result.class_id, class_name: result.class_name,
                   cfg_scale: result.cfg_scale, steps: result.steps, sampler: result.sampler,
+                  guidance_interval: result.guidance_interval,
                   seed: result.images[0].seed, num_images: result.images.length,
                   thumb: await thumbnail(result.images) };
   saveHistory([entry, ...loadHistory()].slice(0, HISTORY_MAX));
@@ -391,6 +404,7 @@ function useSettings(e) {
   $("cfg-value").textContent = e.cfg_scale;
   $("steps").value = e.steps;
   $("sampler").value = e.sampler;
+  if (e.guidance_interval) showGuidanceInterval(e.guidance_interval);
   $("num-images").value = e.num_images;
   $("seed").value = e.seed;
   setStatus(`Settings of ${e.class_name}, seed ${e.seed} loaded: Generate makes the same images again.`);
