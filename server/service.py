@@ -29,6 +29,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
+EXIT_DELAY_SECONDS = 3.0  # between the engine's death and the server's exit
+
 
 class Service:
     def __init__(self, settings: Settings):
@@ -130,10 +132,12 @@ class Service:
         self._not_ready(f"failed: {reason}; restart the server")
 
     def on_died(self, reason: str) -> None:
+        """Its requests have already failed (503). Readiness turns off now; the exit comes a little later,
+        so that those answers go out and load balancers see the 503 before the port closes."""
         self.metrics.engine_up.set(0)
         self._not_ready(f"failed: {reason}; restarting")
         if self.on_exit_failure is not None:
-            self.on_exit_failure(reason)
+            threading.Timer(EXIT_DELAY_SECONDS, self.on_exit_failure, args=(reason,)).start()
 
     def deliver(self, job: Job, pixels: np.ndarray) -> None:
         """A finished request's pixels: encode them on the pool (never on the engine's threads)."""
