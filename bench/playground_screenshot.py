@@ -27,7 +27,7 @@ def main() -> None:
     from selenium.webdriver.common.by import By
 
     with run_server(Path(tempfile.mkdtemp())) as server:
-        browser = start_chromium(1280, 720)
+        browser = start_chromium(1280, 900)
         try:
             open_playground(browser, server.url)
             for done, (name, count, seed) in enumerate(GENERATIONS, start=1):
