@@ -72,7 +72,7 @@ class _Slot:
 
 @dataclass(frozen=True)
 class _View:
-    """Index tensors of one set of active slots; rebuilt only when membership changes."""
+    """Index tensors of one set of active slots; rebuilt only when membership or a slot's guidance changes."""
 
     n: int  # B samples
     expires: int | float  # the batch clock at which some slot's guidance flips: rebuild the view then
