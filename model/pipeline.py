@@ -14,6 +14,7 @@ from .checkpoint import RawCheckpoint, read_checkpoint
 from .decoders import PixelDecoder, VAEDecoder, to_uint8
 from .denoise import Denoiser
 from .loading import build, infer_config
+from .previews import fit_latent_rgb, latent_rgb
 from .samplers import FULL_INTERVAL, check_interval
 
 
@@ -60,6 +61,7 @@ class Pipeline:
         self.dit = dit
         self.decoder = decoder
         self.info = info
+        self._latent_rgb: torch.Tensor | None = None  # fitted on the first latent preview
         clip = (-1.0, 1.0) if info.space == "pixel" else None  # pixel models clip x0, latent ones do not
         self.denoiser = Denoiser(dit, cfg_channels=cfg_channels, clip_x0=clip)
 
@@ -131,6 +133,16 @@ class Pipeline:
     def check_class(self, label: int) -> None:
         if not 0 <= label < self.dit.config.num_classes:
             raise ValueError(f"class {label} is outside 0..{self.dit.config.num_classes - 1}")
+
+    @torch.no_grad()
+    def preview(self, x0: torch.Tensor) -> torch.Tensor:
+        """A cheap look at predicted clean samples (N, C, h, w): uint8 RGB on the CPU, (N, h, w, 3) for
+        latent models (one pixel per latent position, see model/previews.py), full size for pixel models."""
+        if isinstance(self.decoder, PixelDecoder):
+            return to_uint8(self.decoder(x0)).cpu()
+        if self._latent_rgb is None:
+            self._latent_rgb = fit_latent_rgb(self.decoder, self.dit.config.in_channels)
+        return to_uint8(latent_rgb(x0, self._latent_rgb)).cpu()
 
     @torch.no_grad()
     def decode(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Literal
 
+import numpy as np
+
 from model.denoise import rows_per_iteration
 
 ImageFormat = Literal["png", "jpeg", "webp"]
@@ -29,6 +31,7 @@ class GenerationSpec:
     sampler: str
     seeds: tuple[int, ...]  # one per image
     guidance_interval: tuple[float, float] = (0.0, 1.0)  # guided iff lo <= t / 999 <= hi
+    previews: bool = False  # send small images of the predicted x0 while denoising
 
     @property
     def num_images(self) -> int:
@@ -110,6 +113,7 @@ class Job:
     future: Future = field(default_factory=Future)
     progress: int = 0  # denoising steps done (by the job's slowest sample); written by the scheduler thread
     queue_position: int | None = None  # 1 = next to be admitted; None once admitted; written by the scheduler
+    preview: tuple[int, np.ndarray] | None = None  # (step, (N, h, w, 3) uint8): the latest x0 preview
     on_cancel: Callable[[Job, FinishReason], None] | None = field(default=None, repr=False)
     _cancel_reason: FinishReason | None = field(default=None, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)

@@ -27,6 +27,7 @@ from .contracts import (
     OutputSpec,
     SchedulerError,
 )
+from .encoding import encode, grid
 from .errors import ApiError, class_choice_problems
 from .schemas import MAX_SEED, MAX_SERVER_SEED
 from .service import Service
@@ -95,7 +96,7 @@ def make_job(service: Service, body, request: Request, *, separate: bool, timeou
     spec = GenerationSpec(
         class_id=class_id, cfg_scale=d.cfg_scale if body.cfg_scale is None else body.cfg_scale,
         steps=steps, sampler=sampler,
-        guidance_interval=body.guidance_interval or d.guidance_interval,
+        guidance_interval=body.guidance_interval or d.guidance_interval, previews=body.previews,
         seeds=tuple((base_seed + k) % (MAX_SEED + 1) for k in range(body.num_images)),
     )
     params = {"model": info.name, "class_id": spec.class_id, "class_name": info.class_names[spec.class_id],
@@ -182,6 +183,14 @@ def _event(name: str, data: dict) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
+def preview_body(job: Job, step: int, pixels) -> dict:
+    """A `preview` event: the request's images at this step as one small PNG grid, base64."""
+    image = grid(pixels)  # (h, w, 3)
+    png = encode(image[None], job.spec.seeds, OutputSpec(format="png"))[0]
+    return {"step": step, "steps": job.spec.steps, "media_type": png.media_type,
+            "data": base64.b64encode(png.data).decode(), "width": image.shape[1], "height": image.shape[0]}
+
+
 def progress(job: Job) -> dict:
     """A job's progress as its stream reports it: {step, steps, status}, and queue_position while queued."""
     out = {"step": job.progress, "steps": job.spec.steps, "status": job.status}
@@ -195,13 +204,17 @@ async def progress_events(service: Service, job: Job) -> AsyncIterator[str]:
     """Server-sent events: `progress` {step, steps, status[, queue_position]} whenever one changes, then
     `result` (the JSON answer) or `error` (the error shape). If the client goes away, the job is cancelled."""
     result = watch(job)
-    last = None
+    last, shown = None, None
     try:
         while not result.done():
             now = progress(job)
             if now != last:
                 last = now
                 yield _event("progress", now)
+            preview = job.preview
+            if preview is not None and preview is not shown:
+                shown = preview
+                yield _event("preview", preview_body(job, *preview))
             if time.monotonic() > job.deadline:
                 job.cancel(FinishReason.TIMED_OUT)
                 raise DeadlineExceeded("no result within the request timeout")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, StrictStr, create_model
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, create_model
 
 from model import SAMPLERS
 from model.samplers import check_interval
@@ -66,6 +66,8 @@ def generate_request_model(settings: Settings) -> type[BaseModel]:
         num_images=(StrictInt, Field(1, ge=1, le=settings.max_images, description="images; > 1 gives a grid")),
         format=(Literal["png", "jpeg", "webp"], Field("png", description="image encoding; when absent, an "
                                                       "Accept: image/jpeg or image/webp header picks it")),
+        previews=(StrictBool, Field(False, description="with Accept: text/event-stream, also send `preview` "
+                                    "events: small images of the predicted clean image while it forms")),
     )
 
 

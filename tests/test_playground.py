@@ -5,12 +5,14 @@ One server (API keys on, so the page has to ask for one) and one browser serve t
 from __future__ import annotations
 
 import base64
+import io
 import json
 
 import httpx
 import pytest
 from browser import CHROMIUM_HOW, body_data, chromium_available, fill, open_playground, start_chromium, wait_for
 from conftest import require_installed
+from PIL import Image
 from server_harness import run_server, wait_until
 
 KEY = "playground-test-key"
@@ -244,6 +246,17 @@ def test_progress_events_increase_then_result(client):
     assert name == "result" and result["images"][0]["seed"] == 1 and result["steps"] == 60
     direct = client.post("/generate", json=body)
     assert base64.b64decode(result["images"][0]["data"]) == direct.content
+
+
+def test_preview_events_come_before_the_result(client):
+    body = {"class_id": 3, "steps": 100, "seed": 1, "sampler": "ddim", "num_images": 2, "previews": True}
+    with client.stream("POST", "/generate", json=body, headers={"Accept": "text/event-stream"}) as r:
+        events = sse_events(r)
+    previews = [data for name, data in events if name == "preview"]
+    assert previews and events[-1][0] == "result"
+    assert all(0 < p["step"] < 100 and p["step"] % 10 == 0 for p in previews)
+    image = Image.open(io.BytesIO(base64.b64decode(previews[0]["data"])))
+    assert image.size == (previews[0]["width"], previews[0]["height"]) and image.width > image.height  # 2 in a row
 
 
 def test_progress_stream_reports_errors_in_the_stream(client):

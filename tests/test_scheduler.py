@@ -81,8 +81,9 @@ class FakeRunner:
             finite.append(join.class_id not in self.nonfinite)
         images = [np.full((2, 2, 3), self_class, np.uint8) for self_class in
                   [self._class_of(plan, s) for s, ok in zip(plan.finish, finite, strict=True) if ok]]
+        previews = {slot: np.full((2, 2, 3), self.slots[slot][0].class_id, np.uint8) for slot in plan.previews}
         return StepResult(finished=plan.finish, finite=tuple(finite),
-                          pixels=np.stack(images) if images else None)
+                          pixels=np.stack(images) if images else None, previews=previews)
 
     @staticmethod
     def _rows(join, done: int) -> int:
@@ -114,9 +115,9 @@ class Harness:
                                    on_fatal=self.fatal.append)
 
     def job(self, class_id=1, steps=3, images=1, cfg=1.0, timeout=60.0, sampler="ddim",
-            interval=(0.0, 1.0)) -> Job:
+            interval=(0.0, 1.0), owner=None) -> Job:
         spec = GenerationSpec(class_id, cfg, steps, sampler, tuple(range(images)), interval)
-        job = Job(spec, OutputSpec(), deadline=self.clock.now + timeout)
+        job = Job(spec, OutputSpec(), deadline=self.clock.now + timeout, owner=owner)
         job.timings.arrival = self.clock.now
         return job
 
@@ -169,6 +170,18 @@ def test_round_robin_admission_lets_a_small_request_in_beside_a_large_one():
     assert [j.request_id for j in first] == [1, 2, 1, 1]  # one sample of each request per round
     h.run()
     assert h.order() == [small, big]
+
+
+def test_admission_goes_round_robin_across_api_keys():
+    h = Harness(max_batch_rows=4)
+    flood = [h.job(class_id=1, images=2, steps=4, owner="key-a") for _ in range(4)]
+    other = h.job(class_id=2, images=2, steps=4, owner="key-b")
+    h.submit(*flood, other)
+    h.scheduler.run_once()
+    owners = [h.jobs[j.request_id - 1].owner for j in h.runner.plans[0].joins]
+    assert owners == ["key-a", "key-b", "key-a", "key-b"]  # half the rows each, not 4 of key-a's requests
+    h.run()
+    assert h.order().index(other) <= 1
 
 
 def test_the_row_budget_is_never_exceeded():

@@ -34,6 +34,10 @@ class EngineEvents(Protocol):
     def deliver(self, job: Job, pixels: np.ndarray) -> None: ...
 
 
+def _set_preview(job: Job, step: int, pixels: np.ndarray) -> None:
+    job.preview = (step, pixels)  # one assignment: a stream reads a consistent pair
+
+
 IDLE = msg.Load(waiting=0, work=0, row_step_seconds=0.0, step_seconds=0.0, max_rows=1)  # before any step
 
 
@@ -66,7 +70,7 @@ class LocalEngine:
             return
         self.metrics.describe_model(runner, self.settings.policy)
         self.scheduler = Scheduler(runner, self.settings, self.metrics, deliver=self.events.deliver,
-                                   on_fatal=self.events.on_fatal)
+                                   on_fatal=self.events.on_fatal, on_preview=_set_preview)
         self.scheduler.start()
         self.events.on_started(msg.EngineInfo(runner.info, runner.num_classes, str(runner.device),
                                               str(runner.dtype).removeprefix("torch.")))
@@ -223,6 +227,11 @@ class EngineProcess:
             if job is not None:
                 job.timings.admitted = m.admitted
                 job.fail(m.error())
+        elif isinstance(m, msg.Preview):
+            with self._lock:
+                job = self._jobs.get(m.id)
+            if job is not None:
+                _set_preview(job, m.step, m.pixels)
         elif isinstance(m, msg.MetricsSnapshot):
             self._metrics = m.text
         elif isinstance(m, msg.Status):

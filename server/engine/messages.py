@@ -2,7 +2,8 @@
 
     front-end -> engine:  Submit, Cancel, ArmFault, Stop
     engine -> front-end:  Status (loading...), Started (model facts), StartFailed, Progress (steps done,
-                          queue positions, load), Done (a request's pixels), Failed (a request's error),
+                          queue positions, load), Preview (small x0 images), Done (a request's pixels),
+                          Failed (a request's error),
                           MetricsSnapshot (the engine's Prometheus text), Fatal (the device is unusable)
 
 Requests are named by an integer id the front-end chooses; futures and events never cross the pipe.
@@ -108,6 +109,13 @@ class Failed:
 
     def error(self) -> SchedulerError:
         return scheduler_error(self.kind, self.message, self.retry_after)
+
+
+@dataclass(frozen=True)
+class Preview:
+    id: int
+    step: int
+    pixels: np.ndarray  # (N, h, w, 3) uint8
 
 
 @dataclass(frozen=True)

@@ -124,7 +124,7 @@ class Engine:
             return False
         self.metrics.describe_model(runner, self.settings.policy)
         self.scheduler = Scheduler(runner, self.settings, self.metrics, deliver=self._deliver,
-                                   on_fatal=lambda reason: self.send(msg.Fatal(reason)))
+                                   on_fatal=lambda reason: self.send(msg.Fatal(reason)), on_preview=self._preview)
         self.scheduler.start()
         self.send(msg.MetricsSnapshot(generate_latest(self.metrics.registry)))  # /metrics is whole once ready
         self.send(msg.Started(msg.EngineInfo(runner.info, runner.num_classes, str(runner.device),
@@ -150,6 +150,12 @@ class Engine:
             id_ = self.ids[job]
         self.send(msg.Done(id_, pixels, t.admitted, t.denoised, t.decoded))
         job.future.set_result(None)
+
+    def _preview(self, job: Job, step: int, pixels) -> None:
+        with self.lock:
+            id_ = self.ids.get(job)
+        if id_ is not None:
+            self.send(msg.Preview(id_, step, pixels))
 
     def _failed(self, id_: int, job: Job, future) -> None:
         with self.lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 import torch
 
 from model import Join, Pipeline
@@ -77,8 +78,9 @@ class ModelRunner:
             batch.step(plan.subset)
             if self.faults is not None:
                 self.faults.after_step(batch)
+        previews = self._previews(plan.previews) if plan.previews else {}
         if not plan.finish:
-            return StepResult()
+            return StepResult(previews=previews)
         try:
             finite = batch.finite(plan.finish)  # the only device sync of a step, and only when samples finish
             good = [s for s, ok in zip(plan.finish, finite, strict=True) if ok]
@@ -89,7 +91,13 @@ class ModelRunner:
             raise DecodeFailed(f"decoding failed: {type(e).__name__}: {e}") from e
         finally:
             batch.leave(plan.finish)
-        return StepResult(finished=plan.finish, finite=tuple(finite), pixels=pixels, decode_seconds=seconds)
+        return StepResult(finished=plan.finish, finite=tuple(finite), pixels=pixels, previews=previews,
+                          decode_seconds=seconds)
+
+    def _previews(self, slots: tuple[int, ...]) -> dict[int, np.ndarray]:
+        """Small uint8 RGB images of these slots' predicted x0 (N, h, w, 3), by slot."""
+        images = self.pipeline.preview(self.batch.predicted_x0(slots)).numpy()
+        return dict(zip(slots, images, strict=True))
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":
@@ -108,8 +116,10 @@ class ModelRunner:
         t0 = time.monotonic()
         joins = tuple(SampleJoin(slot, -1, slot, 0, slot, sampler, 2, 2.0)
                       for slot, sampler in enumerate(("ddpm", "ddim", "dpm-solver++")))
-        self.execute(StepPlan(joins=joins))
-        result = self.execute(StepPlan(finish=tuple(j.slot for j in joins)))
+        slots = tuple(j.slot for j in joins)
+        first = self.execute(StepPlan(joins=joins, previews=slots))  # latent models fit their preview map here
+        result = self.execute(StepPlan(finish=slots))
+        assert len(first.previews) == len(joins), "warm-up produced no previews"
         assert result.pixels is not None and len(result.pixels) == len(joins), "warm-up produced no images"
         self.synchronize()
         return time.monotonic() - t0

@@ -5,9 +5,10 @@ One engine iteration (`run_once`, on the engine thread):
   2. End the requests that were cancelled or passed their deadline; their slots leave the batch.
   3. Admit, by policy:
      "continuous" (the default): waiting samples round-robin across the waiting requests, in arrival
-       order (one sample of each request per round), while they fit in the free row budget
-       (`max_batch_rows`; a guided sample costs 2 rows, an unguided one 1). A request for many images
-       shares the rows with the requests behind it, and nothing starves.
+       order (one sample of each request per round; with API keys, of each key's oldest request), while
+       they fit in the free row budget (`max_batch_rows`; a guided sample costs 2 rows, an unguided one
+       1). A request for many images shares the rows with the requests behind it, a key with many
+       requests shares them with the other keys, and nothing starves.
      "request": only when nothing is in flight, as many whole requests as fit; that batch runs until
        its last request finishes (request-level batching, for comparison).
      "none": one request at a time (no batching, for comparison).
@@ -60,6 +61,7 @@ from .messages import Load
 
 log = logging.getLogger(__name__)
 
+PREVIEW_SECONDS = 0.25  # at most one preview per request this often
 REGROW_AFTER_STEPS = 64  # clean steps after an out-of-memory halving before the row budget doubles back
 
 
@@ -72,6 +74,7 @@ class _Request:
     admitted: int = 0  # samples admitted so far
     slots: list[int] = field(default_factory=list)  # slots of its admitted, unfinished samples
     last_join_tick: int = 0  # the step its most recently admitted sample first ran in
+    last_preview: float = float("-inf")  # when its last preview was asked for
     pixels: dict[int, np.ndarray] = field(default_factory=dict)  # sample index -> (H, W, 3) uint8
 
     @property
@@ -93,6 +96,7 @@ class Scheduler:
     def __init__(self, runner, settings, metrics: EngineMetrics, *,
                  deliver: Callable[[Job, np.ndarray], None],
                  on_fatal: Callable[[str], None] = lambda reason: None,
+                 on_preview: Callable[[Job, int, np.ndarray], None] | None = None,
                  clock: Callable[[], float] = time.monotonic):
         """runner: has `execute(StepPlan) -> StepResult` and `num_classes`. deliver(job, pixels) is called
         on the engine thread with a finished request's (N, H, W, 3) uint8 images; it must not block."""
@@ -103,6 +107,7 @@ class Scheduler:
         self.max_rows = settings.max_batch_rows
         self.deliver = deliver
         self.on_fatal = on_fatal
+        self.on_preview = on_preview  # (job, step, (N, h, w, 3) uint8) for requests that asked for previews
         self.clock = clock
         # HTTP side -> engine thread: an inbox, and counters behind a lock held only for a few additions.
         self._inbox: deque[Job] = deque()
@@ -128,6 +133,9 @@ class Scheduler:
         self._tick = 0  # steps run so far
         self._clean_steps = 0
         self._queue_changed = False
+        self._previewing: dict[int, _Request] = {}  # running requests that asked for previews
+        self._served: dict[str, int] = {}  # API key hash -> when it last had a sample admitted
+        self._admissions = 0
         self._step_seconds = 0.1  # running mean of one step, for Retry-After estimates
         self._stopping = False  # admit nothing new, finish what was accepted
         self._broken: str | None = None  # a device error: nothing more can run
@@ -218,7 +226,7 @@ class Scheduler:
         finish = tuple(sorted(self._finish_at.pop(self._tick, ())))
         for slot in finish:
             del self._slot_finish[slot]
-        plan = StepPlan(joins=joins, leaves=self._take_leaves(), finish=finish)
+        plan = StepPlan(joins=joins, leaves=self._take_leaves(), finish=finish, previews=self._preview_slots(now))
         t0 = self.clock()
         result = self._execute(plan)
         if result is not None:
@@ -236,7 +244,7 @@ class Scheduler:
         joins: list[SampleJoin] = []
         if self.policy == "continuous":
             while self._queue:
-                for r in list(self._queue):
+                for r in self._round():
                     if self._owner and not self._fits(r.timeline):
                         return joins  # full at some future step: the rest waits for a later step
                     joins.append(self._admit_sample(r, now))
@@ -259,6 +267,21 @@ class Scheduler:
         start, ahead = self._tick + 1, self._ahead
         return all(ahead.get(start + i, 0) + samples * rows <= self.max_rows for i, rows in enumerate(timeline))
 
+    def _round(self) -> list[_Request]:
+        """One admission round: the requests that get one sample each. Without API keys that is every
+        waiting request; with keys, one request per key (its oldest), so that a key flooding the queue
+        gets no more of the batch than any other key."""
+        keys: set = set()
+        chosen = []
+        for r in self._queue:
+            key = r.job.owner if r.job.owner is not None else r.id
+            if key not in keys:
+                keys.add(key)
+                chosen.append(r)
+        if self._served:  # API keys: the key served least recently goes first
+            chosen.sort(key=lambda r: self._served.get(r.job.owner, -1))
+        return chosen
+
     def _admit_sample(self, r: _Request, now: float) -> SampleJoin:
         """Admit the request's next sample into a free slot; the request leaves the queue with its last one."""
         spec, k = r.spec, r.admitted
@@ -273,7 +296,12 @@ class Scheduler:
         r.slots.append(slot)
         r.admitted += 1
         r.last_join_tick = self._tick + 1
+        if r.job.owner is not None:
+            self._served[r.job.owner] = self._admissions
+        self._admissions += 1
         if k == 0:
+            if spec.previews and self.on_preview is not None:
+                self._previewing[r.id] = r
             self._running[r.id] = r
             r.job.timings.admitted = now
             r.job.queue_position = None
@@ -315,6 +343,7 @@ class Scheduler:
         if r in self._queue:
             self._leave_queue(r)
         self._running.pop(r.id, None)
+        self._previewing.pop(r.id, None)
         for slot in r.slots:
             self._release(slot)
             self._leaves.append(slot)
@@ -389,7 +418,7 @@ class Scheduler:
             self._end(r, error)
 
     def _after_step(self, seconds: float, result: StepResult) -> None:
-        self._step_seconds = 0.9 * self._step_seconds + 0.1 * seconds
+        self._step_seconds = seconds if self._tick == 1 else 0.9 * self._step_seconds + 0.1 * seconds
         rows = self._ahead.get(self._tick, 0)  # this step's forward rows
         per_row = seconds / max(1, rows)
         self._row_step_seconds = per_row if not self._row_step_seconds else 0.9 * self._row_step_seconds + 0.1 * per_row
@@ -408,8 +437,29 @@ class Scheduler:
         for r in self._running.values():  # progress for streaming clients: one int per request
             complete = r.admitted == r.spec.num_images
             r.job.progress = min(r.spec.steps, self._tick - r.last_join_tick + 1) if complete else 0
+        if result.previews:
+            self._send_previews(result.previews)
         if result.finished:
             self._collect(result)
+
+    def _preview_slots(self, now: float) -> tuple[int, ...]:
+        """Slots to render small after the coming step: each previewing request every steps // 10 of its
+        steps (all its samples in flight), at most every PREVIEW_SECONDS, never at its last step."""
+        slots: list[int] = []
+        for r in self._previewing.values():
+            step = self._tick + 1 - r.last_join_tick  # its steps done after the coming step (tick already counts it)
+            every = max(1, r.spec.steps // 10)
+            if (len(r.slots) == r.spec.num_images and step % every == 0 and step < r.spec.steps
+                    and now - r.last_preview >= PREVIEW_SECONDS):
+                r.last_preview = now
+                slots += r.slots
+        return tuple(slots)
+
+    def _send_previews(self, previews: dict[int, np.ndarray]) -> None:
+        for r in self._previewing.values():
+            if r.slots and all(slot in previews for slot in r.slots):
+                step = min(r.spec.steps, self._tick - r.last_join_tick + 1)
+                self.on_preview(r.job, step, np.stack([previews[slot] for slot in r.slots]))
 
     def _collect(self, result: StepResult) -> None:
         """Finished samples leave the batch (the runner freed their slots); complete requests are delivered."""
