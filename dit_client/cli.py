@@ -117,7 +117,7 @@ def from_server(args, body_extra: dict) -> tuple[str, list[tuple[int, bytes]]]:
         with httpx.stream("POST", url + "/generate", json=body, headers=headers,
                           timeout=httpx.Timeout(30, read=None)) as r:
             if r.status_code == 429 and attempt < args.retries:
-                wait = float(r.headers.get("retry-after", 2))
+                wait = min(float(r.headers.get("retry-after", 2)), args.retry_wait_max)
                 print(f"server busy (429); retrying in {wait:g} s ({attempt + 1}/{args.retries})", file=sys.stderr)
                 time.sleep(wait)
                 continue
@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="output file: .png, .jpg or .webp; with --count > 1, OUT-<seed>.EXT "
                    "for each seed; a folder (ending in /) gets <Class>-<seed>.png files")
     p.add_argument("--retries", type=int, default=5, help="retries of 429 answers")
+    p.add_argument("--retry-wait-max", type=float, default=60, metavar="SECONDS",
+                   help="longest wait before a retry: a longer Retry-After is cut to it (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.class_ is None and not args.list_classes:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import httpx
 import pytest
@@ -100,15 +100,27 @@ def test_an_unknown_name_among_many_classes_lists_the_nearest():
 
 
 def test_retries_429_after_retry_after(tmp_path):
+    # Two 1000-step jobs fill the one-row batch and the one-place queue until the test cancels them,
+    # once the client has been refused: no race with how fast the machine steps.
     with run_server(tmp_path, "--max-queue", "1", "--max-batch-rows", "1", "--max-steps", "1000") as s:
-        long = {"class_id": 1, "steps": 150, "cfg_scale": 1.0, "sampler": "ddim"}  # Retry-After ~ its steps
-        with cf.ThreadPoolExecutor(2) as pool:
-            busy = [pool.submit(httpx.post, s.url + "/generate", json=dict(long, seed=0), timeout=120)]
-            wait_until(lambda: s.metric("dit_active_samples") == 1, 20, "the first request to run")
-            busy.append(pool.submit(httpx.post, s.url + "/generate", json=dict(long, seed=1), timeout=120))
-            wait_until(lambda: s.metric("dit_queue_depth") == 1, 20, "the queue to fill")
-            out = dit_generate("Trouser", "--url", s.url, "--steps", "5", "--out", str(tmp_path / "t.png"),
-                               "--retries", "20")
-            assert [f.result().status_code for f in busy] == [200, 200]
-        assert out.returncode == 0, out.stderr
-        assert "server busy (429); retrying" in out.stderr and (tmp_path / "t.png").exists()
+        long = {"class_id": 1, "steps": 1000, "cfg_scale": 1.0, "sampler": "ddim"}
+        running = httpx.post(s.url + "/jobs", json=dict(long, seed=0)).json()
+        wait_until(lambda: s.metric("dit_active_samples") == 1, 20, "the first job to run")
+        waiting = httpx.post(s.url + "/jobs", json=dict(long, seed=1)).json()
+        wait_until(lambda: s.metric("dit_queue_depth") == 1, 20, "the queue to fill")
+        client = subprocess.Popen([sys.executable, "-m", "dit_client", "Trouser", "--url", s.url, "--steps", "5",
+                                   "--out", str(tmp_path / "t.png"), "--retries", "100", "--retry-wait-max", "0.2"],
+                                  cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stderr: list[str] = []
+        reader = threading.Thread(target=lambda: stderr.extend(client.stderr), daemon=True)
+        reader.start()
+        try:
+            wait_until(lambda: any("server busy (429); retrying in 0.2 s" in line for line in stderr), 60,
+                       "the client to be refused and to wait at most --retry-wait-max")
+            for job in (waiting, running):
+                assert httpx.delete(s.url + job["status_url"]).status_code == 200
+            assert client.wait(120) == 0, "".join(stderr)
+        finally:
+            client.kill()
+        reader.join(10)
+        assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
