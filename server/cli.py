@@ -31,6 +31,7 @@ METAVARS = {
     "graph_batch_sizes": "N,N,...", "api_keys": "KEY,KEY,...", "open_paths": "PATH,PATH,...",
     "cors_origins": "ORIGIN,ORIGIN,...", "body_timeout": "SECONDS", "request_timeout": "SECONDS",
     "job_timeout": "SECONDS", "job_ttl": "SECONDS", "min_cfg_scale": "SCALE", "max_cfg_scale": "SCALE",
+    "webhook_secret": "SECRET", "webhook_allow_hosts": "HOST,HOST,...",
 }
 TYPE_METAVARS = {Path: "PATH", int: "N", float: "NUMBER", str: "TEXT"}
 
