@@ -1,6 +1,7 @@
 # One command serves, one command tests; each installs what it needs into .venv first.
 #   make serve   -> the server on :8000 with the embedded model (weights/)
-#   make test    -> ruff + the default pytest suite (CPU)
+#   make test    -> ruff + the default pytest suite (CPU, a few minutes)
+#   make test-slow -> the slow suites (overload and storm runs, the Ray cluster...); CI runs both
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -17,7 +18,7 @@ TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 comma := ,
 torch_index = $(if $(filter cpu,$(TORCH_BUILD)),$(shell $(PYTHON) .ci/torch_index.py $(TORCH_CPU_INDEX)))
 
-.PHONY: install serve test clean
+.PHONY: install serve test test-slow clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +34,10 @@ serve: install
 
 test: install
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+test-slow: install
+	$(BIN)/python -m pytest -m slow
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,12 +1,17 @@
-"""Overload: the real server (embedded model, small limits) driven at >= 10x its capacity, twice.
+"""Overload: the real server (embedded model, small limits) driven far past its capacity.
 
-    python bench/overload.py [--seconds 60] [--factor 10] [--json out.json]
+    python bench/overload.py [--engines thread,process] [--seconds 60] [--storm-seconds 30] [--json out.json]
 
-A warm-up measures the capacity (requests/s with the queue kept busy); then each run sends requests
-open-loop at `factor` x that rate for `seconds`, from this process, to loopback only, and stops by
-itself. Every request must end in 200, 429 (with Retry-After) or 504 within the client's timeout;
-sent = answered; images received = dit_images_generated_total; the server's resident memory after the
-second run within 10% of after the first; and a normal request is served afterwards.
+For each engine mode (`--engine thread`, the engine on a thread of the HTTP process, is the reference;
+`--engine process` is the default), in one run, loopback only, bounded in time:
+  capacity  16 closed-loop clients for a few seconds: requests/s served;
+  (a) flood open-loop arrivals at `factor` x capacity for `seconds` (from this process);
+  (b) storm 256 closed-loop connections (wrk) that resend at once on 429, for `storm-seconds`.
+Goodput = answers of 200 per second during the load, as a share of the capacity. Also: requests
+admitted and then ended by 504 as a share of those admitted (server counters); the books (every request
+sent is answered, or was in flight when the load stopped; images received = images counted); resident
+memory after (b) within 10% of after (a); the front-end's share of the CPU during the storm; and a normal
+request served afterwards.
 """
 
 from __future__ import annotations
@@ -14,7 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +38,24 @@ BODY = {"class_id": 3, "steps": 10, "num_images": 2}
 SERVER_ARGS = ("--max-steps", "10", "--max-images", "2", "--max-queue", "32", "--max-batch-rows", "32",
                "--request-timeout", "5", "--log-level", "warning")
 CLIENT_TIMEOUT = 30.0  # a request unanswered after this long counts as hung
+STORM_CONNECTIONS = 256
+# wrk's Lua: POST the body on every connection, count the answers by status, print them at the end.
+STORM_LUA = """
+wrk.method = "POST"
+wrk.body = 'BODY'
+wrk.headers["Content-Type"] = "application/json"
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) counts = {} end
+function response(status, headers, body) counts[status] = (counts[status] or 0) + 1 end
+function done(summary, latency, requests)
+  for _, t in ipairs(threads) do
+    for status, n in pairs(t:get("counts")) do io.write(string.format("status %d %d\\n", status, n)) end
+  end
+  io.write(string.format("errors connect %d read %d write %d timeout %d status %d\\n", summary.errors.connect,
+    summary.errors.read, summary.errors.write, summary.errors.timeout, summary.errors.status))
+end
+""".replace("BODY", json.dumps(BODY))
 
 
 def rss_bytes(pid: int) -> int:
@@ -37,11 +65,29 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def images_total(url: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith("dit_images_generated_total "):
-            return float(line.split()[1])
-    return 0.0
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def engine_pid(server) -> int | None:
+    found = re.search(r"engine process (\d+) started", server.logs())
+    return int(found.group(1)) if found else None
+
+
+def counters(url: str) -> dict[str, float]:
+    """The server's request books: answers by code, admitted, finished by reason, images."""
+    out: dict[str, float] = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        m = re.match(r'(dit_requests_total\{code="\d+"\}|dit_requests_admitted_total|'
+                     r'dit_requests_finished_total\{reason="\w+"\}|dit_images_generated_total) (\S+)', line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def delta(after: dict, before: dict) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items() if v - before.get(k, 0.0)}
 
 
 async def capacity(url: str, seconds: float = 5.0) -> float:
@@ -57,94 +103,145 @@ async def capacity(url: str, seconds: float = 5.0) -> float:
 
 
 async def flood(url: str, rate: float, seconds: float) -> dict:
-    results: list[tuple[int | str, float, bool]] = []
+    """Open loop: arrivals on a fixed schedule, whatever the answers; waits for every answer."""
+    results: list[tuple[int | str, bool]] = []
     # Idle connections expire on our side (2 s) before uvicorn closes them (5 s): otherwise a request can
     # race the server's close of a kept-alive connection and fail with a reset that no server could avoid.
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=200, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=CLIENT_TIMEOUT, limits=limits) as c:
         async def one():
-            t0 = time.monotonic()
             try:
                 r = await c.post("/generate", json=BODY)
-                results.append((r.status_code, time.monotonic() - t0,
-                                r.status_code != 429 or "retry-after" in r.headers))
+                results.append((r.status_code, r.status_code != 429 or "retry-after" in r.headers))
             except httpx.TimeoutException:
-                results.append(("hung", time.monotonic() - t0, False))
+                results.append(("hung", False))
             except httpx.TransportError as e:
-                results.append((f"transport:{type(e).__name__}", time.monotonic() - t0, False))
+                results.append((f"transport:{type(e).__name__}", False))
 
         tasks, start = [], time.monotonic()
         n = int(rate * seconds)
-        for k in range(n):  # open loop: arrivals on a fixed schedule, whatever the answers
+        for k in range(n):
             await asyncio.sleep(max(0.0, start + k / rate - time.monotonic()))
             tasks.append(asyncio.create_task(one()))
         await asyncio.gather(*tasks)
     codes: dict[str, int] = {}
-    for code, _, _ in results:
+    for code, _ in results:
         codes[str(code)] = codes.get(str(code), 0) + 1
-    ok = sorted(t for code, t, _ in results if code == 200)
-    every = sorted(t for _, t, _ in results)
     return {"sent": n, "answered": len(results), "codes": codes,
-            "retry_after_missing": sum(1 for _, _, fine in results if not fine),
-            "p50_ok_s": ok[len(ok) // 2] if ok else None, "p99_ok_s": ok[int(0.99 * (len(ok) - 1))] if ok else None,
-            "p50_all_s": every[len(every) // 2], "p99_all_s": every[int(0.99 * (len(every) - 1))]}
+            "retry_after_missing": sum(1 for _, fine in results if not fine)}
 
 
-def run(seconds: float, factor: float, workdir: Path) -> dict:
-    with run_server(workdir, *SERVER_ARGS) as server:
-        cap = asyncio.run(capacity(server.url))
-        report = {"capacity_req_s": cap, "rate_req_s": cap * factor, "seconds": seconds, "runs": []}
-        for _ in range(2):
-            images_before = images_total(server.url)
-            run_report = asyncio.run(flood(server.url, cap * factor, seconds))
-            time.sleep(1.0)
-            run_report["images_received"] = 2 * run_report["codes"].get("200", 0)
-            run_report["images_counted"] = images_total(server.url) - images_before
-            run_report["rss_mib"] = rss_bytes(server.proc.pid) / 2**20
-            report["runs"].append(run_report)
-        after = httpx.post(server.url + "/generate", json=BODY, timeout=CLIENT_TIMEOUT)
-        report["after_status"] = after.status_code
-    first, second = report["runs"]
-    report["rss_growth"] = second["rss_mib"] / first["rss_mib"] - 1
-    problems = []
-    for k, r in enumerate(report["runs"], 1):
-        other = {c: v for c, v in r["codes"].items() if c not in ("200", "429", "504")}
-        if other:
-            problems.append(f"run {k}: answers other than 200/429/504: {other}")
-        if r["sent"] != r["answered"]:
-            problems.append(f"run {k}: sent {r['sent']} but {r['answered']} answered")
-        if r["images_received"] != r["images_counted"]:
-            problems.append(f"run {k}: {r['images_received']} images received, {r['images_counted']} counted")
-        if r["retry_after_missing"]:
-            problems.append(f"run {k}: {r['retry_after_missing']} answers of 429 without Retry-After")
-    if abs(report["rss_growth"]) > 0.10:
-        problems.append(f"resident memory changed {report['rss_growth']:.1%} between the runs")
-    if report["after_status"] != 200:
-        problems.append(f"the request after the load answered {report['after_status']}")
-    report["problems"] = problems
+def storm(url: str, seconds: float, workdir: Path) -> dict:
+    """Closed loop with no back-off: STORM_CONNECTIONS connections, each resending as soon as answered."""
+    script = workdir / "storm.lua"
+    script.write_text(STORM_LUA)
+    out = subprocess.run(["wrk", "-t1", f"-c{STORM_CONNECTIONS}", f"-d{seconds:g}s", "--timeout", "30s", "-s",
+                          str(script), url + "/generate"], capture_output=True, text=True, timeout=seconds + 60)
+    codes = {m.group(1): int(m.group(2)) for m in re.finditer(r"^status (\d+) (\d+)$", out.stdout, re.M)}
+    errors = re.search(r"errors connect (\d+) read (\d+) write (\d+) timeout (\d+)", out.stdout)
+    return {"codes": codes, "answered": sum(codes.values()),
+            "socket_errors": dict(zip(("connect", "read", "write", "timeout"), map(int, errors.groups()),
+                                      strict=True)) if errors else None}
+
+
+def run_mode(engine: str, seconds: float, storm_seconds: float, factor: float, workdir: Path) -> dict:
+    with run_server(workdir, *SERVER_ARGS, "--engine", engine) as server:
+        url = server.url
+        report: dict = {"engine": engine, "capacity_req_s": asyncio.run(capacity(url))}
+        rate = report["capacity_req_s"] * factor
+
+        before = counters(url)
+        report["flood"] = asyncio.run(flood(url, rate, seconds))
+        time.sleep(1.5)  # the last answers' counters, and a metrics snapshot from the engine
+        report["flood"]["server"] = delta(counters(url), before)
+        report["flood"]["rss_mib"] = rss_bytes(server.proc.pid) / 2**20
+
+        before = counters(url)
+        pids = [server.proc.pid] + ([engine_pid(server)] if engine == "process" else [])
+        cpu0, t0 = [cpu_seconds(p) for p in pids], time.monotonic()
+        report["storm"] = storm(url, storm_seconds, workdir)
+        wall = time.monotonic() - t0
+        report["storm"]["cpu_share"] = [(cpu_seconds(p) - c) / wall for p, c in zip(pids, cpu0, strict=True)]
+        time.sleep(1.5)
+        report["storm"]["server"] = delta(counters(url), before)
+        report["storm"]["rss_mib"] = rss_bytes(server.proc.pid) / 2**20
+
+        report["after_status"] = httpx.post(url + "/generate", json=BODY, timeout=CLIENT_TIMEOUT).status_code
+    cap = max(report["capacity_req_s"], 1e-9)
+    report["flood"]["goodput"] = report["flood"]["codes"].get("200", 0) / seconds / cap
+    report["storm"]["goodput"] = report["storm"]["codes"].get("200", 0) / storm_seconds / cap
+    report["rss_change"] = report["storm"]["rss_mib"] / report["flood"]["rss_mib"] - 1
+    report["problems"] = problems(report)
     return report
+
+
+def admitted_then_timed_out(server_counts: dict) -> tuple[float, float]:
+    admitted = server_counts.get("dit_requests_admitted_total", 0.0)
+    return admitted, server_counts.get('dit_requests_finished_total{reason="timed_out"}', 0.0)
+
+
+def problems(report: dict) -> list[str]:
+    out = []
+    f, s = report["flood"], report["storm"]
+    other = {c: v for c, v in f["codes"].items() if c not in ("200", "429", "504")}
+    if other:
+        out.append(f"flood: answers other than 200/429/504: {other}")
+    if f["sent"] != f["answered"]:
+        out.append(f"flood: sent {f['sent']} but {f['answered']} answered")
+    if f["retry_after_missing"]:
+        out.append(f"flood: {f['retry_after_missing']} answers of 429 without Retry-After")
+    for name, part in (("flood", f), ("storm", s)):
+        server = part["server"]
+        received = 2 * part["codes"].get("200", 0)
+        if received != server.get("dit_images_generated_total", 0.0):
+            out.append(f"{name}: {received} images received, {server.get('dit_images_generated_total', 0):.0f} "
+                       "counted")
+        answered = sum(v for k, v in server.items() if k.startswith("dit_requests_total"))
+        # wrk drops the requests in flight when it stops: the server answers them to a closed socket.
+        in_flight = answered - part["answered"]
+        if not 0 <= in_flight <= (STORM_CONNECTIONS if name == "storm" else 0):
+            out.append(f"{name}: the server answered {answered:.0f}, the client counted {part['answered']}")
+    if s["socket_errors"] and s["socket_errors"]["timeout"]:
+        out.append(f"storm: {s['socket_errors']['timeout']} requests hung past 30 s")
+    if abs(report["rss_change"]) > 0.10:
+        out.append(f"resident memory changed {report['rss_change']:.1%} between the flood and the storm")
+    if report["after_status"] != 200:
+        out.append(f"the request after the load answered {report['after_status']}")
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=60)
-    p.add_argument("--factor", type=float, default=10)
+    p.add_argument("--engines", default="thread,process", help="engine modes to measure, in order")
+    p.add_argument("--seconds", type=float, default=60, help="length of the open-loop flood")
+    p.add_argument("--storm-seconds", type=float, default=30, help="length of the retry storm")
+    p.add_argument("--factor", type=float, default=10, help="flood rate as a multiple of the capacity")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
-    import tempfile
-
-    report = run(args.seconds, args.factor, Path(tempfile.mkdtemp()))
-    print(f"capacity {report['capacity_req_s']:.1f} req/s; load {report['rate_req_s']:.0f} req/s for "
-          f"{args.seconds:g} s, twice")
-    for k, r in enumerate(report["runs"], 1):
-        print(f"run {k}: sent {r['sent']}, answered {r['answered']}, {r['codes']}, p50/p99 of 200s "
-              f"{r['p50_ok_s']:.2f}/{r['p99_ok_s']:.2f} s, p50/p99 of all {r['p50_all_s']:.2f}/{r['p99_all_s']:.2f} s, "
-              f"images {r['images_received']} received = {r['images_counted']:.0f} counted, RSS {r['rss_mib']:.0f} MiB")
-    print(f"RSS change between runs {report['rss_growth']:+.1%}; request afterwards: {report['after_status']}")
-    print("problems: " + ("; ".join(report["problems"]) or "none"))
+    if shutil.which("wrk") is None:
+        sys.exit("wrk is not installed: apt-get install wrk")
+    reports = [run_mode(engine, args.seconds, args.storm_seconds, args.factor, Path(tempfile.mkdtemp()))
+               for engine in args.engines.split(",")]
+    print(f"| engine | capacity req/s | (a) flood {args.factor:g}x, {args.seconds:g} s: goodput | "
+          f"(b) storm {STORM_CONNECTIONS} conn, {args.storm_seconds:g} s: goodput | admitted then 504 (a / b) | "
+          "front-end CPU in (b) | RSS after (a) → (b) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in reports:
+        shares = []
+        for part in (r["flood"], r["storm"]):
+            admitted, late = admitted_then_timed_out(part["server"])
+            shares.append(f"{late:.0f}/{admitted:.0f} ({late / admitted:.1%})" if admitted else "0/0")
+        cpu = " + engine ".join(f"{c:.0%}" for c in r["storm"]["cpu_share"])
+        print(f"| {r['engine']} | {r['capacity_req_s']:.1f} | {r['flood']['goodput']:.0%} "
+              f"({r['flood']['codes']}) | {r['storm']['goodput']:.0%} ({r['storm']['codes']}) | "
+              f"{' / '.join(shares)} | {cpu} | {r['flood']['rss_mib']:.0f} → {r['storm']['rss_mib']:.0f} MiB "
+              f"({r['rss_change']:+.1%}) |")
+    for r in reports:
+        print(f"{r['engine']}: request afterwards {r['after_status']}; problems: "
+              + ("; ".join(r["problems"]) or "none"))
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
-    sys.exit(1 if report["problems"] else 0)
+        args.json.write_text(json.dumps(reports, indent=1))
+    sys.exit(1 if any(r["problems"] for r in reports) else 0)
 
 
 if __name__ == "__main__":
