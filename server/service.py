@@ -11,6 +11,7 @@ off at once and the server exits non-zero (`on_exit_failure`), so that an orches
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import Counter
@@ -60,6 +61,10 @@ class Service:
     def start(self) -> None:
         self.metrics.queue_capacity.set(self.settings.max_queue)
         self.engine.start()
+        if self.settings.engine == "process" and self.settings.frontend_nice:
+            # After the engine was spawned (it keeps the priority it inherited): from here on this thread,
+            # the event loop, and the threads it starts run below the engine (Linux nice is per thread).
+            os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + self.settings.frontend_nice)
 
     # ---- the way in ---------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:

@@ -96,7 +96,7 @@ class Settings(BaseSettings):
         "continuous", description="batching: continuous (step-level), request (run a batch of requests to "
         "completion) or none (one request at a time)")
     max_batch_rows: int = Field(64, ge=1, description="forward-pass rows in flight at most (a guided sample costs "
-                                "2 rows, an unguided one 1)")
+                                "2 rows on its guided steps, an unguided one 1)")
     max_queue: int = Field(256, ge=0, description="requests waiting for admission at most; beyond, 429")
     request_timeout: float = Field(120.0, gt=0, description="seconds from arrival to answer; beyond, 504")
     job_timeout: float = Field(3600.0, gt=0, description="seconds an async job (POST /jobs) may take")
@@ -107,6 +107,9 @@ class Settings(BaseSettings):
     engine: Literal["process", "thread"] = Field(
         "process", description="where the engine (scheduler + model runner) runs: its own process, so that HTTP "
         "load cannot slow the step loop, or a thread of the server's process (the reference)")
+    frontend_nice: int = Field(5, ge=0, le=19, description="with the engine in its own process, the HTTP "
+                               "process lowers its own scheduling priority by this much (nice), so that a storm "
+                               "of requests cannot take CPU time from the step loop")
     deadline_admission: bool = Field(True, description="answer 429 at once when a request could not finish "
                                      "before its deadline, instead of admitting it")
     max_requests_per_key: int | None = Field(None, ge=1, description="requests one API key may have queued or "
