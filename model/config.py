@@ -49,9 +49,6 @@ class DiTConfig:
             raise ValueError(f"unknown DiT config fields {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
-    def with_(self, **changes) -> DiTConfig:
-        return replace(self, **changes)
-
 
 # (depth, hidden, heads) per size, as in the paper's Table 1; the patch size is the suffix.
 _SIZES = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}

@@ -32,8 +32,11 @@ def is_diffusers_state_dict(sd: dict) -> bool:
     return any(k.startswith("transformer_blocks.") for k in sd)
 
 
-def _depth(sd: dict) -> int:
-    return 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+def num_blocks(sd: dict, prefix: str = "blocks.") -> int:
+    """The transformer blocks a state dict holds under `prefix` (original keys: "blocks."; diffusers':
+    "transformer_blocks."): 1 + the largest index, so a missing block fails loading by name."""
+    indices = [int(k[len(prefix):].split(".", 1)[0]) for k in sd if k.startswith(prefix)]
+    return 1 + max(indices) if indices else 0
 
 
 def to_original(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -50,8 +53,7 @@ def to_original(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Ten
     for dk, ok in _TOP_MAP.items():
         for p in ("weight", "bias"):
             out[f"{ok}.{p}"] = take(f"{dk}.{p}")
-    depth = _depth(sd)
-    for i in range(depth):
+    for i in range(num_blocks(sd, "transformer_blocks.")):
         pre = f"transformer_blocks.{i}."
         for dk, ok in _BLOCK_MAP.items():
             for p in ("weight", "bias"):
@@ -72,10 +74,6 @@ def to_original(sd: dict[str, torch.Tensor], source: str) -> dict[str, torch.Ten
     if extra:
         raise ValueError(f"{source}: unexpected diffusers keys {extra[:5]}{' ...' if len(extra) > 5 else ''}")
     return out
-
-
-def heads_from_config(config: dict) -> int | None:
-    return config.get("num_attention_heads")
 
 
 def to_diffusers(sd: dict[str, torch.Tensor], depth: int) -> dict[str, torch.Tensor]:

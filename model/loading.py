@@ -9,13 +9,13 @@ images, so when none of these gives one we stop and ask for it.
 from __future__ import annotations
 
 import math
-import re
 from pathlib import Path
 
 import torch
 
 from .checkpoint import CheckpointError, RawCheckpoint, read_checkpoint
 from .config import PRESETS, DiTConfig, preset
+from .diffusers_layout import num_blocks
 from .dit import DiT
 
 _REQUIRED = ("x_embedder.proj.weight", "y_embedder.embedding_table.weight", "blocks.0.mlp.fc1.weight",
@@ -32,7 +32,7 @@ def infer_config(raw: RawCheckpoint, *, arch: str | None = None, num_heads: int 
         )
     proj = sd["x_embedder.proj.weight"]  # (D, C, p, p)
     hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    depth = len({int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k))})
+    depth = num_blocks(sd)
     out_channels = sd["final_layer.linear.weight"].shape[0] // (patch * patch)
     known = raw.architecture
     if "pos_embed" in sd:

@@ -55,10 +55,6 @@ class SamplerPlan:
         return len(self.timesteps)
 
     @property
-    def uses_variance(self) -> bool:
-        return self.sampler == "ddpm"
-
-    @property
     def stochastic(self) -> bool:
         return bool(self.coeffs[:, NOISE_ON].any())
 
