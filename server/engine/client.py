@@ -107,7 +107,8 @@ class EngineProcess:
         self.settings, self.events = settings, events
         self._ids = itertools.count(1)
         self._jobs: dict[int, Job] = {}  # in the engine, by id
-        self._lock = threading.Lock()  # _jobs, and one writer on the pipe at a time
+        self._lock = threading.Lock()  # _jobs
+        self._send_lock = threading.Lock()  # one writer on the pipe at a time
         self._load = IDLE
         self._metrics = b""
         self._stopping = False
@@ -129,7 +130,7 @@ class EngineProcess:
         return self.proc.pid if self.proc is not None else None
 
     def _send(self, message) -> None:
-        with self._lock:
+        with self._send_lock:
             self._conn.send(message)
 
     def submit(self, job: Job) -> None:
@@ -239,6 +240,7 @@ class EngineProcess:
         elif isinstance(m, msg.Started):
             self.events.on_started(m.info)
         elif isinstance(m, msg.StartFailed):
+            self._stopping = True  # the engine exits next; that is not a death to report
             self.events.on_start_failed(m.reason)
         elif isinstance(m, msg.Fatal):
             self.events.on_fatal(m.reason)
