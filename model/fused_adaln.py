@@ -14,8 +14,6 @@ Triton runs on CUDA tensors, and on the CPU under TRITON_INTERPRET=1 (how the te
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -24,6 +22,7 @@ EPS = 1e-6
 try:  # Triton is optional: without it the references run.
     import triton
     import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
 
     HAVE_TRITON = True
 except ImportError:  # pragma: no cover - depends on the install
@@ -31,8 +30,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 def triton_usable(x: torch.Tensor) -> bool:
-    """Triton kernels run on CUDA tensors, or anywhere in interpreter mode."""
-    return HAVE_TRITON and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    """Triton kernels run on CUDA tensors, or anywhere when Triton built them for its interpreter."""
+    return HAVE_TRITON and (x.is_cuda or INTERPRETED)
 
 
 # ---- references ---------------------------------------------------------------------------------
@@ -82,6 +81,12 @@ if HAVE_TRITON:
         tl.store(X_OUT + row * D + cols, x.to(X_OUT.dtype.element_ty), mask=mask)
         out = _layer_norm_modulate(x, mask, cols, D, SHIFT, SCALE, mod_offset, eps)
         tl.store(OUT + row * D + cols, out.to(OUT.dtype.element_ty), mask=mask)
+
+    # Triton decides, once, when a kernel is defined (from TRITON_INTERPRET), whether it compiles it for
+    # the GPU or runs it in its CPU interpreter: ask the kernel, not the environment.
+    INTERPRETED = isinstance(_ln_modulate_kernel, InterpretedFunction)
+else:  # pragma: no cover - depends on the install
+    INTERPRETED = False
 
 
 def _launch_args(x: torch.Tensor, *mods: torch.Tensor) -> tuple[int, int, int, int, int, int]:
