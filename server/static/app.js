@@ -1,6 +1,7 @@
 // The playground. Reads /info and /classes, posts /generate asking for server-sent events (progress, queue
 // position, x0 previews), shows the images with their seeds, and keeps a history of this browser's results.
-// State the tests read is mirrored on <body data-*>: ready, state, done, previews, cancelled.
+// State the tests read is mirrored on <body data-*>: ready, state, done, previews (and the last one's
+// size as sent and as decoded), cancelled.
 "use strict";
 const $ = (id) => document.getElementById(id);
 const KEY_STORE = "dit-api-key";
@@ -276,6 +277,9 @@ function showPreview(job, p) {
   const cols = Math.ceil(Math.sqrt(job.body.num_images));
   showAt(img, p.width, p.height, resultBox(job.body.num_images) * cols);
   fig.querySelector("figcaption").textContent = `preview: step ${p.step} of ${p.steps}`;
+  document.body.dataset.previewSize = `${p.width}x${p.height}`;
+  img.decode().then(() => { document.body.dataset.previewDecoded = `${img.naturalWidth}x${img.naturalHeight}`; },
+                    () => {});  // a newer preview replaced this one before it was decoded
   job.previews += 1;
   bump("previews");
 }
