@@ -1,7 +1,8 @@
 """`FastDiT`: the same function as `DiT.forward`, computed with fewer passes over memory.
 
-- The adaLN modulation of every block and of the final layer is one matmul: the blocks' weights are
-  rebound as views into one stacked (depth * 6D + 2D, D) matrix, so no memory is duplicated.
+- The adaLN modulation of every block and of the final layer is one matmul: building a FastDiT rebinds
+  the DiT's adaLN weights as views into one stacked (depth * 6D + 2D, D) matrix (`fuse_adaln_`), so no
+  memory is duplicated.
 - Every LayerNorm is fused with the gated residual before it and the modulation after it
   (model/fused_adaln.py): one kernel per residual instead of four or five elementwise passes.
 - On CUDA the MLP's tanh-GELU runs as the epilogue of its first matmul (cuBLASLt's GELU_BIAS, through
@@ -32,12 +33,19 @@ from .fused_adaln import ln_modulate, residual_ln_modulate
 log = logging.getLogger(__name__)
 
 
-def _stack_adaln(dit: DiT) -> tuple[torch.Tensor, torch.Tensor]:
+def fuse_adaln_(dit: DiT) -> tuple[torch.Tensor, torch.Tensor]:
+    """In place: stack the adaLN modulation of every block and of the final layer into one
+    (depth * 6D + 2D, D) weight and one bias, and rebind each layer's weight and bias as views into them.
+    FastDiT computes every modulation with one matmul over the stack; the reference forward keeps
+    reading the same storage, so no memory is duplicated. Returns the stacked (weight, bias).
+
+    Do it after the model's last device or dtype move: a move copies each parameter apart again.
+    """
     layers = [b.adaLN_modulation[1] for b in dit.blocks] + [dit.final_layer.adaLN_modulation[1]]
     weight = torch.cat([layer.weight.data for layer in layers])  # (depth * 6D + 2D, D)
     bias = torch.cat([layer.bias.data for layer in layers])
     start = 0
-    for layer in layers:  # rebind as views: the reference path keeps working on the same storage
+    for layer in layers:
         rows = layer.weight.shape[0]
         layer.weight = nn.Parameter(weight[start:start + rows], requires_grad=False)
         layer.bias = nn.Parameter(bias[start:start + rows], requires_grad=False)
@@ -86,7 +94,7 @@ class FastDiT(nn.Module):
         self.fused = fused
         self.gelu_epilogue = gelu_epilogue
         self.config = dit.config
-        weight, bias = _stack_adaln(dit)
+        weight, bias = fuse_adaln_(dit)  # rebinds `dit`'s adaLN parameters as views of the stack
         self.register_buffer("adaln_weight", weight, persistent=False)
         self.register_buffer("adaln_bias", bias, persistent=False)
         # FP8 layers are built beside the model's own (which the reference path keeps using).
