@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     service.on_exit_failure = stop
     server.run()
     if failures:
-        log.error("exiting with status 1: the server cannot serve: %s", failures[0])
+        log.error("exiting with status 1: the server could not start or lost its engine: %s", failures[0])
         sys.exit(1)
 
 
