@@ -4,7 +4,8 @@ At small batches a DiT step on a GPU is bound by kernel launches, not arithmetic
 kernels per forward. A captured graph launches them all at once. A batch of n rows runs the graph of
 the smallest captured size >= n, its rows past n filled with inert padding (the output rows past n are
 discarded); batches larger than every captured size run eagerly. Capture happens in `capture()`, which
-the server calls before it reports ready.
+the server calls before it reports ready. Which sizes to capture is the server's setting
+(--graph-batch-sizes); the Python API names them too.
 
 The returned tensor is the graph's static output buffer: valid until the next call.
 """
@@ -19,12 +20,9 @@ import torch
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SIZES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128)
-
 
 class GraphedForward:
-    def __init__(self, forward, sample_shape: tuple[int, int, int], *, null_class: int, device,
-                 sizes=DEFAULT_SIZES):
+    def __init__(self, forward, sample_shape: tuple[int, int, int], *, null_class: int, device, sizes):
         self.forward = forward
         self.sample_shape = sample_shape
         self.null_class = null_class

@@ -97,10 +97,11 @@ class Pipeline:
         """Switch the denoiser's forward to FastDiT (fused kernels, FP8 linears) and/or CUDA graphs.
 
         `fp8`: False, True (the default `Fp8Recipe`) or an `Fp8Recipe` (model/fp8.py: which layers, and
-        where it runs). Returns the seconds spent capturing graphs (0 without). All off restores the
-        reference path.
+        where it runs). `graph_sizes`: the row counts to capture graphs for (a batch replays the smallest
+        that holds it; larger ones run eagerly). Returns the seconds spent capturing graphs (0 without).
+        All off restores the reference path.
         """
-        from .cuda_graphs import DEFAULT_SIZES, GraphedForward
+        from .cuda_graphs import GraphedForward
         from .fast_forward import FastDiT
         from .fp8 import Fp8Recipe
 
@@ -109,8 +110,10 @@ class Pipeline:
         if cuda_graphs:
             if self.device.type != "cuda":
                 raise ValueError("CUDA graphs need the model on a CUDA device")
+            if not graph_sizes:
+                raise ValueError("CUDA graphs need graph_sizes: the batch row counts to capture, e.g. (1, 2, 4, 8)")
             forward = GraphedForward(forward, self.sample_shape, null_class=self.dit.null_class, device=self.device,
-                                     sizes=graph_sizes or DEFAULT_SIZES)
+                                     sizes=graph_sizes)
             seconds = forward.capture()
         else:
             seconds = 0.0
