@@ -44,10 +44,11 @@ def child(impl: str, repeats: int) -> dict:
     class Count(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.created = self.syncs = 0
+            self.created = self.syncs = self.ops = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = str(func)
+            self.ops += 1
             self.created += "lift_fresh" in name
             self.syncs += "_local_scalar_dense" in name
             return func(*args, **(kwargs or {}))
@@ -71,7 +72,7 @@ def child(impl: str, repeats: int) -> dict:
         seconds = (time.process_time() - t0) / repeats
         with Count() as counted:
             step()
-        results[n] = {"ms": seconds * 1000, "created": counted.created, "syncs": counted.syncs}
+        results[n] = {"ms": seconds * 1000, "created": counted.created, "syncs": counted.syncs, "ops": counted.ops}
     return results
 
 
@@ -102,13 +103,13 @@ def main() -> None:
     after = run_child("after", ROOT, args.repeats)
     print(f"host CPU time per step outside the forward (stub forward, 1 thread, {args.repeats} steps; "
           f"before = {args.before})")
-    print("| samples | before ms | after ms | ratio | tensors from Python data per step (before → after) "
-          "| host syncs per step (before → after) |")
-    print("|---|---|---|---|---|---|")
+    print("| samples | before ms | after ms | ratio | aten ops per step (before → after) "
+          "| tensors from Python data per step | host syncs per step |")
+    print("|---|---|---|---|---|---|---|")
     for n in SIZES:
         b, a = before[n], after[n]
-        print(f"| {n} | {b['ms']:.3f} | {a['ms']:.3f} | {b['ms'] / a['ms']:.1f}x | {b['created']} → {a['created']} "
-              f"| {b['syncs']} → {a['syncs']} |")
+        print(f"| {n} | {b['ms']:.3f} | {a['ms']:.3f} | {b['ms'] / a['ms']:.1f}x | {b['ops']} → {a['ops']} "
+              f"| {b['created']} → {a['created']} | {b['syncs']} → {a['syncs']} |")
 
 
 if __name__ == "__main__":
