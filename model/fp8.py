@@ -131,7 +131,7 @@ if HAVE_TRITON:
             scale = tl.load(TENSOR_SCALE)
         else:
             amax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
-            scale = tl.maximum(amax, 1e-12) / 448.0  # MIN_AMAX, E4M3_MAX
+            scale = tl.math.div_rn(tl.maximum(amax, 1e-12), 448.0)  # MIN_AMAX, E4M3_MAX; IEEE division as torch
         tl.store(SCALE + row, scale)
         if STORE_Q:
             v = tl.math.div_rn(x, scale)  # clamped to +-448, keeping NaN (a NaN input must reach the output)

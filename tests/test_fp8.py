@@ -39,6 +39,17 @@ def uneven_rows(rows: int = 8, k: int = 256, seed: int = 0) -> torch.Tensor:
     return torch.randn(rows, k, generator=g) * torch.logspace(-3, 3, rows).unsqueeze(1)
 
 
+def rounding_cases(k: int) -> torch.Tensor:
+    """One row whose amax is 448 (scale 1), so each value is its own scaled value: ties between e4m3
+    neighbours (normal and subnormal), values that round up into the next binade, and the subnormal range."""
+    ties = [1.0625, 1.1875, 17.0, 19.0, 2.0**-9 * 1.5, 2.0**-9 * 2.5, 2.0**-10]
+    carries = [31.875, 127.5, 1.9921875, 2.0**-6 * 0.99609375]  # exact in bf16 too
+    tiny = [2.0**-e for e in range(7, 20)]
+    row = torch.tensor([448.0] + ties + carries + tiny)
+    row = torch.cat([row, -row])
+    return torch.cat([row, torch.zeros(k - len(row))]).unsqueeze(0)
+
+
 # ---- the quantisation math ------------------------------------------------------------------------
 def test_scales_are_row_amax_over_448_and_round_trip_within_half_an_ulp():
     x = uneven_rows()
@@ -98,13 +109,14 @@ def test_per_row_scales_keep_small_rows_that_per_tensor_scales_lose():
                - rel_l2(dequantize(*quantize_rows_reference(same)), same)) < 0.01
 
 
-@pytest.mark.parametrize("k", [100, 1152])
-@pytest.mark.parametrize("per_tensor", [False, True])
-@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("k,per_tensor,gelu", [(100, p, g) for p in (False, True) for g in (False, True)]
+                         + [(1152, False, False)])  # odd widths, and DiT-XL's (the interpreter is slow)
 def test_triton_kernel_matches_reference(k, per_tensor, gelu):
     require_installed(HAVE_TRITON, "triton", "pip install triton (the project depends on it on Linux)")
-    x = uneven_rows(6, k, seed=k).to(torch.bfloat16)
+    x = torch.cat([uneven_rows(6, k, seed=k), rounding_cases(k)]).to(torch.bfloat16)
     x[0, :4] = torch.tensor([0.0, -0.0, 1e-30, -3e-9])
+    if not gelu:  # the case rows survive bf16 exactly, so the kernel sees the ties themselves
+        assert torch.equal(x[-1].float(), rounding_cases(k)[0])
     q, scale = quantize_rows(x, per_tensor=per_tensor, gelu=gelu)
     q_ref, scale_ref = quantize_rows_reference(x, per_tensor=per_tensor, gelu=gelu)
     if gelu:  # the kernel's tanh goes through exp: a last-bit difference may move a scale, rarely a value
