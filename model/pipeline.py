@@ -15,11 +15,45 @@ from .decoders import PixelDecoder, VAEDecoder, to_uint8
 from .denoise import Denoiser
 from .loading import build, infer_config
 from .previews import fit_latent_rgb, latent_rgb
-from .samplers import FULL_INTERVAL, check_interval
+from .samplers import FULL_INTERVAL, SAMPLERS, check_interval, plan
+
+
+class SettingError(ValueError):
+    """A generation setting the samplers cannot run; `field` names it (sampler, steps, cfg_scale or
+    guidance_interval) and the message says what would do."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
-class Defaults:
+class Sampling:
+    """What one generation runs with, checked together: a known sampler that can take this many steps, a
+    guidance scale >= 1 (1 = no guidance), and an interval [lo, hi] with 0 <= lo < hi <= 1."""
+
+    sampler: str
+    steps: int
+    cfg_scale: float
+    guidance_interval: tuple[float, float] = FULL_INTERVAL
+
+    def __post_init__(self):
+        try:  # the sampler's own limits too (DPM-Solver++ cannot take 1000 steps)
+            plan(self.sampler, self.steps)
+        except ValueError as e:
+            raise SettingError("steps" if self.sampler in SAMPLERS else "sampler", str(e)) from None
+        if not self.cfg_scale >= 1.0:
+            raise SettingError("cfg_scale", f"cfg_scale must be >= 1, got {self.cfg_scale}")
+        try:  # a sidecar's JSON gives a list
+            interval = check_interval(self.guidance_interval)
+        except ValueError as e:
+            raise SettingError("guidance_interval", str(e)) from None
+        object.__setattr__(self, "cfg_scale", float(self.cfg_scale))
+        object.__setattr__(self, "guidance_interval", interval)
+
+
+@dataclass(frozen=True)
+class Defaults(Sampling):
     """What a request that names nothing gets. The paper's sample.py: DDPM, 250 steps, scale 4, guided at
     every step."""
 
@@ -28,8 +62,17 @@ class Defaults:
     cfg_scale: float = 4.0
     guidance_interval: tuple[float, float] = FULL_INTERVAL
 
-    def __post_init__(self):  # a sidecar's JSON gives a list
-        object.__setattr__(self, "guidance_interval", check_interval(self.guidance_interval))
+    def resolve(self, *, sampler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
+                guidance_interval: Sequence[float] | None = None, max_steps: int | None = None) -> Sampling:
+        """A request's settings: each one it leaves out (None) takes this default, the default step count
+        capped at `max_steps` (a server's limit). Raises SettingError naming a setting that cannot run."""
+        default_steps = self.steps if max_steps is None else min(self.steps, max_steps)
+        return Sampling(
+            sampler=self.sampler if sampler is None else sampler,
+            steps=default_steps if steps is None else steps,
+            cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
+            guidance_interval=self.guidance_interval if guidance_interval is None else tuple(guidance_interval),
+        )
 
 
 @dataclass
@@ -159,16 +202,14 @@ class Pipeline:
                  on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """One image per (class, seed): uint8 (N, H, W, 3). Omitted settings take the model's defaults.
         on_step(k) is called after each of the k = 1..steps iterations (progress bars)."""
-        d = self.info.defaults
-        sampler, steps = sampler or d.sampler, steps or d.steps
-        cfg_scale = d.cfg_scale if cfg_scale is None else cfg_scale
-        interval = d.guidance_interval if guidance_interval is None else guidance_interval
+        s = self.info.defaults.resolve(sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                                       guidance_interval=guidance_interval)
         for c in class_ids:
             self.check_class(int(c))
         batch = self.new_batch(len(seeds))
-        batch.join([Join(k, int(c), int(s), sampler, steps, cfg_scale, guidance_interval=interval)
-                    for k, (c, s) in enumerate(zip(class_ids, seeds, strict=True))])
-        for k in range(steps):
+        batch.join([Join(k, int(c), int(seed), s.sampler, s.steps, s.cfg_scale, guidance_interval=s.guidance_interval)
+                    for k, (c, seed) in enumerate(zip(class_ids, seeds, strict=True))])
+        for k in range(s.steps):
             batch.step()
             if on_step is not None:
                 on_step(k + 1)
