@@ -162,26 +162,28 @@ def _read_stream(r: httpx.Response, class_name: str, quiet: bool) -> tuple[str, 
 
 
 def locally(args, body: dict) -> tuple[str, list[tuple[int, bytes]]]:
-    import random
-
+    """The server's answer, computed in this process: the same defaults, seeds, pipeline and encoding."""
     from model import Pipeline
+    from model.pipeline import SettingError
     from server.contracts import OutputSpec
-    from server.encoding import encode
+    from server.encoding import encode, parameters
+    from server.schemas import image_seeds
 
     pipe = Pipeline.from_pretrained(args.model, vae=args.vae)
-    info, d = pipe.info, pipe.info.defaults
+    info = pipe.info
     class_id = resolve_class(args.class_, info.class_names)
-    seed = body.get("seed", random.randrange(2**63))
-    seeds = [(seed + k) % 2**63 for k in range(args.count)]  # as the server does
-    sampler, steps = body.get("sampler", d.sampler), body.get("steps", d.steps)
-    cfg = body.get("cfg_scale", d.cfg_scale)
-    interval = tuple(body.get("guidance_interval", d.guidance_interval))
-    with tqdm(total=steps, desc=info.class_names[class_id], unit="step", disable=args.quiet) as bar:
-        pixels = pipe.generate([class_id] * len(seeds), seeds, sampler=sampler, steps=steps, cfg_scale=cfg,
-                               guidance_interval=interval, on_step=lambda _: bar.update()).numpy()
-    params = {"model": info.name, "class_id": class_id, "class_name": info.class_names[class_id],
-              "cfg_scale": float(cfg), "steps": steps, "sampler": sampler, "guidance_interval": list(interval)}
-    images = encode(pixels, tuple(seeds), OutputSpec(format=body["format"], separate=True, metadata=params))
+    try:
+        s = info.defaults.resolve(sampler=body.get("sampler"), steps=body.get("steps"),
+                                  cfg_scale=body.get("cfg_scale"), guidance_interval=body.get("guidance_interval"))
+    except SettingError as e:
+        raise CliError(str(e)) from e
+    seeds = image_seeds(body.get("seed"), args.count)
+    with tqdm(total=s.steps, desc=info.class_names[class_id], unit="step", disable=args.quiet) as bar:
+        pixels = pipe.generate([class_id] * len(seeds), seeds, sampler=s.sampler, steps=s.steps,
+                               cfg_scale=s.cfg_scale, guidance_interval=s.guidance_interval,
+                               on_step=lambda _: bar.update()).numpy()
+    output = OutputSpec(format=body["format"], separate=True, metadata=parameters(info, class_id, s))
+    images = encode(pixels, seeds, output)
     return info.class_names[class_id], [(im.seeds[0], im.data) for im in images]
 
 
@@ -209,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vae", default=None, help="with --local: VAE folder for latent checkpoints")
     p.add_argument("--cfg", type=float, dest="cfg_scale", help="guidance scale (default: the model's)")
     p.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
-    p.add_argument("--sampler", choices=["ddpm", "ddim", "dpm-solver++"], help="default: the model's")
+    # The server (or, with --local, the model) checks the name and lists the samplers in its answer.
+    p.add_argument("--sampler", help="the sampler (default: the model's; a wrong name lists them)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
                    help="guide only the steps whose timestep t has LO <= t/999 <= HI, 0 <= LO < HI <= 1 "
                    "(fewer forward rows; default: the model's, usually 0 1 = every step)")

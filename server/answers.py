@@ -1,12 +1,12 @@
-"""Turning a validated request body into a scheduler job, and a job's result into an HTTP answer:
-an image, JSON, or a stream of server-sent progress events ending with the result."""
+"""From a validated request body to its HTTP answer: the body becomes a job (the model's defaults
+resolved, the class named, the seeds chosen), the job is submitted and awaited, and its result is
+answered as an image, JSON, or a stream of server-sent progress events ending with the result."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import json
-import random
 import time
 from collections.abc import AsyncIterator
 from urllib.parse import quote
@@ -14,7 +14,7 @@ from urllib.parse import quote
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from model.samplers import plan
+from model.pipeline import SettingError
 
 from .class_names import ClassNameError, class_index
 from .contracts import (
@@ -24,21 +24,26 @@ from .contracts import (
     GenerationResult,
     GenerationSpec,
     Job,
+    NotReady,
     OutputSpec,
     SchedulerError,
 )
-from .encoding import encode, grid
+from .encoding import MEDIA_TYPES, encode, grid, parameters
 from .errors import ApiError, class_choice_problems
-from .schemas import MAX_SEED, MAX_SERVER_SEED
+from .schemas import image_seeds
 from .service import Service
 
 PROGRESS_POLL_SECONDS = 0.05  # how often a stream looks at its job's progress (the step loop never waits)
-ACCEPTED_IMAGES = {"image/png": "png", "image/jpeg": "jpeg", "image/webp": "webp"}
+ACCEPTED_IMAGES = {media: fmt for fmt, media in MEDIA_TYPES.items()}  # what an Accept header may ask for
+
+
+def not_ready(service: Service) -> ApiError:
+    return ApiError.from_scheduler(NotReady(f"not ready: {service.status}"))
 
 
 def require_ready(service: Service) -> Service:
     if not service.ready:
-        raise ApiError(503, "not_ready", f"not ready: {service.status}", retry_after=5)
+        raise not_ready(service)
     return service
 
 
@@ -83,25 +88,17 @@ def make_job(service: Service, body, request: Request, *, separate: bool, timeou
              tag: str | None = None) -> Job:
     """A scheduler job for a validated request body; omitted fields take the model's defaults."""
     svc = require_ready(service)
-    info, settings = svc.model.info, svc.settings
+    info = svc.model.info
     class_id = resolve_class(svc, body)
-    d = info.defaults
-    steps, sampler = body.steps or min(d.steps, settings.max_steps), body.sampler or d.sampler
-    try:  # the sampler's own limits (e.g. DPM-Solver++ cannot take 1000 steps)
-        plan(sampler, steps)
-    except ValueError as e:
-        raise ApiError.invalid([("steps", str(e))]) from e
-    # A seed the server picks stays below 2^53 with all of its images, so a JavaScript client can repeat it.
-    base_seed = body.seed if body.seed is not None else random.randrange(MAX_SERVER_SEED + 2 - body.num_images)
-    spec = GenerationSpec(
-        class_id=class_id, cfg_scale=d.cfg_scale if body.cfg_scale is None else body.cfg_scale,
-        steps=steps, sampler=sampler,
-        guidance_interval=body.guidance_interval or d.guidance_interval, previews=body.previews,
-        seeds=tuple((base_seed + k) % (MAX_SEED + 1) for k in range(body.num_images)),
-    )
-    params = {"model": info.name, "class_id": spec.class_id, "class_name": info.class_names[spec.class_id],
-              "cfg_scale": spec.cfg_scale, "steps": spec.steps, "sampler": spec.sampler,
-              "guidance_interval": list(spec.guidance_interval)}
+    try:
+        s = info.defaults.resolve(sampler=body.sampler, steps=body.steps, cfg_scale=body.cfg_scale,
+                                  guidance_interval=body.guidance_interval, max_steps=svc.settings.max_steps)
+    except SettingError as e:
+        raise ApiError.invalid([(e.field, str(e))]) from e
+    spec = GenerationSpec(class_id=class_id, cfg_scale=s.cfg_scale, steps=s.steps, sampler=s.sampler,
+                          guidance_interval=s.guidance_interval, previews=body.previews,
+                          seeds=image_seeds(body.seed, body.num_images))
+    params = parameters(info, class_id, s)
     if tag is not None:
         params["tag"] = tag
     output = OutputSpec(format=image_format(body, request.headers.get("accept", "")), separate=separate,

@@ -1,11 +1,10 @@
 """The HTTP app: routes, readiness, metrics, the playground page.
 
 No tensors here, and nothing that blocks the event loop: generation runs in the engine (server/engine/),
-encoding on its pool; the routes only wait on futures (server/generation.py).
+encoding on its pool; the routes only wait on futures (server/answers.py).
 """
 
 import asyncio
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -19,12 +18,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from model import SAMPLERS
 
-from . import generation
+from . import answers
+from .auth import ApiKeyAuth, api_keys
 from .class_names import class_index
-from .errors import ERROR_RESPONSES, ApiError, error_response, install_error_handlers
-from .hygiene import ApiKeyAuth, BodyLimit, RequestContext
+from .encoding import MEDIA_TYPES
+from .errors import ApiError, error_response, error_responses, install_error_handlers
 from .jobs import jobs_router
-from .schemas import ClassesResponse, ErrorBody, GenerateResponse, generate_request_model, job_request_model
+from .middleware import BodyLimit, GenerateMetrics, RequestContext
+from .schemas import ClassesResponse, GenerateResponse, generate_request_model, job_request_model
 from .service import Service
 from .settings import Settings
 from .webhooks import Webhooks
@@ -68,26 +69,28 @@ def create_app(settings: Settings) -> FastAPI:
         return {"status": "alive"}
 
     @app.get("/readyz", summary="readiness: 200 once the model is loaded and warmed up",
-             responses={503: {"model": ErrorBody}})
+             responses=error_responses(503))
     async def readyz():
         if not service.ready:
-            return error_response(ApiError(503, "not_ready", f"not ready: {service.status}", retry_after=5))
+            return error_response(answers.not_ready(service))
         return {"status": "ready"}
 
     @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
     async def metrics():
         return Response(service.metrics_text(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/classes", response_model=ClassesResponse, summary="class ids and names of the loaded model")
+    @app.get("/classes", response_model=ClassesResponse, summary="class ids and names of the loaded model",
+             responses=error_responses(401, 422, 503))
     async def classes(q: str | None = Query(None, max_length=200, description="only the classes whose name "
                                             "contains this (case-insensitive)")):
-        names = generation.require_ready(service).model.info.class_names
+        names = answers.require_ready(service).model.info.class_names
         ids = range(len(names)) if q is None else class_index(tuple(names)).search(q)
         return {"classes": [{"id": i, "name": names[i]} for i in ids]}
 
-    @app.get("/info", summary="model, resolution, limits, defaults and batching policy")
+    @app.get("/info", summary="model, resolution, limits, defaults and batching policy",
+             responses=error_responses(401, 503))
     async def info():
-        r = generation.require_ready(service).model
+        r = answers.require_ready(service).model
         d = r.info.defaults
         return {
             "model": r.info.name, "space": r.info.space, "image_size": r.info.image_size,
@@ -103,21 +106,21 @@ def create_app(settings: Settings) -> FastAPI:
     @app.post(
         "/generate", summary="generate an image (a grid for num_images > 1)", response_class=Response,
         responses={200: {"model": GenerateResponse,
-                         "content": {"image/png": {}, "image/jpeg": {}, "image/webp": {}, "text/event-stream": {}},
+                         "content": {**{media: {} for media in MEDIA_TYPES.values()}, "text/event-stream": {}},
                          "description": "the image; with Accept: application/json base64 images + metadata; "
                                         "with Accept: text/event-stream progress events, then the JSON result"},
-                   **ERROR_RESPONSES},
+                   **error_responses(401, 408, 413, 415, 422, 429, 500, 503, 504)},
     )
     async def generate(body: GenerateRequest, request: Request) -> Response:  # type: ignore[valid-type]
         accept = request.headers.get("accept", "")
         stream = "text/event-stream" in accept
-        job = generation.make_job(service, body, request, separate=stream or "application/json" in accept,
+        job = answers.make_job(service, body, request, separate=stream or "application/json" in accept,
                                   timeout=settings.request_timeout)
-        generation.submit(service, job)
+        answers.submit(service, job)
         if stream:
-            return StreamingResponse(generation.progress_events(service, job), media_type="text/event-stream",
+            return StreamingResponse(answers.progress_events(service, job), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        return generation.render(service, job, await generation.wait(job, request))
+        return answers.render(service, job, await answers.wait(job, request))
 
     app.include_router(jobs_router(service, JobRequest, webhooks))
     if settings.fault_injection:
@@ -125,7 +128,7 @@ def create_app(settings: Settings) -> FastAPI:
         async def arm_fault(request: Request):
             body = await request.json()
             try:
-                generation.require_ready(service).arm_fault(body["kind"], int(body.get("count", 1)))
+                answers.require_ready(service).arm_fault(body["kind"], int(body.get("count", 1)))
             except (KeyError, ValueError) as e:
                 raise ApiError(422, "invalid_request", str(e), "kind") from e
             return {"armed": body["kind"]}
@@ -176,14 +179,6 @@ def install_docs(app: FastAPI, service: Service, keyed: bool) -> None:
     app.openapi = openapi
 
 
-def api_keys(settings: Settings) -> list[str]:
-    keys = list(settings.api_keys)
-    if settings.api_keys_file is not None:
-        lines = settings.api_keys_file.read_text().splitlines()
-        keys += [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-    return keys
-
-
 def install_middleware(app: FastAPI, settings: Settings, service: Service) -> None:
     """Innermost first (Starlette puts the last added outermost): CORS, API keys, body limits, the
     /generate metrics (so rejected requests count too), request ids and access logs."""
@@ -203,27 +198,3 @@ def install_middleware(app: FastAPI, settings: Settings, service: Service) -> No
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(GenerateMetrics, metrics=service.metrics)
     app.add_middleware(RequestContext)
-
-
-class GenerateMetrics:
-    """ASGI middleware: status and duration of every /generate answer, validation errors included."""
-
-    def __init__(self, app, metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/generate":
-            return await self.app(scope, receive, send)
-        t0, status = time.monotonic(), 500
-
-        async def send_and_record(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            self.metrics.requests.labels(code=str(status)).inc()
-            self.metrics.request_duration.observe(time.monotonic() - t0)

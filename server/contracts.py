@@ -205,7 +205,7 @@ class EngineDied(SchedulerError):
     """The engine process ended while the request was in it; the server is restarting."""
 
     status, code, reason = 503, "engine_died", FinishReason.FAILED
-    retry_after = 5.0
+    retry_after = NotReady.retry_after  # a restarting server is one not ready yet: the same advice
 
 
 class GenerationFailed(SchedulerError):

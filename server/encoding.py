@@ -6,14 +6,17 @@ from __future__ import annotations
 import io
 import json
 import math
+from typing import get_args
 
 import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .contracts import EncodedImage, OutputSpec
+from model.pipeline import ModelInfo, Sampling
 
-MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+from .contracts import EncodedImage, ImageFormat, OutputSpec
+
+MEDIA_TYPES = {f: f"image/{f}" for f in get_args(ImageFormat)}  # "png" -> "image/png", ...
 GRID_PADDING = 2  # pixels between grid cells, as torchvision's save_image (the reference's sample.py)
 
 
@@ -46,6 +49,13 @@ def _encode_one(pixels: np.ndarray, output: OutputSpec, seeds: tuple[int, ...]) 
     else:
         image.save(buf, format="WEBP", lossless=True)
     return EncodedImage(buf.getvalue(), MEDIA_TYPES[output.format], seeds)
+
+
+def parameters(model: ModelInfo, class_id: int, s: Sampling) -> dict:
+    """An image's generation parameters, as its PNG `parameters` chunk and a JSON answer carry them."""
+    return {"model": model.name, "class_id": class_id, "class_name": model.class_names[class_id],
+            "cfg_scale": s.cfg_scale, "steps": s.steps, "sampler": s.sampler,
+            "guidance_interval": list(s.guidance_interval)}
 
 
 def encode(images: np.ndarray, seeds: tuple[int, ...], output: OutputSpec) -> list[EncodedImage]:

@@ -14,10 +14,10 @@ from collections.abc import Mapping
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .contracts import SchedulerError
-from .schemas import ErrorBody
 
 # What people coming from diffusers, A1111 or Replicate send, and what this API calls it.
 FAMILIAR_NAMES = {
@@ -29,6 +29,51 @@ FAMILIAR_NAMES = {
     "scheduler": "sampler", "sampler_name": "sampler", "generator": "seed", "seeds": "seed",
     "output_type": "format", "output_format": "format", "webhook": "webhook_url", "callback_url": "webhook_url",
 }
+
+
+class FieldError(BaseModel):
+    field: str | None = Field(None, description="the request field at fault (dotted path), if one is")
+    message: str
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="machine-readable kind, e.g. invalid_request, queue_full, deadline_exceeded")
+    message: str = Field(description="what went wrong and what to do")
+    field: str | None = Field(None, description="the request field at fault, if one is (the first, when several)")
+    errors: list[FieldError] | None = Field(None, description="every problem found in the request (invalid "
+                                            "requests only)")
+
+
+class ErrorBody(BaseModel):
+    """Every error answer of this API has this shape."""
+
+    error: ErrorDetail
+
+
+# Every error status this API answers, and the codes it answers with (the body is always ErrorBody).
+ERROR_STATUSES = {
+    401: "no valid API key (unauthorized; only with API keys on)",
+    404: "no such job, or not this API key's (unknown_job); no such path (http_error)",
+    408: "the body did not arrive within --body-timeout (body_timeout)",
+    409: "the job was cancelled (cancelled), or has not finished yet (not_finished; see Retry-After)",
+    413: "the body is larger than --max-body-bytes (body_too_large)",
+    415: "the body is not sent as application/json (unsupported_media_type)",
+    422: "invalid request: every problem listed, the first names its field (invalid_request)",
+    429: "too busy: the queue is full (queue_full), the request could not finish before its deadline "
+         "(overloaded), this API key has --max-requests-per-key in flight (key_quota_exceeded), or too many "
+         "async jobs are held (too_many_jobs); see Retry-After",
+    500: "generation failed (generation_failed)",
+    503: "not ready, shutting down (not_ready), or the engine died and restarts (engine_died); see Retry-After",
+    504: "no result before the request's deadline (deadline_exceeded)",
+}
+
+
+def error_responses(*statuses: int) -> dict[int, dict]:
+    """OpenAPI `responses` for these error statuses of a route."""
+    return {s: {"model": ErrorBody, "description": ERROR_STATUSES[s]} for s in statuses}
+
+
+ERROR_RESPONSES = error_responses(*ERROR_STATUSES)
 
 
 class ApiError(Exception):
@@ -52,22 +97,17 @@ class ApiError(Exception):
                    errors=[{"field": f, "message": m} for f, m in problems])
 
     def body(self) -> dict:
-        detail = {"code": self.code, "message": self.message, "field": self.field}
-        if self.errors is not None:
-            detail["errors"] = self.errors
-        return {"error": detail}
+        """The ErrorBody of this error, as JSON data (`errors` only on invalid requests)."""
+        detail = ErrorDetail(code=self.code, message=self.message, field=self.field, errors=self.errors)
+        return {"error": detail.model_dump(exclude={"errors"} if self.errors is None else None)}
 
 
-def error_response(e: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(max(1, round(e.retry_after)))} if e.retry_after is not None else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
-
-
-ERROR_RESPONSES = {s: {"model": ErrorBody, "description": d} for s, d in {
-    415: "the body is not sent as application/json", 422: "invalid request (every problem listed; the first "
-    "names its field)", 429: "queue full (see Retry-After)", 503: "not ready or shutting down (see Retry-After)",
-    504: "deadline passed", 500: "generation failed",
-}.items()}
+def error_response(e: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
+    """The HTTP answer for `e` (also an ASGI app, for middleware that answers before the app runs)."""
+    headers = dict(headers or {})
+    if e.retry_after is not None:  # whole seconds, at least 1
+        headers["Retry-After"] = str(max(1, round(e.retry_after)))
+    return JSONResponse(e.body(), status_code=e.status, headers=headers or None)
 
 
 def _is_json(content_type: str | None) -> bool:

@@ -19,12 +19,15 @@ from dataclasses import dataclass, field
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from .contracts import FinishReason, Job, SchedulerError
-from .errors import ERROR_RESPONSES, ApiError
-from .generation import make_job, render, submit, watch
-from .schemas import ErrorBody, JobList, JobStatus
+from .answers import make_job, render, submit, watch
+from .contracts import Cancelled, DeadlineExceeded, FinishReason, GenerationFailed, Job, SchedulerError
+from .errors import ApiError, error_responses
+from .schemas import JobList, JobStatus
 from .service import Service
 from .webhooks import Webhooks
+
+FULL_RETRY_SECONDS = 10  # Retry-After when --max-jobs are held: finished ones expire, clients fetch theirs
+POLL_SECONDS = 2  # Retry-After of a result asked for before the job is done
 
 
 @dataclass(eq=False)
@@ -56,13 +59,13 @@ class JobRecord:
         error = job.future.exception() if job.future.done() else None
         if isinstance(error, SchedulerError):
             return ApiError.from_scheduler(error)
-        return None if error is None else ApiError(500, "generation_failed", str(error))
+        return None if error is None else ApiError.from_scheduler(GenerationFailed(str(error)))
 
 
 def _cancelled(job_id: str, reason: FinishReason) -> ApiError:
     if reason == FinishReason.TIMED_OUT:
-        return ApiError(504, "deadline_exceeded", f"job {job_id} ran past --job-timeout")
-    return ApiError(409, "cancelled", f"job {job_id} was cancelled (DELETE /jobs/{job_id}); it has no result")
+        return ApiError.from_scheduler(DeadlineExceeded(f"job {job_id} ran past --job-timeout"))
+    return ApiError.from_scheduler(Cancelled(f"job {job_id} was cancelled (DELETE /jobs/{job_id}); it has no result"))
 
 
 class JobStore:
@@ -77,7 +80,7 @@ class JobStore:
             self._expire()
             if len(self._jobs) >= self.max_jobs:
                 raise ApiError(429, "too_many_jobs", f"{len(self._jobs)} jobs are held; fetch or cancel some, "
-                               "or try again later", retry_after=10)
+                               "or try again later", retry_after=FULL_RETRY_SECONDS)
             record = JobRecord(secrets.token_urlsafe(12), job, tag)
             self._jobs[record.id] = record
         job.future.add_done_callback(lambda _: self._finished.setdefault(record.id, time.monotonic()))
@@ -120,9 +123,10 @@ def jobs_router(service: Service, request_model, webhooks: Webhooks) -> APIRoute
     settings = service.settings
     store = JobStore(settings.job_ttl, settings.max_jobs)
     router = APIRouter(prefix="/jobs", tags=["jobs"])
-    not_found = {404: {"model": ErrorBody, "description": "no such job (or not this API key's)"}}
+    not_found = error_responses(401, 404)
 
-    @router.post("", status_code=202, response_model=JobStatus, responses=ERROR_RESPONSES,
+    @router.post("", status_code=202, response_model=JobStatus,
+                 responses=error_responses(401, 408, 413, 415, 422, 429, 503),
                  summary="submit a long generation; poll it, fetch its result or cancel it")
     async def create(body: request_model, request: Request):  # type: ignore[valid-type]
         url = webhooks.check(body.webhook_url) if body.webhook_url is not None else None
@@ -138,7 +142,8 @@ def jobs_router(service: Service, request_model, webhooks: Webhooks) -> APIRoute
             webhooks.deliver_when_done(job, record.id, url, record.status)
         return JSONResponse(record.status(), status_code=202, headers={"Location": f"/jobs/{record.id}"})
 
-    @router.get("", response_model=JobList, summary="the caller's jobs, newest first")
+    @router.get("", response_model=JobList, responses=error_responses(401, 422),
+                summary="the caller's jobs, newest first")
     async def listing(request: Request, limit: int = Query(50, ge=1, le=100, description="at most this many")):
         return {"jobs": [r.status() for r in store.of(_owner(request), limit)]}
 
@@ -147,8 +152,7 @@ def jobs_router(service: Service, request_model, webhooks: Webhooks) -> APIRoute
         return store.get(job_id, _owner(request)).status()
 
     @router.get("/{job_id}/result", response_class=Response, summary="the result of a finished job",
-                responses={**not_found, 409: {"model": ErrorBody, "description": "not finished (not_finished), "
-                                              "or cancelled (cancelled)"}})
+                responses=error_responses(401, 404, 409, 500, 503, 504))
     async def result(job_id: str, request: Request):
         record = store.get(job_id, _owner(request))
         job, error = record.job, record.error()
@@ -156,7 +160,7 @@ def jobs_router(service: Service, request_model, webhooks: Webhooks) -> APIRoute
             raise error
         if not job.future.done():
             raise ApiError(409, "not_finished", f"job {job_id} is {job.status} (step {job.progress} of "
-                           f"{job.spec.steps}); poll /jobs/{job_id}", retry_after=2)
+                           f"{job.spec.steps}); poll /jobs/{job_id}", retry_after=POLL_SECONDS)
         return render(service, job, await watch(job))
 
     @router.delete("/{job_id}", response_model=JobStatus, responses=not_found,

@@ -1,7 +1,8 @@
-"""Request and response bodies of the HTTP API (pydantic), and the one error shape."""
+"""Request and response bodies of the HTTP API (pydantic); the error shape is in server/errors.py."""
 
 from __future__ import annotations
 
+import random
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, create_model
@@ -9,33 +10,22 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 from model import SAMPLERS
 from model.samplers import check_interval
 
+from .contracts import ImageFormat
+from .errors import ErrorDetail
 from .settings import Settings
 
-SamplerName = Literal["ddpm", "ddim", "dpm-solver++"]
-assert set(SamplerName.__args__) == set(SAMPLERS)
+SamplerName = Literal[SAMPLERS]  # the names model/samplers.py defines
 MAX_SEED = 2**63 - 1
 MAX_SERVER_SEED = 2**53 - 1  # seeds the server picks stay exact in a JavaScript number (a double)
 # [lo, hi] with 0 <= lo < hi <= 1 (a list, so that a wrong length is an error of the field, not of an item)
 GuidanceInterval = Annotated[list[float], Field(min_length=2, max_length=2), AfterValidator(check_interval)]
 
 
-class FieldError(BaseModel):
-    field: str | None = Field(None, description="the request field at fault (dotted path), if one is")
-    message: str
-
-
-class ErrorDetail(BaseModel):
-    code: str = Field(description="machine-readable kind, e.g. invalid_request, queue_full, deadline_exceeded")
-    message: str = Field(description="what went wrong and what to do")
-    field: str | None = Field(None, description="the request field at fault, if one is (the first, when several)")
-    errors: list[FieldError] | None = Field(None, description="every problem found in the request (invalid "
-                                            "requests only)")
-
-
-class ErrorBody(BaseModel):
-    """Every error answer of this API has this shape."""
-
-    error: ErrorDetail
+def image_seeds(seed: int | None, count: int) -> tuple[int, ...]:
+    """The seeds of a request's `count` images: seed, seed + 1, ... (wrapping past MAX_SEED). Without a
+    seed, a random one that keeps all of them below 2^53, so that a JavaScript client can repeat it."""
+    base = seed if seed is not None else random.randrange(MAX_SERVER_SEED + 2 - count)
+    return tuple((base + k) % (MAX_SEED + 1) for k in range(count))
 
 
 def generate_request_model(settings: Settings) -> type[BaseModel]:
@@ -64,7 +54,7 @@ def generate_request_model(settings: Settings) -> type[BaseModel]:
                                                           "only the steps whose timestep t has lo <= t/999 <= hi "
                                                           "(fewer forward rows); [0, 1] guides every step")),
         num_images=(StrictInt, Field(1, ge=1, le=settings.max_images, description="images; > 1 gives a grid")),
-        format=(Literal["png", "jpeg", "webp"], Field("png", description="image encoding; when absent, an "
+        format=(ImageFormat, Field("png", description="image encoding; when absent, an "
                                                       "Accept: image/jpeg or image/webp header picks it")),
         previews=(StrictBool, Field(False, description="with Accept: text/event-stream, also send `preview` "
                                     "events: small images of the predicted clean image while it forms")),

@@ -13,7 +13,7 @@ import time
 import numpy as np
 import torch
 
-from model import Join, Pipeline
+from model import SAMPLERS, Join, Pipeline
 
 from ..settings import Settings
 from .contract import DecodeFailed, SampleJoin, StepPlan, StepResult
@@ -115,7 +115,7 @@ class ModelRunner:
         """One short guided generation through every sampler, along the server's own path (plans)."""
         t0 = time.monotonic()
         joins = tuple(SampleJoin(slot, -1, slot, 0, slot, sampler, 2, 2.0)
-                      for slot, sampler in enumerate(("ddpm", "ddim", "dpm-solver++")))
+                      for slot, sampler in enumerate(SAMPLERS))
         slots = tuple(j.slot for j in joins)
         first = self.execute(StepPlan(joins=joins, previews=slots))  # latent models fit their preview map here
         result = self.execute(StepPlan(finish=slots))
