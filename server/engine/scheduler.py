@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.samplers import check_interval, plan
+from model.pipeline import Sampling
 
 from ..contracts import (
     Cancelled,
@@ -165,8 +165,7 @@ class Scheduler:
         if not 0 <= spec.class_id < self.runner.num_classes:
             raise InvalidRequest(f"class_id {spec.class_id} is outside 0..{self.runner.num_classes - 1}")
         try:
-            plan(spec.sampler, spec.steps)
-            check_interval(spec.guidance_interval)
+            Sampling(spec.sampler, spec.steps, spec.cfg_scale, spec.guidance_interval)
         except ValueError as e:
             raise InvalidRequest(str(e)) from e
 
