@@ -164,7 +164,7 @@ def _read_stream(r: httpx.Response, class_name: str, quiet: bool) -> tuple[str, 
 def locally(args, body: dict) -> tuple[str, list[tuple[int, bytes]]]:
     """The server's answer, computed in this process: the same defaults, seeds, pipeline and encoding."""
     from model import Pipeline
-    from model.pipeline import SettingError
+    from model.samplers import SettingError
     from server.contracts import OutputSpec
     from server.encoding import encode, parameters
     from server.schemas import image_seeds

@@ -30,7 +30,7 @@ import torch
 
 from . import noise as noise_lib
 from .denoise import Denoiser
-from .samplers import FULL_INTERVAL, NOISE_ON, NUM_COEFFS, check_interval, guided_range, plan
+from .samplers import FULL_INTERVAL, NOISE_ON, NUM_COEFFS, Sampling, guided_range, plan
 
 
 @dataclass(frozen=True)
@@ -47,11 +47,10 @@ class Join:
     guidance_interval: tuple[float, float] = FULL_INTERVAL  # guided iff lo <= t / 999 <= hi
 
     def __post_init__(self):
-        if self.cfg_scale < 1.0:
-            raise ValueError(f"cfg_scale must be >= 1, got {self.cfg_scale}")
+        sampling = Sampling(self.sampler, self.steps, self.cfg_scale, self.guidance_interval)
         if not 0 <= self.index < self.steps:
             raise ValueError(f"index must be in 0..{self.steps - 1}, got {self.index}")
-        object.__setattr__(self, "guidance_interval", check_interval(self.guidance_interval))
+        object.__setattr__(self, "guidance_interval", sampling.guidance_interval)
 
 
 @dataclass

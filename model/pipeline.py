@@ -15,41 +15,7 @@ from .decoders import PixelDecoder, VAEDecoder, to_uint8
 from .denoise import Denoiser
 from .loading import build, infer_config
 from .previews import fit_latent_rgb, latent_rgb
-from .samplers import FULL_INTERVAL, SAMPLERS, check_interval, plan
-
-
-class SettingError(ValueError):
-    """A generation setting the samplers cannot run; `field` names it (sampler, steps, cfg_scale or
-    guidance_interval) and the message says what would do."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(message)
-        self.field = field
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """What one generation runs with, checked together: a known sampler that can take this many steps, a
-    guidance scale >= 1 (1 = no guidance), and an interval [lo, hi] with 0 <= lo < hi <= 1."""
-
-    sampler: str
-    steps: int
-    cfg_scale: float
-    guidance_interval: tuple[float, float] = FULL_INTERVAL
-
-    def __post_init__(self):
-        try:  # the sampler's own limits too (DPM-Solver++ cannot take 1000 steps)
-            plan(self.sampler, self.steps)
-        except ValueError as e:
-            raise SettingError("steps" if self.sampler in SAMPLERS else "sampler", str(e)) from None
-        if not self.cfg_scale >= 1.0:
-            raise SettingError("cfg_scale", f"cfg_scale must be >= 1, got {self.cfg_scale}")
-        try:  # a sidecar's JSON gives a list
-            interval = check_interval(self.guidance_interval)
-        except ValueError as e:
-            raise SettingError("guidance_interval", str(e)) from None
-        object.__setattr__(self, "cfg_scale", float(self.cfg_scale))
-        object.__setattr__(self, "guidance_interval", interval)
+from .samplers import FULL_INTERVAL, Sampling
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from urllib.parse import quote
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from model.pipeline import SettingError
+from model.samplers import SettingError
 
 from .class_names import ClassNameError, class_index
 from .contracts import (

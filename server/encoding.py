@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from model.pipeline import ModelInfo, Sampling
+from model.pipeline import ModelInfo
+from model.samplers import Sampling
 
 from .contracts import EncodedImage, ImageFormat, OutputSpec
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from model.pipeline import Sampling
+from model.samplers import Sampling
 
 from ..contracts import (
     Cancelled,
