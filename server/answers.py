@@ -156,15 +156,17 @@ def json_body(job: Job, result: GenerationResult) -> dict:
     return dict(job.output.metadata, images=images, timings=result.timings)
 
 
+# The headers of an answer, in the order `headers` gives their values (CORS exposes them: server/api.py).
+ANSWER_HEADERS = ("X-Seeds", "X-Class-Id", "X-Class-Name", "X-Steps", "X-Cfg-Scale", "X-Sampler",
+                  "X-Guidance-Interval", "Server-Timing")
+
+
 def headers(job: Job, result: GenerationResult) -> dict[str, str]:
     spec = job.spec
-    timing = ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in result.timings.items())
-    return {
-        "X-Seeds": ",".join(map(str, spec.seeds)), "X-Class-Id": str(spec.class_id),
-        "X-Class-Name": quote(job.output.metadata["class_name"]), "X-Steps": str(spec.steps),
-        "X-Cfg-Scale": f"{spec.cfg_scale:g}", "X-Sampler": spec.sampler, "Server-Timing": timing,
-        "X-Guidance-Interval": "{:g},{:g}".format(*spec.guidance_interval),
-    }
+    values = (",".join(map(str, spec.seeds)), str(spec.class_id), quote(job.output.metadata["class_name"]),
+              str(spec.steps), f"{spec.cfg_scale:g}", spec.sampler, "{:g},{:g}".format(*spec.guidance_interval),
+              ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in result.timings.items()))
+    return dict(zip(ANSWER_HEADERS, values, strict=True))
 
 
 def render(service: Service, job: Job, result: GenerationResult) -> Response:

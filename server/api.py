@@ -24,7 +24,7 @@ from .class_names import class_index
 from .encoding import MEDIA_TYPES
 from .errors import ApiError, error_response, error_responses, install_error_handlers
 from .jobs import jobs_router
-from .middleware import BodyLimit, GenerateMetrics, RequestContext
+from .middleware import BodyLimit, RequestContext
 from .schemas import ClassesResponse, GenerateResponse, generate_request_model, job_request_model
 from .service import Service
 from .settings import Settings
@@ -180,13 +180,12 @@ def install_docs(app: FastAPI, service: Service, keyed: bool) -> None:
 
 
 def install_middleware(app: FastAPI, settings: Settings, service: Service) -> None:
-    """Innermost first (Starlette puts the last added outermost): CORS, API keys, body limits, the
-    /generate metrics (so rejected requests count too), request ids and access logs."""
+    """Innermost first (Starlette puts the last added outermost): CORS, API keys, body limits, then
+    request ids, access logs and the /generate metrics (outermost, so refused requests count too)."""
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"],
-                           expose_headers=["X-Request-ID", "Location", "X-Seeds", "X-Class-Id", "X-Class-Name",
-                                           "X-Steps", "X-Cfg-Scale", "X-Sampler", "Server-Timing", "Retry-After"])
+                           expose_headers=["X-Request-ID", "Location", "Retry-After", *answers.ANSWER_HEADERS])
     keys = api_keys(settings)
     if keys:
         # The playground and its assets hold no data: they load without a key, and the page asks for one.
@@ -196,5 +195,11 @@ def install_middleware(app: FastAPI, settings: Settings, service: Service) -> No
         docs = [f"/static/docs/{f.name}" for f in DOCS_ASSETS.iterdir() if f.is_file()]
         app.add_middleware(ApiKeyAuth, keys=keys, open_paths=[*settings.open_paths, *page, *docs])
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
-    app.add_middleware(GenerateMetrics, metrics=service.metrics)
-    app.add_middleware(RequestContext)
+    metrics = service.metrics
+
+    def answered(path: str, status: int, seconds: float) -> None:
+        if path == "/generate":  # every answer of /generate, validation errors and refusals included
+            metrics.requests.labels(code=str(status)).inc()
+            metrics.request_duration.observe(seconds)
+
+    app.add_middleware(RequestContext, on_answer=answered)

@@ -1,6 +1,6 @@
-"""ASGI middleware around every request: request ids and access logs, body size and time limits, and the
-/generate request metrics (API keys: server/auth.py). Pure ASGI (no BaseHTTPMiddleware): nothing here
-buffers responses."""
+"""ASGI middleware around every request: request ids, access logs and per-answer metrics; body size and
+time limits (API keys: server/auth.py). Pure ASGI (no BaseHTTPMiddleware): nothing here buffers
+responses."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 
 from .errors import ApiError, error_response
 from .logs import request_id_var
@@ -18,11 +19,11 @@ _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class RequestContext:
-    """X-Request-ID (the client's if it is sane, else a new one) on every response and log line, and one
-    structured access-log line per request."""
+    """X-Request-ID (the client's if it is sane, else a new one) on every response and log line, one
+    structured access-log line per request, and `on_answer(path, status, seconds)` after each one."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, on_answer: Callable[[str, int, float], None] | None = None):
+        self.app, self.on_answer = app, on_answer
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -42,10 +43,12 @@ class RequestContext:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
+            seconds = time.monotonic() - t0
             access_log.info("request", extra={"http": {
                 "method": scope["method"], "path": scope["path"], "status": status,
-                "duration_ms": round((time.monotonic() - t0) * 1000, 1),
-                "client": (scope.get("client") or ("-",))[0]}})
+                "duration_ms": round(seconds * 1000, 1), "client": (scope.get("client") or ("-",))[0]}})
+            if self.on_answer is not None:
+                self.on_answer(scope["path"], status, seconds)
             request_id_var.reset(token)
 
 
@@ -92,27 +95,3 @@ class BodyLimit:
             return await receive()  # after the body: the disconnect, when it comes
 
         await self.app(scope, replay, send)
-
-
-class GenerateMetrics:
-    """Status and duration of every /generate answer, validation errors and refusals included."""
-
-    def __init__(self, app, metrics):
-        self.app, self.metrics = app, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/generate":
-            return await self.app(scope, receive, send)
-        t0, status = time.monotonic(), 500
-
-        async def send_and_record(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_and_record)
-        finally:
-            self.metrics.requests.labels(code=str(status)).inc()
-            self.metrics.request_duration.observe(time.monotonic() - t0)
