@@ -7,7 +7,7 @@
    activation scales, each layer fed the activations a float32 block gives it (GELU outputs for fc2,
    attention outputs for proj); then the whole DiT-XL/2 forward at 256 px: bf16, and FP8 in a bf16
    model (as a GPU runs it), against float32.
-2. The embedded Fashion-MNIST model with its defaults (DPM-Solver++, 20 steps, guidance 2), the same
+2. The embedded Fashion-MNIST model with its declared defaults (sampler, steps, guidance), the same
    seeds through float32 and through each FP8 variant: the share of images the independent classifier
    labels as the requested class, the share labelled as the float32 image of the same seed is, the
    feature-FID against the test split and against the float32 images, and the mean pixel difference.
@@ -113,7 +113,7 @@ def embedded_quality(model: str, per_class: int, data_dir: str, classifier: str,
     labels, seeds = [c for c in range(10) for _ in range(per_class)], list(range(n))
     pipe = Pipeline.from_pretrained(model)  # float32 on the CPU, as the CPU server runs it
     d = pipe.info.defaults
-    print(f"  {n} images, {d.sampler} {d.steps} steps, cfg {d.cfg_scale}", flush=True)
+    print(f"  {n} images, the model's defaults: {d}", flush=True)
 
     def generate():  # in batches of 200, as bench/quality.py does
         return torch.cat([pipe.generate(labels[i:i + 200], seeds[i:i + 200], sampler=d.sampler, steps=d.steps,
