@@ -1,11 +1,24 @@
-"""Quality of the embedded Fashion-MNIST model, judged by an independent classifier.
+"""Quality of the embedded Fashion-MNIST model, judged by an independent classifier: the frontier of
+quality against cost over samplers x step counts x guidance scales x guidance intervals.
 
     python bench/quality.py [--model weights/fashion_dit.safetensors] [--per-class 100]
+                            [--settings dpm-solver++:20:2 dpm-solver++:20:3:0-0.7 ...] [--out FILE]
 
-For each sampler and cfg scale in 1, 2, 4: 100 images per class (1000), the share the classifier
-labels as the requested class, and a feature-FID (classifier penultimate features) against 1000
-test images; as the reference, the same FID between 1000 training and 1000 test images. Also the
-time to generate one image alone with the declared defaults, and batched images/s.
+A setting is sampler:steps:cfg[:lo-hi] (interval default 0-1, guidance at every step). For each:
+--per-class images per class (seeds 0..N-1), the share the classifier labels as the requested class
+(class agreement), a feature-FID (the classifier's penultimate features) against as many test images,
+the forward rows one image costs (a guided step costs 2 rows, an unguided one 1: exact, from the
+sampler plan), and images/s while generating them in batches of 200 (wall clock: noisy on a shared
+machine). As the reference, the same FID between as many training and test images.
+
+At the end: the Pareto-best settings (no other setting has fewer or equal rows, higher or equal
+agreement and lower or equal FID, one of them strictly), and the settings that qualify to replace the
+model's declared defaults under the rule of issue 15, against --baseline (default: the declared
+defaults) measured in the same run: agreement >= the baseline's and FID lower by more than 1.0, or
+equal quality (agreement within 0.5 point, FID within 0.5) with >= 10% fewer rows. Last, the speed of
+--baseline and the declared defaults, interleaved (--speed-only: just that).
+
+    python bench/quality.py --per-class 50 --threads 1 --baseline dpm-solver++:20:2   # weights/README.md
 """
 
 from __future__ import annotations
@@ -13,12 +26,71 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 
 from model import Pipeline
+from model.denoise import rows_per_iteration
 from training.classifier import load_classifier
 from training.data import DEFAULT_DIR, load_split
+
+# The frontier of weights/README.md, most telling first (a partial run still answers): the declared
+# defaults of before (DPM-Solver++ 20, cfg 2, guided throughout), intervals that skip the high-noise
+# steps at scales 2-5, then fewer steps, an interval that also skips the lowest noise, full guidance at
+# 3, and DDIM. u = t / 999; the README maps u to the noise level sigma.
+FRONTIER = [
+    "dpm-solver++:20:2", "dpm-solver++:20:2:0-0.7", "dpm-solver++:20:3:0-0.7", "dpm-solver++:20:3:0-0.5",
+    "dpm-solver++:20:4:0-0.5", "dpm-solver++:15:4:0-0.5", "dpm-solver++:10:4:0-0.5", "dpm-solver++:20:5:0-0.5",
+    "dpm-solver++:20:4:0-0.4", "dpm-solver++:20:4:0.1-0.5", "dpm-solver++:15:3:0-0.7", "dpm-solver++:10:3:0-0.7",
+    "dpm-solver++:20:3", "ddim:25:4:0-0.5",
+]
+
+
+@dataclass(frozen=True)
+class Setting:
+    sampler: str
+    steps: int
+    cfg: float
+    interval: tuple[float, float] = (0.0, 1.0)
+
+    @classmethod
+    def parse(cls, text: str) -> Setting:
+        sampler, steps, cfg, *rest = text.split(":")
+        interval = tuple(float(v) for v in rest[0].split("-")) if rest else (0.0, 1.0)
+        return cls(sampler, int(steps), float(cfg), interval)
+
+    @property
+    def rows(self) -> int:
+        """Forward rows per image."""
+        return sum(rows_per_iteration(self.sampler, self.steps, self.cfg, self.interval))
+
+    def label(self) -> str:
+        return f"{self.sampler} {self.steps} cfg {self.cfg:g} [{self.interval[0]:g}, {self.interval[1]:g}]"
+
+
+@dataclass(frozen=True)
+class Row:
+    setting: Setting
+    agreement: float
+    fid: float
+    images_per_second: float
+
+    def dominates(self, other: Row) -> bool:
+        s, o = self, other
+        at_least = s.setting.rows <= o.setting.rows and s.agreement >= o.agreement and s.fid <= o.fid
+        better = s.setting.rows < o.setting.rows or s.agreement > o.agreement or s.fid < o.fid
+        return at_least and better
+
+
+def qualifies(row: Row, today: Row) -> str | None:
+    """Why `row` may replace the declared defaults `today` (issue 15's rule), or None."""
+    if row.agreement >= today.agreement and row.fid < today.fid - 1.0:
+        return "better: agreement >= and FID lower by > 1.0"
+    same = abs(row.agreement - today.agreement) <= 0.005 and abs(row.fid - today.fid) <= 0.5
+    if same and row.setting.rows <= 0.9 * today.setting.rows:
+        return "equal quality with >= 10% fewer rows"
+    return None
 
 
 def feature_fid(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -39,9 +111,9 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(pipe: Pipeline, labels: list[int], seeds: list[int], sampler: str, steps: int, cfg: float,
-             batch: int = 200) -> torch.Tensor:
-    out = [pipe.generate(labels[i:i + batch], seeds[i:i + batch], sampler=sampler, steps=steps, cfg_scale=cfg)
+def generate(pipe: Pipeline, labels: list[int], seeds: list[int], s: Setting, batch: int = 200) -> torch.Tensor:
+    out = [pipe.generate(labels[i:i + batch], seeds[i:i + batch], sampler=s.sampler, steps=s.steps,
+                         cfg_scale=s.cfg, guidance_interval=s.interval)
            for i in range(0, len(labels), batch)]
     return torch.cat(out)
 
@@ -52,12 +124,34 @@ def main() -> None:
     p.add_argument("--classifier", default="tests/assets/fashion_classifier.safetensors")
     p.add_argument("--data-dir", default=str(DEFAULT_DIR))
     p.add_argument("--per-class", type=int, default=100)
-    p.add_argument("--samplers", nargs="+", default=["ddpm:50", "ddim:25", "dpm-solver++:20"],
-                   help="sampler:steps pairs")
-    p.add_argument("--cfg", type=float, nargs="+", default=[1.0, 2.0, 4.0])
+    p.add_argument("--settings", nargs="+", default=FRONTIER, help="sampler:steps:cfg[:lo-hi] (default: the frontier)")
+    p.add_argument("--baseline", help="the setting the rule compares against (default: the model's declared defaults)")
+    p.add_argument("--out", help="also write the report to this file (appended as rows complete)")
+    p.add_argument("--threads", type=int, help="torch threads (1 is faster on a machine shared with other work)")
+    p.add_argument("--skip-timing", action="store_true", help="skip the speed comparison at the end")
+    p.add_argument("--speed-only", action="store_true", help="only the speed comparison of --baseline and the "
+                   "declared defaults (no quality)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = open(args.out, "w") if args.out else None  # noqa: SIM115 (kept open for the whole run)
+
+    def say(line: str = "") -> None:
+        print(line, flush=True)
+        if out:
+            out.write(line + "\n")
+            out.flush()
 
     pipe = Pipeline.from_pretrained(args.model)
+    d = pipe.info.defaults
+    today = Setting.parse(args.baseline) if args.baseline else Setting(d.sampler, d.steps, d.cfg_scale,
+                                                                      d.guidance_interval)
+    settings = [Setting.parse(s) for s in args.settings]
+    if today not in settings:
+        settings.insert(0, today)
+    declared = Setting(d.sampler, d.steps, d.cfg_scale, d.guidance_interval)
+    if args.speed_only:
+        return speed(pipe, list(dict.fromkeys([today, declared])), say)
     judge = load_classifier(args.classifier)
     x_train, _ = load_split("train", args.data_dir)
     x_test, y_test = load_split("test", args.data_dir)
@@ -67,38 +161,66 @@ def main() -> None:
     train_feats = judge.features(x_train[torch.randperm(len(x_train), generator=g)[:n]])
     with torch.no_grad():
         test_acc = (torch.cat([judge(x_test[i:i + 1000]).argmax(1) for i in range(0, 10000, 1000)]) == y_test)
-    print(f"classifier test-split accuracy: {test_acc.float().mean().item():.4f}")
-    print(f"reference feature-FID, {n} train vs {n} test images: {feature_fid(train_feats, test_feats):.2f}")
+    say(f"classifier test-split accuracy: {test_acc.float().mean().item():.4f}")
+    say(f"reference feature-FID, {n} train vs {n} test images: {feature_fid(train_feats, test_feats):.2f}")
+    say(f"{n} images per setting, {torch.get_num_threads()} threads")
 
-    d = pipe.info.defaults
     labels = [c for c in range(10) for _ in range(args.per_class)]
     seeds = list(range(n))
-    print(f"\n{'sampler':>13} {'steps':>5} {'cfg':>4} {'class agreement':>15} {'feature-FID':>11} {'seconds':>7}")
-    for item in args.samplers:
-        sampler, steps = item.split(":")
-        for cfg in args.cfg:
-            t0 = time.monotonic()
-            images = generate(pipe, labels, seeds, sampler, int(steps), cfg)
-            dt = time.monotonic() - t0
-            with torch.no_grad():
-                x = to_model_input(images)
-                agree = (judge(x).argmax(1) == torch.tensor(labels)).float().mean().item()
-                fid = feature_fid(judge.features(x), test_feats)
-            mark = " (defaults)" if (sampler, int(steps), cfg) == (d.sampler, d.steps, d.cfg_scale) else ""
-            print(f"{sampler:>13} {steps:>5} {cfg:>4.1f} {agree:>15.1%} {fid:>11.2f} {dt:>7.0f}{mark}", flush=True)
+    say(f"\n{'sampler':>13} {'steps':>5} {'cfg':>4} {'interval':>11} {'rows/image':>10} {'agreement':>9} "
+        f"{'feature-FID':>11} {'images/s':>8}")
+    rows: list[Row] = []
+    for s in settings:
+        t0 = time.monotonic()
+        images = generate(pipe, labels, seeds, s)
+        rate = n / (time.monotonic() - t0)
+        with torch.no_grad():
+            x = to_model_input(images)
+            agree = (judge(x).argmax(1) == torch.tensor(labels)).float().mean().item()
+            fid = feature_fid(judge.features(x), test_feats)
+        rows.append(Row(s, agree, fid, rate))
+        interval = f"[{s.interval[0]:g}, {s.interval[1]:g}]"
+        mark = " (defaults)" if s == today else ""
+        say(f"{s.sampler:>13} {s.steps:>5} {s.cfg:>4g} {interval:>11} {s.rows:>10} {agree:>9.1%} {fid:>11.2f} "
+            f"{rate:>8.1f}{mark}")
 
-    # Speed with the declared defaults.
-    lone = []
-    for k in range(10):
-        t0 = time.perf_counter()
-        pipe.generate([k % 10], [k])
-        lone.append(time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    pipe.generate(labels[::10], seeds[::10])
-    batched = len(labels[::10]) / (time.perf_counter() - t0)
-    print(f"\ndefaults {d.sampler}, {d.steps} steps, cfg {d.cfg_scale}: one image alone "
-          f"{statistics.median(lone) * 1000:.0f} ms (median of 10), batched {batched:.0f} images/s "
-          f"(batch of {len(labels[::10])}), {torch.get_num_threads()} threads")
+    say("\nPareto-best (rows, agreement, FID):")
+    for r in rows:
+        if not any(o.dominates(r) for o in rows):
+            say(f"  {r.setting.label()}: {r.setting.rows} rows, {r.agreement:.1%}, FID {r.fid:.2f}")
+    base = next(r for r in rows if r.setting == today)
+    say(f"\nqualify to replace the defaults ({today.label()}: {today.rows} rows, {base.agreement:.1%}, "
+        f"FID {base.fid:.2f}):")
+    for r in rows:
+        why = qualifies(r, base)
+        if why:
+            say(f"  {r.setting.label()}: {r.setting.rows} rows, {r.agreement:.1%}, FID {r.fid:.2f} ({why})")
+
+    if not args.skip_timing:
+        speed(pipe, list(dict.fromkeys([today, declared])), say)
+
+
+def speed(pipe: Pipeline, settings: list[Setting], say, rounds: int = 3, batch: int = 100) -> None:
+    """Batched images/s and one image alone, the settings interleaved (A B A B ...) in each round, so that
+    a machine shared with other work slows them alike."""
+    labels = [k % 10 for k in range(batch)]
+    batched: dict[Setting, list[float]] = {s: [] for s in settings}
+    alone: dict[Setting, list[float]] = {s: [] for s in settings}
+    for _ in range(rounds):
+        for s in settings:
+            kw = dict(sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg, guidance_interval=s.interval)
+            t0 = time.perf_counter()
+            pipe.generate(labels, list(range(batch)), **kw)
+            batched[s].append(batch / (time.perf_counter() - t0))
+            for k in range(4):
+                t0 = time.perf_counter()
+                pipe.generate([k], [k], **kw)
+                alone[s].append(time.perf_counter() - t0)
+    say(f"\nspeed, interleaved, {torch.get_num_threads()} threads:")
+    for s in settings:
+        say(f"  {s.label()} ({s.rows} rows/image): batched {statistics.median(batched[s]):.1f} images/s (median "
+            f"of {rounds} x {batch}), one image alone {statistics.median(alone[s]) * 1000:.0f} ms (median of "
+            f"{4 * rounds})")
 
 
 if __name__ == "__main__":

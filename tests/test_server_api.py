@@ -116,11 +116,13 @@ def test_guidance_interval_in_the_answer_the_png_and_info(server):
     with server.client() as c:
         default = c.get("/info").json()["defaults"]["guidance_interval"]
         plain = c.post("/generate", json=req)
+        explicit = c.post("/generate", json=dict(req, guidance_interval=default))
         full = c.post("/generate", json=dict(req, guidance_interval=[0, 1]))
         narrow = c.post("/generate", json=dict(req, guidance_interval=[0.2, 0.6]),
                         headers={"Accept": "application/json"})
-    assert plain.content == full.content  # [0, 1] is the paper's guidance at every step
-    assert full.headers["x-guidance-interval"] == "0,1" and default == [0.0, 1.0]
+    assert plain.content == explicit.content  # omitted = the model's declared interval
+    assert plain.headers["x-guidance-interval"] == "{:g},{:g}".format(*default)
+    assert full.headers["x-guidance-interval"] == "0,1"
     assert narrow.headers["x-guidance-interval"] == "0.2,0.6" and narrow.json()["guidance_interval"] == [0.2, 0.6]
     image = base64.b64decode(narrow.json()["images"][0]["data"])
     assert json.loads(Image.open(io.BytesIO(image)).info["parameters"])["guidance_interval"] == [0.2, 0.6]
