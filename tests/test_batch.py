@@ -73,7 +73,7 @@ class _CountOps(TorchDispatchMode):
 def test_a_steady_step_builds_no_tensor_from_python_and_never_syncs(tiny_dit):
     batch = SlotBatch(Denoiser(tiny_dit))
     # guidance intervals switch later in these samples' runs; steps 0 and 1 have the same guided set
-    batch.join([Join(s, lab, seed, smp, 20, cfg, guidance_interval=(0.0, 0.5 + 0.1 * s))
+    batch.join([Join(s, lab, seed, smp, 20, cfg, guidance_interval=(0.0, min(1.0, 0.5 + 0.1 * s)))
                 for s, lab, seed, smp, _, cfg, _ in MIX])
     with _CountOps() as first:
         batch.step()  # membership changed: this step builds its index tensors from Python lists
