@@ -6,10 +6,12 @@ callbacks (`EngineEvents`), so the service above them does not know which it has
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import multiprocessing
 import threading
+from collections import deque
 from typing import Protocol
 
 import numpy as np
@@ -110,6 +112,8 @@ class EngineProcess:
         self._lock = threading.Lock()  # _jobs
         self._send_lock = threading.Lock()  # one writer on the pipe at a time
         self._load = IDLE
+        self._unreported: deque[tuple[int, int]] = deque()  # (id, row-steps) of submits not yet in _load
+        self._unreported_work = 0
         self._metrics = b""
         self._stopping = False
         self._conn = None
@@ -137,6 +141,8 @@ class EngineProcess:
         id_ = next(self._ids)
         with self._lock:
             self._jobs[id_] = job
+            self._unreported.append((id_, job.spec.row_steps))
+            self._unreported_work += job.spec.row_steps
         job.on_cancel = lambda _, reason: self._cancel(id_, reason)
         try:
             self._send(msg.Submit(id_, job.spec, job.deadline, job.owner, job.timings.arrival))
@@ -157,7 +163,11 @@ class EngineProcess:
         self._send(msg.ArmFault(kind, count))
 
     def load(self) -> msg.Load:
-        return self._load
+        """The engine's last reported load plus the requests submitted since (not in it yet)."""
+        with self._lock:
+            extra_requests, extra_work = len(self._unreported), self._unreported_work
+        load = self._load
+        return dataclasses.replace(load, waiting=load.waiting + extra_requests, work=load.work + extra_work)
 
     def metrics_text(self) -> bytes:
         return self._metrics
@@ -210,8 +220,10 @@ class EngineProcess:
 
     def _handle(self, m) -> None:
         if isinstance(m, msg.Progress):
-            self._load = m.load
             with self._lock:
+                self._load = m.load
+                while self._unreported and self._unreported[0][0] <= m.last_submit:
+                    self._unreported_work -= self._unreported.popleft()[1]
                 for id_, progress, position, admitted in m.updates:
                     job = self._jobs.get(id_)
                     if job is not None:

@@ -84,6 +84,8 @@ class Load:
 class Progress:
     updates: tuple[tuple[int, int, int | None, float | None], ...]  # (id, steps done, queue position, admitted)
     load: Load
+    last_submit: int  # the id of the last Submit the engine had taken when `load` was read: later ones are
+    #                   not in it yet, so the front-end adds them (admission must not overcommit between updates)
 
 
 @dataclass(frozen=True)

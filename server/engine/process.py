@@ -62,6 +62,7 @@ class Engine:
         self.sent: dict[int, tuple] = {}  # id -> (progress, queue position, admitted) last sent
         self.lock = threading.Lock()  # jobs/sent, shared by the pipe reader and the pump
         self.metrics = EngineMetrics()
+        self.last_submit = 0
         self.scheduler = None
         self.runner = None
 
@@ -142,6 +143,7 @@ class Engine:
             self.scheduler.submit(job)
         except SchedulerError as e:
             job.fail(e)
+        self.last_submit = m.id
 
     def _deliver(self, job: Job, pixels) -> None:
         """On the engine thread: hand the pixels to the sender thread and return at once."""
@@ -181,6 +183,7 @@ class Engine:
                 self.send(msg.MetricsSnapshot(generate_latest(self.metrics.registry)))
 
     def _send_progress(self) -> None:
+        last_submit = self.last_submit  # read before the load: a submit in between is counted twice, not missed
         updates = []
         with self.lock:
             for id_, job in self.jobs.items():
@@ -188,4 +191,4 @@ class Engine:
                 if self.sent.get(id_) != state:
                     self.sent[id_] = state
                     updates.append((id_, *state))
-        self.send(msg.Progress(tuple(updates), self.scheduler.load()))
+        self.send(msg.Progress(tuple(updates), self.scheduler.load(), last_submit))
