@@ -6,9 +6,9 @@
     images = pipe.generate([0, 1], seeds=[1, 2])            # uint8 (N, H, W, 3)
 """
 
+from .batch import Join, SlotBatch
 from .checkpoint import CheckpointError
 from .config import PRESETS, DiTConfig, preset
-from .batch import Join, SlotBatch
 from .denoise import Denoiser
 from .dit import DiT
 from .loading import load_dit
