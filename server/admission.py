@@ -9,7 +9,7 @@ A request is refused (429) when
     row-step (right where a step costs in proportion to its rows, as on a CPU) and seconds per step over
     the row budget (right where a step costs about the same at any width, as on a GPU below saturation);
     the smaller is used, so a request is refused only when even the optimistic estimate misses.
-Nothing is estimated before the engine has measured a step.
+Nothing is estimated before the engine has measured a step, and an idle engine admits any request.
 """
 
 from __future__ import annotations
@@ -18,6 +18,10 @@ import math
 
 from .contracts import Job, KeyQuotaExceeded, Overloaded, QueueFull
 from .engine.messages import Load
+
+# The share of a request's remaining time the estimate may fill: step times vary under load, and a
+# request that misses its deadline after admission wastes the rows it held.
+HEADROOM = 0.8
 
 
 def seconds_to_finish(job: Job, load: Load) -> float | None:
@@ -43,12 +47,14 @@ class Admission:
             raise KeyQuotaExceeded(f"this API key already has {owned} requests queued or running (the limit "
                                    f"is {self.max_per_key}); wait for one to finish",
                                    retry_after=self._drain_seconds(load))
-        if self.deadline_aware:
+        if self.deadline_aware and (load.waiting or load.work):
+            # An idle engine takes any request: there is no backlog to protect, and its steps re-measure the
+            # step time (an estimate left high by a slow period would otherwise refuse everything for good).
             seconds = seconds_to_finish(job, load)
-            budget = job.deadline - now
+            budget = (job.deadline - now) * HEADROOM
             if seconds is not None and seconds > budget:
-                raise Overloaded(f"the server is busy: this request would take about {seconds:.1f} s, more than its "
-                                 f"{budget:.1f} s deadline; try again later",
+                raise Overloaded(f"the server is busy: this request would take about {seconds:.1f} s, more than it "
+                                 f"can wait ({job.deadline - now:.1f} s); try again later",
                                  retry_after=math.ceil(seconds - budget))
 
     @staticmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from server.admission import Admission, seconds_to_finish
+from server.admission import HEADROOM, Admission, seconds_to_finish
 from server.contracts import GenerationSpec, Job, KeyQuotaExceeded, OutputSpec, Overloaded, QueueFull
 from server.engine.messages import Load
 
@@ -35,13 +35,18 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_with_an_honest_retry
         Admission(256, None).check(job(timeout=5.0), load(work=64_000), 0, NOW)
     assert e.value.status == 429 and e.value.code == "overloaded"
     estimate = seconds_to_finish(job(), load(work=64_000))
-    assert e.value.retry_after == pytest.approx(estimate - 5.0, abs=1.0)
+    assert e.value.retry_after == pytest.approx(estimate - 5.0 * HEADROOM, abs=1.0)  # when it would fit
 
 
 def test_its_own_steps_alone_can_exceed_the_deadline():
+    busy = load(work=10, step=0.02)
     with pytest.raises(Overloaded):
-        Admission(256, None).check(job(steps=500, timeout=5.0), load(step=0.02), 0, NOW)  # 500 x 20 ms = 10 s
-    Admission(256, None, deadline_aware=False).check(job(steps=500, timeout=5.0), load(step=0.02), 0, NOW)
+        Admission(256, None).check(job(steps=500, timeout=5.0), busy, 0, NOW)  # 500 x 20 ms = 10 s
+    Admission(256, None, deadline_aware=False).check(job(steps=500, timeout=5.0), busy, 0, NOW)
+
+
+def test_an_idle_engine_admits_anything_so_a_stale_estimate_cannot_lock_it_out():
+    Admission(256, None).check(job(steps=500, timeout=5.0), load(step=5.0), 0, NOW)
 
 
 def test_queue_full_and_the_key_quota():

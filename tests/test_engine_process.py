@@ -51,14 +51,18 @@ def test_the_engine_dies_with_the_server(tmp_path):
 
 
 def test_deadline_aware_admission_refuses_what_cannot_finish_in_time(tmp_path):
-    with run_server(tmp_path, "--max-steps", "1000", "--request-timeout", "1") as s, s.client() as c:
+    with run_server(tmp_path, "--max-steps", "1000", "--request-timeout", "1", "--job-timeout", "600") as s, \
+            s.client() as c:
         assert c.post("/generate", json={"class_id": 1, "steps": 20}).status_code == 200  # measures a step
+        busy = c.post("/jobs", json=dict(LONG, steps=1000)).json()  # a backlog (an idle engine admits anything)
+        wait_until(lambda: c.get(busy["status_url"]).json()["status"] == "running", 30, "the job to run")
         admitted = s.metric("dit_requests_admitted_total")
         r = c.post("/generate", json=LONG)  # 1000 steps: well over a second at any measured step time
         assert r.status_code == 429 and r.json()["error"]["code"] == "overloaded"
         assert int(r.headers["retry-after"]) >= 1
         assert s.metric("dit_requests_admitted_total") == admitted  # refused at the door, never admitted
         assert s.metric("dit_requests_finished_total", 'reason="timed_out"') == 0
+        c.delete(busy["status_url"])
 
 
 def test_one_key_flooding_gets_its_quota_and_the_other_key_is_served(tmp_path):
