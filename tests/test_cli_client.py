@@ -99,6 +99,7 @@ def test_an_unknown_name_among_many_classes_lists_the_nearest():
     assert "class 3" not in str(e.value)  # not all 1000
 
 
+@pytest.mark.slow
 def test_retries_429_after_retry_after(tmp_path):
     # Two 1000-step jobs fill the one-row batch and the one-place queue until the test cancels them,
     # once the client has been refused: no race with how fast the machine steps.

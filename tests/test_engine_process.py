@@ -10,6 +10,7 @@ import signal
 import time
 
 import httpx
+import pytest
 from server_harness import run_server, wait_until
 
 LONG = {"class_id": 1, "steps": 1000, "cfg_scale": 1.0, "sampler": "ddim"}
@@ -28,6 +29,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_engine_death_answers_503_turns_readiness_off_and_exits_non_zero(tmp_path):
     with run_server(tmp_path, "--max-steps", "1000", "--max-batch-rows", "1") as s, cf.ThreadPoolExecutor(1) as pool:
         inflight = pool.submit(httpx.post, s.url + "/generate", json=LONG, timeout=60)
@@ -41,6 +43,7 @@ def test_engine_death_answers_503_turns_readiness_off_and_exits_non_zero(tmp_pat
         assert "engine process exited" in s.logs()
 
 
+@pytest.mark.slow
 def test_the_engine_dies_with_the_server(tmp_path):
     with run_server(tmp_path) as s:
         pid = engine_pid(s)
@@ -50,6 +53,7 @@ def test_the_engine_dies_with_the_server(tmp_path):
         wait_until(lambda: not alive(pid), 10, "the engine to end with its parent")
 
 
+@pytest.mark.slow
 def test_deadline_aware_admission_refuses_what_cannot_finish_in_time(tmp_path):
     with run_server(tmp_path, "--max-steps", "1000", "--request-timeout", "1", "--job-timeout", "600") as s, \
             s.client() as c:
@@ -65,6 +69,7 @@ def test_deadline_aware_admission_refuses_what_cannot_finish_in_time(tmp_path):
         c.delete(busy["status_url"])
 
 
+@pytest.mark.slow
 def test_one_key_flooding_gets_its_quota_and_the_other_key_is_served(tmp_path):
     args = ("--api-keys", "key-a,key-b", "--max-requests-per-key", "2", "--max-batch-rows", "2",
             "--max-steps", "1000")

@@ -73,6 +73,7 @@ def _device_error_turns_readiness_off(faulty):
     assert httpx.post(faulty.url + "/generate", json=SMALL, timeout=60).status_code == 503
 
 
+@pytest.mark.slow
 def test_sigterm_under_load(tmp_path):
     with run_server(tmp_path, "--max-steps", "1000") as s:
         with cf.ThreadPoolExecutor(4) as pool:

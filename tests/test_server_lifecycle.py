@@ -17,6 +17,7 @@ from model import DiT, DiTConfig
 LONG = {"class_id": 1, "steps": 1000, "cfg_scale": 1.0, "sampler": "ddim"}  # a few seconds on the CPU
 
 
+@pytest.mark.slow
 def test_queue_full_answers_429_with_retry_after(tmp_path):
     with run_server(tmp_path, "--max-queue", "1", "--max-batch-rows", "1", "--max-steps", "1000") as s:
         with s.client() as c, cf.ThreadPoolExecutor(6) as pool:
@@ -41,6 +42,7 @@ def test_deadline_answers_504(tmp_path):
             assert c.post("/generate", json={"class_id": 1, "steps": 5}).status_code == 200
 
 
+@pytest.mark.slow
 def test_disconnect_frees_the_slot(tmp_path):
     with run_server(tmp_path, "--max-steps", "1000", "--max-batch-rows", "1") as s:
         with pytest.raises(httpx.ReadTimeout), s.client(timeout=1.0) as c:
@@ -54,6 +56,7 @@ def test_disconnect_frees_the_slot(tmp_path):
         assert s.metric("dit_images_generated_total") == 1
 
 
+@pytest.mark.slow
 def test_readiness_turns_200_after_warm_up(tmp_path):
     # A pixel-space model big enough that loading and warming up take a moment on the CPU.
     cfg = DiTConfig(input_size=64, patch_size=2, in_channels=3, hidden_size=384, depth=12, num_heads=6, num_classes=5)
