@@ -18,7 +18,6 @@ import math
 
 from .contracts import Job, KeyQuotaExceeded, Overloaded, QueueFull
 from .engine.messages import Load
-from .errors import ApiError, error_response
 
 # The share of a request's remaining time the estimate may fill: step times vary under load, and a
 # request that misses its deadline after admission wastes the rows it held.
@@ -35,24 +34,6 @@ def seconds_to_finish(job: Job, load: Load) -> float | None:
     return max(drain, spec.steps * load.step_seconds)
 
 
-class ShedWhenFull:
-    """ASGI middleware, the cheapest refusal: while the queue is full, POST /generate and /jobs answer 429
-    `queue_full` before their body is read or validated (under a storm most requests end here)."""
-
-    def __init__(self, app, service):
-        self.app, self.service = app, service
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in ("/generate", "/jobs"):
-            service = self.service
-            if service.ready and (load := service.engine.load()).waiting >= service.settings.max_queue:
-                error = QueueFull(f"{load.waiting} requests are already waiting; try again later",
-                                  retry_after=Admission.drain_seconds(load))
-                service.metrics.requests_finished.labels(reason=error.reason.value).inc()
-                return await error_response(ApiError.from_scheduler(error))(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
 class Admission:
     def __init__(self, max_queue: int, max_per_key: int | None, deadline_aware: bool = True):
         self.max_queue, self.max_per_key, self.deadline_aware = max_queue, max_per_key, deadline_aware
@@ -61,11 +42,11 @@ class Admission:
         """Raise the 429 error for `job`, or return if it may go in. owned: the key's requests in the engine."""
         if load.waiting >= self.max_queue:
             raise QueueFull(f"{load.waiting} requests are already waiting; try again later",
-                            retry_after=self.drain_seconds(load))
+                            retry_after=self._drain_seconds(load))
         if self.max_per_key is not None and job.owner is not None and owned >= self.max_per_key:
             raise KeyQuotaExceeded(f"this API key already has {owned} requests queued or running (the limit "
                                    f"is {self.max_per_key}); wait for one to finish",
-                                   retry_after=self.drain_seconds(load))
+                                   retry_after=self._drain_seconds(load))
         if self.deadline_aware and (load.waiting or load.work):
             # An idle engine takes any request: there is no backlog to protect, and its steps re-measure the
             # step time (an estimate left high by a slow period would otherwise refuse everything for good).
@@ -77,7 +58,7 @@ class Admission:
                                  retry_after=math.ceil(seconds - budget))
 
     @staticmethod
-    def drain_seconds(load: Load) -> float:
+    def _drain_seconds(load: Load) -> float:
         """Roughly when the backlog leaves room: its row-steps at the measured rate (at least 1 s)."""
         if load.step_seconds <= 0:
             return 1.0

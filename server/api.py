@@ -19,7 +19,6 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from model import SAMPLERS
 
 from . import answers
-from .admission import ShedWhenFull
 from .auth import ApiKeyAuth, api_keys
 from .class_names import class_index
 from .encoding import MEDIA_TYPES
@@ -181,10 +180,8 @@ def install_docs(app: FastAPI, service: Service, keyed: bool) -> None:
 
 
 def install_middleware(app: FastAPI, settings: Settings, service: Service) -> None:
-    """Innermost first (Starlette puts the last added outermost): the full-queue shedding (after the key
-    check, before any body is read), CORS, API keys, body limits, then
+    """Innermost first (Starlette puts the last added outermost): CORS, API keys, body limits, then
     request ids, access logs and the /generate metrics (outermost, so refused requests count too)."""
-    app.add_middleware(ShedWhenFull, service=service)
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins,
                            allow_methods=["GET", "POST", "DELETE"], allow_headers=["*"],
