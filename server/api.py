@@ -94,7 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
         d = r.info.defaults
         return {
             "model": r.info.name, "space": r.info.space, "image_size": r.info.image_size,
-            "num_classes": r.num_classes, "device": str(r.device), "dtype": str(r.dtype).removeprefix("torch."),
+            "num_classes": r.num_classes, "device": r.device, "dtype": r.dtype,
             "policy": settings.policy, "max_batch_rows": settings.max_batch_rows, "samplers": list(SAMPLERS),
             "defaults": {"sampler": d.sampler, "steps": d.steps, "cfg_scale": d.cfg_scale,
                          "guidance_interval": list(d.guidance_interval)},

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from prometheus_client import generate_latest
 
 from .admission import Admission
 from .contracts import FinishReason, GenerationFailed, GenerationResult, Job, NotReady, SchedulerError
@@ -104,8 +105,6 @@ class Service:
         self.engine.arm_fault(kind, count)
 
     def metrics_text(self) -> bytes:
-        from prometheus_client import generate_latest
-
         return generate_latest(self.metrics.registry) + self.engine.metrics_text()
 
     # ---- what the engine tells us (EngineEvents; from its threads) ----------------------------------

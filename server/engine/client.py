@@ -59,13 +59,7 @@ class LocalEngine:
         from .scheduler import Scheduler
 
         try:
-            self.events.on_status("loading model")
-            self.runner = runner = ModelRunner(self.settings)
-            self.events.on_status("preparing the fast path")
-            runner.prepare_fast_path()
-            if self.settings.warmup:
-                self.events.on_status("warming up")
-                log.info("warm-up took %.2f s", runner.warmup())
+            self.runner = runner = ModelRunner.start(self.settings, self.events.on_status)
         except Exception as e:
             log.exception("start-up failed")
             self.events.on_start_failed(f"{type(e).__name__}: {e}")
@@ -74,8 +68,7 @@ class LocalEngine:
         self.scheduler = Scheduler(runner, self.settings, self.metrics, deliver=self.events.deliver,
                                    on_fatal=self.events.on_fatal, on_preview=_set_preview)
         self.scheduler.start()
-        self.events.on_started(msg.EngineInfo(runner.info, runner.num_classes, str(runner.device),
-                                              str(runner.dtype).removeprefix("torch.")))
+        self.events.on_started(msg.EngineInfo.of(runner))
 
     def submit(self, job: Job) -> None:
         if self.scheduler is None:

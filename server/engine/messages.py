@@ -27,6 +27,10 @@ class EngineInfo:
     device: str
     dtype: str
 
+    @classmethod
+    def of(cls, runner) -> EngineInfo:
+        return cls(runner.info, runner.num_classes, str(runner.device), str(runner.dtype).removeprefix("torch."))
+
 
 @dataclass(frozen=True)
 class Submit:

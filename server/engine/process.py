@@ -112,13 +112,7 @@ class Engine:
         from .scheduler import Scheduler
 
         try:
-            self.send(msg.Status("loading model"))
-            self.runner = runner = ModelRunner(self.settings)
-            self.send(msg.Status("preparing the fast path"))
-            runner.prepare_fast_path()
-            if self.settings.warmup:
-                self.send(msg.Status("warming up"))
-                log.info("warm-up took %.2f s", runner.warmup())
+            self.runner = runner = ModelRunner.start(self.settings, lambda text: self.send(msg.Status(text)))
         except Exception as e:
             log.exception("the engine could not start")
             self.send(msg.StartFailed(f"{type(e).__name__}: {e}"))
@@ -128,8 +122,7 @@ class Engine:
                                    on_fatal=lambda reason: self.send(msg.Fatal(reason)), on_preview=self._preview)
         self.scheduler.start()
         self.send(msg.MetricsSnapshot(generate_latest(self.metrics.registry)))  # /metrics is whole once ready
-        self.send(msg.Started(msg.EngineInfo(runner.info, runner.num_classes, str(runner.device),
-                                             str(runner.dtype).removeprefix("torch."))))
+        self.send(msg.Started(msg.EngineInfo.of(runner)))
         return True
 
     def _submit(self, m: msg.Submit) -> None:

@@ -65,6 +65,19 @@ class ModelRunner:
         log.info("loaded %s (%s, %d px) on %s in %s in %.1f s", settings.model, self.info.space,
                  self.info.image_size, self.device, self.dtype, time.monotonic() - t0)
 
+    @classmethod
+    def start(cls, settings: Settings, on_status) -> ModelRunner:
+        """Load, prepare the fast path and warm up, saying which with on_status(text): what both engine
+        modes do before the scheduler starts."""
+        on_status("loading model")
+        runner = cls(settings)
+        on_status("preparing the fast path")
+        runner.prepare_fast_path()
+        if settings.warmup:
+            on_status("warming up")
+            log.info("warm-up took %.2f s", runner.warmup())
+        return runner
+
     def execute(self, plan: StepPlan) -> StepResult:
         """Leaves, joins, one step, then the finishing slots are checked, decoded and freed."""
         batch = self.batch

@@ -190,10 +190,6 @@ class Scheduler:
         if self._thread.is_alive():
             self._thread.join(timeout)
 
-    @property
-    def queue_depth(self) -> int:
-        return self._waiting
-
     # ---- the engine thread -------------------------------------------------------------------------
     def _run(self) -> None:
         while not self._broken:
