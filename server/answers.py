@@ -158,13 +158,14 @@ def json_body(job: Job, result: GenerationResult) -> dict:
 
 # The headers of an answer, in the order `headers` gives their values (CORS exposes them: server/api.py).
 ANSWER_HEADERS = ("X-Seeds", "X-Class-Id", "X-Class-Name", "X-Steps", "X-Cfg-Scale", "X-Sampler",
-                  "X-Guidance-Interval", "Server-Timing")
+                  "X-Guidance-Interval", "X-Replica", "Server-Timing")
 
 
 def headers(job: Job, result: GenerationResult) -> dict[str, str]:
     spec = job.spec
     values = (",".join(map(str, spec.seeds)), str(spec.class_id), quote(job.output.metadata["class_name"]),
               str(spec.steps), f"{spec.cfg_scale:g}", spec.sampler, "{:g},{:g}".format(*spec.guidance_interval),
+              result.replica,
               ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in result.timings.items()))
     return dict(zip(ANSWER_HEADERS, values, strict=True))
 

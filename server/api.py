@@ -36,8 +36,9 @@ STATIC = Path(__file__).parent / "static"
 DOCS_ASSETS = Path(fastapi_offline.__file__).parent / "static"
 
 
-def create_app(settings: Settings) -> FastAPI:
-    service = Service(settings)
+def create_app(settings: Settings, engine=None) -> FastAPI:
+    """The app; `engine` makes the service's engine handle (see Service), e.g. a Ray fleet's."""
+    service = Service(settings, engine)
     webhooks = Webhooks(settings.webhook_secret, settings.webhook_allow_hosts)
 
     @asynccontextmanager

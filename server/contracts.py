@@ -89,6 +89,7 @@ class EncodedImage:
 class GenerationResult:
     images: list[EncodedImage]
     timings: dict[str, float]
+    replica: str  # the engine replica that generated them (the X-Replica header)
 
 
 class FinishReason(StrEnum):
@@ -109,6 +110,7 @@ class Job:
     output: OutputSpec
     deadline: float  # time.monotonic() value
     owner: str | None = None  # a hash of the caller's API key (never the key), None without keys
+    replica: str | None = None  # the engine replica serving it, once one has it
     timings: Timings = field(default_factory=Timings)
     future: Future = field(default_factory=Future)
     progress: int = 0  # denoising steps done (by the job's slowest sample); written by the scheduler thread
@@ -151,6 +153,14 @@ class Job:
     def fail(self, error: Exception) -> None:
         if not self.future.done():
             self.future.set_exception(error)
+
+    def ended_error(self) -> SchedulerError:
+        """The error that ends a cancelled job, or one whose deadline passed, by its reason and stage."""
+        if self.cancel_reason == FinishReason.CANCELLED:
+            return Cancelled("the client cancelled the request")
+        if self.timings.admitted is None:
+            return DeadlineExceeded("the request's deadline passed while it waited")
+        return DeadlineExceeded("the request's deadline passed during generation")
 
 
 class SchedulerError(Exception):

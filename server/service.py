@@ -35,10 +35,14 @@ EXIT_DELAY_SECONDS = 3.0  # between the engine's death and the server's exit
 
 
 class Service:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, engine: Callable[[Service], object] | None = None):
+        """engine: makes the engine handle from the service (its events), e.g. a Ray fleet's
+        (server/fleet/); by default the engine process, or a thread with `--engine thread`."""
         self.settings = settings
         self.metrics = Metrics()
-        if settings.engine == "thread":
+        if engine is not None:
+            self.engine = engine(self)
+        elif settings.engine == "thread":
             self.engine = LocalEngine(settings, self, EngineMetrics(self.metrics.registry))
         else:
             self.engine = EngineProcess(settings, self)
@@ -62,7 +66,7 @@ class Service:
     def start(self) -> None:
         self.metrics.queue_capacity.set(self.settings.max_queue)
         self.engine.start()
-        if self.settings.engine == "process" and self.settings.frontend_nice:
+        if isinstance(self.engine, EngineProcess) and self.settings.frontend_nice:
             # After the engine was spawned (it keeps the priority it inherited): from here on this thread,
             # the event loop, and the threads it starts run below the engine (Linux nice is per thread).
             os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + self.settings.frontend_nice)
@@ -78,6 +82,7 @@ class Service:
             self.admission.check(job, self.engine.load(), owned, time.monotonic())
             with self._owned_lock:
                 self._owned[job.owner] += 1
+            job.replica = self.model.replica  # a fleet's engine names the replica that takes it instead
             try:
                 self.engine.submit(job)
             except BaseException:
@@ -143,6 +148,19 @@ class Service:
         if self.on_exit_failure is not None:
             threading.Timer(EXIT_DELAY_SECONDS, self.on_exit_failure, args=(reason,)).start()
 
+    def on_capacity(self, serving: bool, status: str) -> None:
+        """A fleet's engine replicas all gone, or one back (server/fleet/): readiness follows them, and
+        the front-end stays up (Ray restarts replicas; nothing here would restart faster)."""
+        if self._stopping or not self._started:
+            return
+        self.metrics.engine_up.set(int(serving))
+        if serving:
+            self.status = "ready"
+            self._ready.set()
+            self.metrics.ready.set(1)
+        else:
+            self._not_ready(status)
+
     def deliver(self, job: Job, pixels: np.ndarray) -> None:
         """A finished request's pixels: encode them on the pool (never on the engine's threads)."""
         self._encoder.submit(self._encode, job, pixels)
@@ -154,7 +172,7 @@ class Service:
             job.timings.encoded = time.monotonic()
             self.metrics.encode_duration.observe(job.timings.encoded - t0)
             if not job.future.done():
-                job.future.set_result(GenerationResult(images, job.timings.durations()))
+                job.future.set_result(GenerationResult(images, job.timings.durations(), job.replica))
         except Exception as e:
             log.exception("encoding failed")
             job.fail(GenerationFailed(f"encoding failed: {type(e).__name__}: {e}"))

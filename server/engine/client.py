@@ -33,6 +33,7 @@ class EngineEvents(Protocol):
     def on_start_failed(self, reason: str) -> None: ...
     def on_fatal(self, reason: str) -> None: ...  # the device is unusable; the engine still answers
     def on_died(self, reason: str) -> None: ...  # the engine process is gone
+    def on_capacity(self, serving: bool, status: str) -> None: ...  # a fleet's replicas all gone, or one back
     def deliver(self, job: Job, pixels: np.ndarray) -> None: ...
 
 
@@ -52,9 +53,10 @@ class LocalEngine:
         self.scheduler = None
 
     def start(self) -> None:
-        threading.Thread(target=self._load, name="model-loader", daemon=True).start()
+        threading.Thread(target=self.boot, name="model-loader", daemon=True).start()
 
-    def _load(self) -> None:
+    def boot(self, replica: str | None = None) -> None:
+        """Load, warm up and start the scheduler here and now; report through the events."""
         from .runner import ModelRunner
         from .scheduler import Scheduler
 
@@ -68,7 +70,7 @@ class LocalEngine:
         self.scheduler = Scheduler(runner, self.settings, self.metrics, deliver=self.events.deliver,
                                    on_fatal=self.events.on_fatal, on_preview=_set_preview)
         self.scheduler.start()
-        self.events.on_started(msg.EngineInfo.of(runner))
+        self.events.on_started(msg.EngineInfo.of(runner, replica))
 
     def submit(self, job: Job) -> None:
         if self.scheduler is None:

@@ -11,6 +11,8 @@ Requests are named by an integer id the front-end chooses; futures and events ne
 
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,10 +28,12 @@ class EngineInfo:
     num_classes: int
     device: str
     dtype: str
+    replica: str  # names this engine in the X-Replica header: host:pid, or the Ray Serve replica
 
     @classmethod
-    def of(cls, runner) -> EngineInfo:
-        return cls(runner.info, runner.num_classes, str(runner.device), str(runner.dtype).removeprefix("torch."))
+    def of(cls, runner, replica: str | None = None) -> EngineInfo:
+        return cls(runner.info, runner.num_classes, str(runner.device), str(runner.dtype).removeprefix("torch."),
+                   replica or f"{socket.gethostname()}:{os.getpid()}")
 
 
 @dataclass(frozen=True)

@@ -44,9 +44,6 @@ import numpy as np
 from model.samplers import Sampling
 
 from ..contracts import (
-    Cancelled,
-    DeadlineExceeded,
-    FinishReason,
     GenerationFailed,
     InvalidRequest,
     Job,
@@ -178,6 +175,14 @@ class Scheduler:
         return Load(waiting=self._waiting, work=self._waiting_work + self._inflight_work,
                     row_step_seconds=self._row_step_seconds, step_seconds=self._step_seconds if self._tick else 0.0,
                     max_rows=self.max_rows)
+
+    def problem(self) -> str | None:
+        """Why this engine cannot serve (a device error, its thread gone), or None: a health check."""
+        if self._broken:
+            return self._broken
+        if self._thread.ident is not None and not self._thread.is_alive() and not self._stopping:
+            return "the engine thread ended"
+        return None
 
     def begin_stop(self) -> None:
         """Refuse new requests at once (SIGTERM); the engine keeps finishing what it has."""
@@ -326,12 +331,7 @@ class Scheduler:
     # ---- ending requests ---------------------------------------------------------------------------
     def _drop_abandoned(self, now: float) -> None:
         for r in [r for r in (*self._queue, *self._running.values()) if r.job.cancelled or now > r.job.deadline]:
-            if r.job.cancel_reason == FinishReason.CANCELLED:
-                self._end(r, Cancelled("the client cancelled the request"))
-            elif r.job.timings.admitted is None:
-                self._end(r, DeadlineExceeded("the request's deadline passed while it waited"))
-            else:
-                self._end(r, DeadlineExceeded("the request's deadline passed during generation"))
+            self._end(r, r.job.ended_error())
 
     def _end(self, r: _Request, error: SchedulerError | None = None, pixels: np.ndarray | None = None) -> None:
         """Take the request out of the engine: free its slots, resolve it, count its finish reason."""

@@ -1,0 +1,64 @@
+"""What the front-end deployment and the engine replicas send each other through Ray (pickled).
+
+    front-end -> engine replica:  Request (one call per request; its answer is a stream)
+    engine replica -> front-end:  Update (steps done, queue position), engine.messages.Preview,
+                                  Finished (the pixels), engine.messages.Failed  -- the stream's items
+                                  Report (every second: load, metrics)           -- a call of its own
+
+Clocks: replicas may run on other hosts, whose time.monotonic() means nothing here, so times cross as
+ages ("seconds before this message was made"), never as clock readings.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..contracts import GenerationSpec
+from ..engine.messages import Load
+
+
+def age(mark: float | None, now: float) -> float | None:
+    """A local clock reading as seconds before `now` (None stays None)."""
+    return None if mark is None else now - mark
+
+
+def mark(age_: float | None, now: float | None = None) -> float | None:
+    """Seconds before now as a reading of this process's clock."""
+    return None if age_ is None else (time.monotonic() if now is None else now) - age_
+
+
+@dataclass(frozen=True)
+class Request:
+    spec: GenerationSpec
+    seconds_left: float  # until its deadline
+    owner: str | None
+    age: float  # seconds since it arrived at the front-end
+
+
+@dataclass(frozen=True)
+class Update:
+    replica: str
+    progress: int
+    queue_position: int | None
+    admitted_age: float | None
+
+
+@dataclass(frozen=True)
+class Finished:
+    pixels: np.ndarray  # (N, H, W, 3) uint8
+    admitted_age: float | None
+    denoised_age: float | None
+    decoded_age: float | None
+
+
+@dataclass(frozen=True)
+class Report:
+    """An engine replica's state, sent every second: liveness, admission and /metrics all read it."""
+
+    replica: str
+    node: str
+    load: Load
+    metrics: bytes  # the replica's Prometheus exposition

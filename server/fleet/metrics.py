@@ -1,0 +1,42 @@
+"""/metrics on Ray: every engine replica's `dit_*` series, labelled `replica`, plus the fleet's view.
+
+Each replica sends its Prometheus exposition with its report (every second); the front-end serves them
+in its own /metrics, after its own series, so Prometheus scrapes one target for the whole fleet and
+tells replicas apart by the `replica` label. A single server has no `replica` label: dashboards select
+`replica=~"$replica"`, which matches both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from .messages import Report
+
+
+class _Fleet:
+    def __init__(self, reports: list[Report]):
+        self.reports = reports
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        for report in self.reports:
+            for family in text_string_to_metric_families(report.metrics.decode()):
+                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type,
+                                                                 family.unit))
+                merged.samples.extend(s._replace(labels={**s.labels, "replica": report.replica})
+                                      for s in family.samples)
+        yield from families.values()
+        replicas = GaugeMetricFamily("dit_fleet_replicas", "engine replicas reporting to this front-end (Ray)")
+        replicas.add_metric([], len(self.reports))
+        yield replicas
+
+
+def fleet_exposition(reports: list[Report]) -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Fleet(reports))
+    return generate_latest(registry)
