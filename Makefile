@@ -5,8 +5,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Optional dependencies to install; the container image installs with EXTRAS= (no test tools).
-EXTRAS ?= test
+# Optional dependencies to install: none for serving (the container image too), the test tools and Ray
+# (its tests are in the suite) for testing; `make serve EXTRAS=ray` adds Ray to a serving install.
+EXTRAS ?=
+TEST_EXTRAS := test,ray
 # torch: a CUDA host (nvidia-smi on PATH) takes the default build; elsewhere the CPU build, from PyTorch's
 # CPU index when it answers (.ci/torch_index.py probes it once, 5 s at most), else from pip's configured
 # index (this team's machines hold the CPU wheel on disk). TORCH_BUILD=default or cpu overrides the
@@ -27,16 +29,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".$(if $(strip $(EXTRAS)),[$(EXTRAS)])"
 	touch $@
 
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[$(TEST_EXTRAS)]"
+	touch $@
+
 install: $(VENV)/.installed
 
 serve: install
 	$(BIN)/python -m server
 
-test: install
+test: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -m "not slow"
 
-test-slow: install
+test-slow: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -m slow
 
 clean:

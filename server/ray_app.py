@@ -27,6 +27,7 @@ from ray.serve import Application
 from .fleet.args import FleetArgs, parse_args
 from .fleet.engine_replica import EngineReplica
 from .fleet.frontend import Frontend
+from .settings import Settings
 
 FRONTEND, ENGINE = "Frontend", "Engine"
 FRONTEND_MAX_ONGOING = 1024  # HTTP requests in the front-end at once (streams and job polls included)
@@ -34,20 +35,24 @@ FRONTEND_MAX_ONGOING = 1024  # HTTP requests in the front-end at once (streams a
 
 def build(args: dict[str, Any]) -> Application:
     fleet, settings = parse_args(args)
-    grace = settings.request_timeout + 10
-    engine = serve.deployment(EngineReplica, name=ENGINE).options(
+    engine = serve.deployment(EngineReplica, name=ENGINE).options(**engine_options(fleet, settings))
+    frontend = serve.deployment(Frontend, name=FRONTEND).options(
+        num_replicas=1, ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=FRONTEND_MAX_ONGOING, graceful_shutdown_timeout_s=settings.request_timeout + 10,
+    )
+    return frontend.bind(settings, engine.bind(settings, FRONTEND), ENGINE)
+
+
+def engine_options(fleet: FleetArgs, settings: Settings) -> dict[str, Any]:
+    """The engine deployment's Serve options (the module's docstring says why each differs from Serve's)."""
+    return dict(
         ray_actor_options={"num_cpus": fleet.cpus_per_replica, "num_gpus": fleet.gpus_per_replica},
         max_ongoing_requests=settings.max_queue + settings.max_batch_rows,
         max_queued_requests=max(1, settings.max_queue),
-        graceful_shutdown_timeout_s=grace, graceful_shutdown_wait_loop_s=1.0,
+        graceful_shutdown_timeout_s=settings.request_timeout + 10, graceful_shutdown_wait_loop_s=1.0,
         health_check_period_s=5.0, health_check_timeout_s=30.0,
         **replicas(fleet),
     )
-    frontend = serve.deployment(Frontend, name=FRONTEND).options(
-        num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=FRONTEND_MAX_ONGOING, graceful_shutdown_timeout_s=grace,
-    )
-    return frontend.bind(settings, engine.bind(settings, FRONTEND))
 
 
 def replicas(fleet: FleetArgs) -> dict[str, Any]:

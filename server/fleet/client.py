@@ -4,8 +4,8 @@
 Each request is one streaming call to whichever replica Serve's router picks (the one with the shorter
 queue of two); its items update the job here. Cancelling a job cancels the call, and the replica drops
 the request at its next step. A replica that dies with requests in it fails them with 503
-`engine_died`; requests not yet routed go to the replicas that are left. Replicas report every second
-(load, metrics); one silent for STALE_SECONDS counts as gone, and with none left the front-end reports
+`engine_died`; a request it had not taken yet goes to another replica (once). Replicas report every
+second (load, metrics); one silent for STALE_SECONDS counts as gone, and with none left the front-end reports
 not ready until Serve has brought one back.
 """
 
@@ -18,6 +18,7 @@ import threading
 import time
 from concurrent.futures import Future
 
+from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
@@ -31,11 +32,15 @@ from .metrics import fleet_exposition
 log = logging.getLogger(__name__)
 
 STALE_SECONDS = 5.0  # a replica not heard from for this long is gone (it reports every second)
+RETRIES = 1  # a request whose replica died before taking it goes to another replica once
+TARGET_SECONDS = 5.0  # how often to ask Serve how many engine replicas it keeps
 
 
 class FleetEngine:
-    def __init__(self, settings: Settings, events: EngineEvents, handle):
+    def __init__(self, settings: Settings, events: EngineEvents, handle, app: str, deployment: str):
         self.settings, self.events, self.handle = settings, events, handle
+        self.app, self.deployment = app, deployment  # the engine deployment's names in Serve
+        self._target: int | None = None  # engine replicas Serve keeps (running or starting)
         self._reports: dict[str, tuple[float, Report]] = {}  # replica -> (when heard, its last report)
         self._inflight: dict[Job, Future] = {}  # jobs sent to a replica and not answered yet
         self._lock = threading.Lock()  # _reports, _inflight
@@ -62,9 +67,12 @@ class FleetEngine:
             return
         self._started_at = time.monotonic()
         self.events.on_started(info)
-        serving = True
+        serving, asked = True, 0.0
         while not self._stopping:
             time.sleep(1.0)
+            if time.monotonic() - asked > TARGET_SECONDS:
+                asked = time.monotonic()
+                self._target = self._serve_target()
             now = self._live()
             grace = time.monotonic() - self._started_at < STALE_SECONDS  # the first reports are on their way
             if bool(now) or grace:
@@ -76,6 +84,15 @@ class FleetEngine:
                 log.error("no engine replica has reported for %.0f s", STALE_SECONDS)
                 self.events.on_capacity(False, "no engine replica is serving; Ray Serve is replacing them")
                 serving = False
+
+    def _serve_target(self) -> int | None:
+        """The engine replicas Serve keeps, running or starting: its autoscaler's current target."""
+        try:
+            states = serve.status().applications[self.app].deployments[self.deployment].replica_states
+        except Exception as e:  # the controller restarting: keep the last figure
+            log.debug("could not read Serve's status: %s", e)
+            return self._target
+        return sum(n for state, n in states.items() if state != "STOPPING")
 
     def on_report(self, report: Report) -> None:
         with self._lock:
@@ -98,11 +115,25 @@ class FleetEngine:
         job.on_cancel = lambda _, reason: future.cancel()
 
     async def _run(self, job: Job) -> None:
+        try:
+            for attempt in range(1 + RETRIES):
+                if await self._attempt(job, last=attempt == RETRIES):
+                    break
+        finally:
+            with self._lock:
+                self._inflight.pop(job, None)
+        if job.progress < job.spec.steps and not job.future.done():
+            job.fail(GenerationFailed("the engine replica ended the request without an answer"))
+
+    async def _attempt(self, job: Job, last: bool) -> bool:
+        """One call to a replica; False when it may be tried again elsewhere (it died before it took it)."""
         now = time.monotonic()
+        taken = False  # a replica has the request in its engine (it sent an update)
         stream = self.handle.options(stream=True).run.remote(
             Request(job.spec, job.deadline - now, job.owner, now - job.timings.arrival))
         try:
             async for item in stream:
+                taken = True
                 self._apply(job, item)
         except asyncio.CancelledError:
             stream.cancel()  # the replica drops it at its next step
@@ -110,17 +141,16 @@ class FleetEngine:
         except BackPressureError:
             job.fail(QueueFull("every engine replica's queue is full; try again later", retry_after=self._drain()))
         except RayActorError as e:
+            if not taken and not last:
+                log.warning("an engine replica died before it took a request; sending it to another: %s", e)
+                return False
             log.error("engine replica %s died with a request in it: %s", job.replica, e)
             job.fail(EngineDied(f"the engine replica {job.replica} stopped while it held this request; try again "
                                 "(Ray Serve is replacing it)"))
         except RayTaskError as e:
             log.error("engine replica %s failed a request: %s", job.replica, e)
             job.fail(GenerationFailed(f"the engine replica failed: {e.cause!r}"))
-        finally:
-            with self._lock:
-                self._inflight.pop(job, None)
-        if job.progress < job.spec.steps and not job.future.done():
-            job.fail(GenerationFailed("the engine replica ended the request without an answer"))
+        return True
 
     def _apply(self, job: Job, item) -> None:
         if isinstance(item, Update):
@@ -168,7 +198,7 @@ class FleetEngine:
         return max(1.0, load.work / max(1, load.max_rows) * load.step_seconds)
 
     def metrics_text(self) -> bytes:
-        return fleet_exposition(self._live())
+        return fleet_exposition(self._live(), self._target)
 
     # ---- stopping ----------------------------------------------------------------------------------------
     def begin_stop(self) -> None:

@@ -19,8 +19,8 @@ from .messages import Report
 
 
 class _Fleet:
-    def __init__(self, reports: list[Report]):
-        self.reports = reports
+    def __init__(self, reports: list[Report], target: int | None):
+        self.reports, self.target = reports, target
 
     def collect(self) -> Iterable[Metric]:
         families: dict[str, Metric] = {}
@@ -34,9 +34,14 @@ class _Fleet:
         replicas = GaugeMetricFamily("dit_fleet_replicas", "engine replicas reporting to this front-end (Ray)")
         replicas.add_metric([], len(self.reports))
         yield replicas
+        if self.target is not None:
+            target = GaugeMetricFamily("dit_fleet_replicas_target", "engine replicas Ray Serve keeps, running or "
+                                       "starting: its autoscaler's target")
+            target.add_metric([], self.target)
+            yield target
 
 
-def fleet_exposition(reports: list[Report]) -> bytes:
+def fleet_exposition(reports: list[Report], target: int | None) -> bytes:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Fleet(reports))
+    registry.register(_Fleet(reports, target))
     return generate_latest(registry)
