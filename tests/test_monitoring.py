@@ -6,18 +6,25 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 
 import httpx
 import pytest
+import yaml
 from conftest import require_installed
 from server_harness import ROOT, free_port, run_server, wait_until
 
+from server.metrics import EngineMetrics
+
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "dit-serve.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 GPU_ONLY = {"GPU memory", "GPU utilisation"}
+FLEET_ONLY = {"Replicas"}  # Ray Serve's fleet gauges; a single server has none
 
 
 def need(binary: str, package: str) -> str:
@@ -29,6 +36,19 @@ def need(binary: str, package: str) -> str:
 def dashboard_queries() -> list[tuple[str, str]]:
     panels = json.loads(DASHBOARD.read_text())["panels"]
     return [(p["title"], t["expr"]) for p in panels for t in p["targets"]]
+
+
+def check_dashboard(query: Callable[[str], dict], allow_empty: set[str], replica: str = ".*") -> list[str]:
+    """Run every dashboard query as Grafana sends it (the replica variable at `replica`; its All is `.*`),
+    fail on one Prometheus rejects, and return the panels ("title: query") that have no data, except
+    those in allow_empty. `query` sends one instant query to Prometheus and returns its JSON answer."""
+    empty = []
+    for title, expr in dashboard_queries():
+        answer = query(expr.replace("$__rate_interval", "1m").replace("$replica", replica))
+        assert answer["status"] == "success", f"{title}: {expr}: {answer.get('error')}"
+        if not answer["data"]["result"] and title not in allow_empty:
+            empty.append(f"{title}: {expr}")
+    return empty
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +76,7 @@ def prometheus_with_server(tmp_path_factory):
                 try:
                     r = query('count_over_time(up{job="dit-serve"}[1m])')["data"]["result"]
                     return r and float(r[0]["value"][1]) >= n
-                except httpx.TransportError:
+                except (httpx.TransportError, ValueError):  # not listening yet, or 503 text while it starts
                     return False
 
             wait_until(lambda: scraped(2), 60, "Prometheus to scrape the server")
@@ -73,12 +93,7 @@ def prometheus_with_server(tmp_path_factory):
 
 def test_every_dashboard_query_parses_and_non_gpu_panels_have_data(prometheus_with_server):
     query, _ = prometheus_with_server
-    empty = []
-    for title, expr in dashboard_queries():
-        answer = query(expr.replace("$__rate_interval", "1m"))
-        assert answer["status"] == "success", f"{title}: {expr}: {answer.get('error')}"
-        if not answer["data"]["result"] and title not in GPU_ONLY:
-            empty.append(f"{title}: {expr}")
+    empty = check_dashboard(query, GPU_ONLY | FLEET_ONLY)  # replica=~".*" also matches series without it
     assert not empty, "panels without data:\n" + "\n".join(empty)
 
 
@@ -102,7 +117,7 @@ def test_alert_rules_load_and_evaluate(prometheus_with_server):
 
     found = wait_until(rules, 30, "the alert rules to be evaluated")
     assert {r["name"] for r in found} == {"DitServerDown", "DitNotReady", "DitQueueSaturated", "DitHighErrorRatio",
-                                          "DitHighLatency"}
+                                          "DitHighLatency", "DitFleetBelowTarget"}
     assert all(r["health"] == "ok" for r in found), [(r["name"], r.get("lastError")) for r in found]
     assert all(r["state"] == "inactive" for r in found)  # a healthy server fires nothing
 
@@ -115,14 +130,90 @@ def test_promtool_accepts_the_shipped_config_and_rules():
                    capture_output=True)
 
 
+# The two metric shapes one scrape target can have: a single server (no `replica` label) and a Ray Serve
+# front-end (its own series unlabelled, each engine replica's labelled `replica`, and the fleet gauges).
+TARGET = {"job": "dit-serve", "instance": "dit:8000"}
+ENGINE_SHAPES = {"single": [{}], "ray": [{"replica": "Engine#a"}, {"replica": "Engine#b"}]}
+
+
+def _labels(labels: dict) -> str:
+    return "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+
+
+def _series(name: str, labels: dict, values: str) -> dict:
+    return {"series": name + _labels({**TARGET, **labels}), "values": values}
+
+
+def _unit_test(shape: str, busy_share: str) -> dict:
+    """Everything wrong at once, in one shape: each rule must fire, with the labels it fires with."""
+    engines = ENGINE_SHAPES[shape]
+    front = [_series("up", {}, "0x30"), _series("dit_ready", {}, "0x30"), _series("dit_queue_capacity", {}, "10x30"),
+             _series("dit_requests_total", {"code": "200"}, "0+90x30"),  # 10% 5xx
+             _series("dit_requests_total", {"code": "503"}, "0+10x30"),
+             _series("dit_request_duration_seconds_bucket", {"le": "10"}, "0x30"),  # every request 10-60 s
+             _series("dit_request_duration_seconds_bucket", {"le": "60"}, "0+100x30"),
+             _series("dit_request_duration_seconds_bucket", {"le": "+Inf"}, "0+100x30")]
+    # The first engine's queue is 9/10 full, any other's 2/10. Each device is busy half the time.
+    engine = [s for i, e in enumerate(engines) for s in (
+        _series("dit_queue_depth", e, "9x30" if i == 0 else "2x30"),
+        _series("dit_step_duration_seconds_sum", e, "0+24x30"),
+        _series("dit_decode_duration_seconds_sum", e, "0+6x30"))]
+    fleet = [_series("dit_fleet_replicas", {}, "2x30"), _series("dit_fleet_replicas_target", {}, "3x30")]
+    target = {"exp_labels": {**TARGET, "severity": "critical"}}
+    alerts = {"DitServerDown": [target], "DitNotReady": [target],
+              "DitQueueSaturated": [{"exp_labels": {**TARGET, **engines[0], "severity": "warning"}}],
+              "DitHighErrorRatio": [{"exp_labels": {"severity": "warning"}}],
+              "DitHighLatency": [{"exp_labels": {"severity": "warning"}}],
+              "DitFleetBelowTarget": [{"exp_labels": {"severity": "warning"}}] if shape == "ray" else []}
+    return {"interval": "1m", "input_series": front + engine + (fleet if shape == "ray" else []),
+            "alert_rule_test": [{"eval_time": "20m", "alertname": a, "exp_alerts": exp} for a, exp in alerts.items()],
+            # the dashboard's busy share is one line per device, not the sum over devices
+            "promql_expr_test": [{"expr": busy_share, "eval_time": "20m",
+                                  "exp_samples": [{"labels": _labels(e), "value": 0.5} for e in engines]}]}
+
+
+@pytest.mark.parametrize("shape", ENGINE_SHAPES)
+def test_alert_rules_fire_on_both_metric_shapes(shape, tmp_path):
+    """Each rule fires on a single server's series and on a Ray front-end's: none silently matches nothing
+    because of the replica label (promtool test rules; JSON is YAML to it)."""
+    promtool = need("promtool", "prometheus")
+    rules = yaml.safe_load(ALERTS.read_text())
+    for rule in rules["groups"][0]["rules"]:
+        rule.pop("annotations")  # promtool would compare them too; they are prose, checked by `check rules`
+    (tmp_path / "rules.yml").write_text(json.dumps(rules))
+    test = _unit_test(shape, dict(dashboard_queries())["Device busy share"]
+                      .replace("$__rate_interval", "5m").replace("$replica", ".*"))
+    assert {t["alertname"] for t in test["alert_rule_test"]} == {r["alert"] for r in rules["groups"][0]["rules"]}
+    (tmp_path / "test.yml").write_text(json.dumps({"rule_files": ["rules.yml"], "evaluation_interval": "1m",
+                                                  "tests": [test]}))
+    out = subprocess.run([promtool, "test", "rules", "test.yml"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_engine_queries_select_the_replica_variable():
+    """Every engine series on the dashboard is filtered by $replica (front-end series have no replica)."""
+    engine = {m.name for m in EngineMetrics().registry.collect()} | {"dit_gpu_memory"}
+    unfiltered = [f"{title}: {name}" for title, expr in dashboard_queries()
+                  for name, selector in re.findall(r"\b(dit_[a-z_]+)(\{[^}]*\})?", expr)
+                  if any(name == e or name.startswith(e + "_") for e in engine)
+                  and 'replica=~"$replica"' not in selector]
+    assert not unfiltered, unfiltered
+    (var,) = [v for v in json.loads(DASHBOARD.read_text())["templating"]["list"] if v["name"] == "replica"]
+    assert var["query"] == "label_values(dit_step_duration_seconds_count, replica)"
+    assert var["multi"] and var["includeAll"] and var["allValue"] == ".*"
+
+
 def test_dashboard_is_provisioned_and_documented():
     dash = json.loads(DASHBOARD.read_text())
     assert dash["uid"] == "dit-serve" and all(p["datasource"]["uid"] == "prometheus" for p in dash["panels"])
     provisioning = (DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yml").read_text()
     assert "uid: prometheus" in provisioning
     doc = (DEPLOY / "README.md").read_text()
-    for title, _ in dashboard_queries():
+    for title, expr in dashboard_queries():
         assert f"**{title}**" in doc, f"deploy/README.md does not describe the panel {title!r}"
+        assert f"`{expr}`" in doc, f"deploy/README.md does not show the query of {title!r}: {expr}"
+    for rule in yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]:
+        assert f"| {rule['alert']} |" in doc, f"deploy/README.md does not list the alert {rule['alert']}"
 
 
 @pytest.mark.parametrize("profile", [None, "cpu", "gpu-metrics"])
