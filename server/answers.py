@@ -153,7 +153,7 @@ async def _disconnected(request: Request) -> None:
 def json_body(job: Job, result: GenerationResult) -> dict:
     images = [{"seed": im.seeds[0], "media_type": im.media_type, "data": base64.b64encode(im.data).decode()}
               for im in result.images]
-    return dict(job.output.metadata, images=images, timings=result.timings)
+    return dict(job.output.metadata, images=images, timings=result.timings, replica=result.replica)
 
 
 # The headers of an answer, in the order `headers` gives their values (CORS exposes them: server/api.py).

@@ -93,6 +93,8 @@ class GenerateResponse(BaseModel):
     tag: str | None = Field(None, description="the job's tag (async jobs submitted with one)")
     images: list[ImageOut]
     timings: dict[str, float] = Field(description="seconds per stage: queue, denoise, decode, encode, total")
+    replica: str = Field(description="the engine that generated the images (as the X-Replica header): host:pid, "
+                         "or the Ray Serve replica")
 
 
 class JobStatus(BaseModel):

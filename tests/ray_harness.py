@@ -26,10 +26,13 @@ def ray_cluster(tmp: Path, nodes: int = 2, cpus_per_node: int = 1):
     driver (`serve.run`, deployment handles)."""
     ray = pytest.importorskip("ray", reason="Ray is not installed: make test installs it (pip install -e '.[ray]')")
     from ray import serve
+    from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
     saved = {k: os.environ.get(k) for k in [*RAY_ENV, "RAY_TMPDIR"]}
-    os.environ.update(RAY_ENV, RAY_TMPDIR=str(tmp))
+    os.environ.update(RAY_ENV, RAY_TMPDIR=str(tmp))  # for the nodes' processes
+    clusters = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False  # this process read the variable when it imported Ray
     (tmp / "ray").mkdir(exist_ok=True)  # Ray writes the cluster's address there
     cluster = None
     try:
@@ -47,6 +50,7 @@ def ray_cluster(tmp: Path, nodes: int = 2, cpus_per_node: int = 1):
         ray.shutdown()
         if cluster is not None:
             cluster.shutdown()
+        ray_constants.ENABLE_RAY_CLUSTER = clusters
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -22,12 +22,12 @@ class Frontend:
     def __init__(self, settings: Settings, engines, engine_name: str):
         setup_logging(settings.log_level, settings.log_format)
         self.settings, self.engines = settings, engines  # engines: the engine deployment's handle
-        self.app, self.engine_name = serve.get_replica_context().app_name, engine_name
+        self.app_name, self.engine_name = serve.get_replica_context().app_name, engine_name
         self.fleet: FleetEngine | None = None
 
     def __serve_build_asgi_app__(self):
         def engine(service) -> FleetEngine:
-            self.fleet = FleetEngine(self.settings, service, self.engines, self.app, self.engine_name)
+            self.fleet = FleetEngine(self.settings, service, self.engines, self.app_name, self.engine_name)
             return self.fleet
 
         return create_app(self.settings, engine)
