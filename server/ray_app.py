@@ -30,6 +30,7 @@ from .fleet.frontend import Frontend
 from .settings import Settings
 
 FRONTEND, ENGINE = "Frontend", "Engine"
+LOOK_BACK_MIN_S = 11.0
 FRONTEND_MAX_ONGOING = 1024  # HTTP requests in the front-end at once (streams and job polls included)
 
 
@@ -63,7 +64,8 @@ def replicas(fleet: FleetArgs) -> dict[str, Any]:
         "min_replicas": fleet.min_replicas, "max_replicas": fleet.max_replicas, "initial_replicas": fleet.min_replicas,
         "target_ongoing_requests": fleet.target_queue_depth,
         "upscale_delay_s": fleet.upscale_delay_s, "downscale_delay_s": fleet.downscale_delay_s,
-        # the window Serve averages the queue over: no longer than the delay it acts after
-        "look_back_period_s": min(30.0, max(2.0, fleet.upscale_delay_s)),
+        # the window Serve averages the queue over: as long as the delay it acts after, within what
+        # Serve accepts (longer than its 10 s metrics interval) and its default of 30 s
+        "look_back_period_s": min(30.0, max(LOOK_BACK_MIN_S, fleet.upscale_delay_s)),
     }}
 
