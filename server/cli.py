@@ -2,7 +2,8 @@
 
 One uvicorn worker per GPU: the scheduler batches only the requests its own process sees, and each
 worker would hold its own copy of the model, so several workers on one GPU would split the batches
-and multiply the memory. Scale out with one server process per GPU behind a load balancer.
+and multiply the memory. Scale out on Ray Serve (server/ray_app.py): one engine replica per GPU behind
+one front-end.
 
 A server whose model cannot be loaded exits with status 1 (the reason is in the log) instead of
 answering 503 forever: an orchestrator sees a failed process and reports it, or restarts it.
