@@ -129,7 +129,9 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
         async def arm_fault(request: Request):
             body = await request.json()
             try:
-                answers.require_ready(service).arm_fault(body["kind"], int(body.get("count", 1)))
+                kind, count = body["kind"], int(body.get("count", 1))
+                # off the event loop: a fleet's engine is armed through a blocking call to a replica
+                await asyncio.to_thread(answers.require_ready(service).arm_fault, kind, count)
             except (KeyError, ValueError) as e:
                 raise ApiError(422, "invalid_request", str(e), "kind") from e
             return {"armed": body["kind"]}

@@ -9,8 +9,9 @@ defaults changed here, and why:
   - max_ongoing_requests: Serve would let 5 requests into a replica at a time, starving its batcher;
     an engine takes its queue (max_queue) plus what can run (max_batch_rows) and refuses the rest
     itself (429).
-  - max_queued_requests: when every replica is full, a bounded wait at the router, then 429 queue_full
-    (instead of an unbounded queue in the front-end).
+  - max_queued_requests: when every replica is full, at most max_queue requests wait at the router (each
+    until its deadline), then 429 queue_full (instead of an unbounded queue in the front-end).
+  - the front-end's limits: room for every request the engines can hold, plus polls and /metrics.
   - autoscaling on Serve's ongoing requests per replica, which for an engine is its queued plus
     in-flight requests: target_ongoing_requests = target_queue_depth.
   - graceful_shutdown_timeout_s > request_timeout: a replica being removed finishes what it admitted.
@@ -31,17 +32,23 @@ from .settings import Settings
 
 FRONTEND, ENGINE = "Frontend", "Engine"
 LOOK_BACK_MIN_S = 11.0
-FRONTEND_MAX_ONGOING = 1024  # HTTP requests in the front-end at once (streams and job polls included)
+FRONTEND_EXTRA_ONGOING = 1024  # HTTP requests beyond what the engines hold: job polls, /metrics, refusals
 
 
 def build(args: dict[str, Any]) -> Application:
     fleet, settings = parse_args(args)
     engine = serve.deployment(EngineReplica, name=ENGINE).options(**engine_options(fleet, settings))
-    frontend = serve.deployment(Frontend, name=FRONTEND).options(
-        num_replicas=1, ray_actor_options={"num_cpus": 0},
-        max_ongoing_requests=FRONTEND_MAX_ONGOING, graceful_shutdown_timeout_s=settings.request_timeout + 10,
-    )
+    frontend = serve.deployment(Frontend, name=FRONTEND).options(**frontend_options(fleet, settings))
     return frontend.bind(settings, engine.bind(settings, FRONTEND), ENGINE)
+
+
+def frontend_options(fleet: FleetArgs, settings: Settings) -> dict[str, Any]:
+    """One replica. It holds every request of the fleet for its whole life (a stream, a wait), and the
+    replicas' reports queue behind them: room for all that the engines can hold, and more for polls."""
+    engines = fleet.max_replicas * (settings.max_queue + settings.max_batch_rows) + settings.max_queue
+    return dict(num_replicas=1, ray_actor_options={"num_cpus": 0},
+                max_ongoing_requests=engines + FRONTEND_EXTRA_ONGOING, max_queued_requests=FRONTEND_EXTRA_ONGOING,
+                graceful_shutdown_timeout_s=settings.request_timeout + 10)
 
 
 def engine_options(fleet: FleetArgs, settings: Settings) -> dict[str, Any]:
@@ -64,8 +71,8 @@ def replicas(fleet: FleetArgs) -> dict[str, Any]:
         "min_replicas": fleet.min_replicas, "max_replicas": fleet.max_replicas, "initial_replicas": fleet.min_replicas,
         "target_ongoing_requests": fleet.target_queue_depth,
         "upscale_delay_s": fleet.upscale_delay_s, "downscale_delay_s": fleet.downscale_delay_s,
-        # the window Serve averages the queue over: as long as the delay it acts after, within what
-        # Serve accepts (longer than its 10 s metrics interval) and its default of 30 s
+        # the window Serve averages the queue over: as long as the delay it acts after, between its
+        # default of 30 s and its 10 s metrics interval (Serve warns at or below it, and will refuse)
         "look_back_period_s": min(30.0, max(LOOK_BACK_MIN_S, fleet.upscale_delay_s)),
     }}
 

@@ -82,7 +82,7 @@ class Service:
             self.admission.check(job, self.engine.load(), owned, time.monotonic())
             with self._owned_lock:
                 self._owned[job.owner] += 1
-            job.replica = self.model.replica  # a fleet's engine names the replica that takes it instead
+            job.replica = self.model.replica  # the engine's name (a fleet's names the replica that takes it)
             try:
                 self.engine.submit(job)
             except BaseException:
@@ -128,7 +128,7 @@ class Service:
         self._ready.set()
         self.metrics.ready.set(1)
         log.info("ready: serving %s with %s batching (engine: %s)", info.info.name, self.settings.policy,
-                 self.settings.engine)
+                 type(self.engine).__name__)
 
     def on_start_failed(self, reason: str) -> None:
         self.status = f"failed: {reason}"

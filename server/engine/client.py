@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 class EngineEvents(Protocol):
-    """What the engine tells the service (called from the engine's threads, never the event loop's)."""
+    """What the engine tells the service: called from the engine's threads (a fleet's front-end calls
+    them on its event loop), so none may block."""
 
     def on_status(self, text: str) -> None: ...
     def on_started(self, info: msg.EngineInfo) -> None: ...
@@ -37,7 +38,7 @@ class EngineEvents(Protocol):
     def deliver(self, job: Job, pixels: np.ndarray) -> None: ...
 
 
-def _set_preview(job: Job, step: int, pixels: np.ndarray) -> None:
+def set_preview(job: Job, step: int, pixels: np.ndarray) -> None:
     job.preview = (step, pixels)  # one assignment: a stream reads a consistent pair
 
 
@@ -68,7 +69,7 @@ class LocalEngine:
             return
         self.metrics.describe_model(runner, self.settings.policy)
         self.scheduler = Scheduler(runner, self.settings, self.metrics, deliver=self.events.deliver,
-                                   on_fatal=self.events.on_fatal, on_preview=_set_preview)
+                                   on_fatal=self.events.on_fatal, on_preview=set_preview)
         self.scheduler.start()
         self.events.on_started(msg.EngineInfo.of(runner, replica))
 
@@ -239,7 +240,7 @@ class EngineProcess:
             with self._lock:
                 job = self._jobs.get(m.id)
             if job is not None:
-                _set_preview(job, m.step, m.pixels)
+                set_preview(job, m.step, m.pixels)
         elif isinstance(m, msg.MetricsSnapshot):
             self._metrics = m.text
         elif isinstance(m, msg.Status):

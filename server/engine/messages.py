@@ -120,6 +120,12 @@ class Failed:
     def error(self) -> SchedulerError:
         return scheduler_error(self.kind, self.message, self.retry_after)
 
+    @property
+    def retry_elsewhere(self) -> bool:
+        """Refused for a reason of this engine alone (its queue full, busy, broken): in a fleet another
+        engine may take it."""
+        return self.kind in ("QueueFull", "Overloaded", "NotReady")
+
 
 @dataclass(frozen=True)
 class Preview:

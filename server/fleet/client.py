@@ -22,16 +22,15 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from ..contracts import EngineDied, GenerationFailed, Job, NotReady, QueueFull
+from ..contracts import DeadlineExceeded, EngineDied, GenerationFailed, Job, NotReady, QueueFull
 from ..engine import messages as msg
-from ..engine.client import IDLE, EngineEvents
+from ..engine.client import IDLE, EngineEvents, set_preview
 from ..settings import Settings
-from .messages import Finished, Report, Request, Update, mark
+from .messages import STALE_SECONDS, Finished, Report, Request, Update, to_clock
 from .metrics import fleet_exposition
 
 log = logging.getLogger(__name__)
 
-STALE_SECONDS = 5.0  # a replica not heard from for this long is gone (it reports every second)
 RETRIES = 1  # a request whose replica died before taking it goes to another replica once
 TARGET_SECONDS = 5.0  # how often to ask Serve how many engine replicas it keeps
 
@@ -39,10 +38,11 @@ TARGET_SECONDS = 5.0  # how often to ask Serve how many engine replicas it keeps
 class FleetEngine:
     def __init__(self, settings: Settings, events: EngineEvents, handle, app: str, deployment: str):
         self.settings, self.events, self.handle = settings, events, handle
+        self.streams = handle.options(stream=True)  # each request's answer is a stream of items
         self.app, self.deployment = app, deployment  # the engine deployment's names in Serve
         self._target: int | None = None  # engine replicas Serve keeps (running or starting)
         self._reports: dict[str, tuple[float, Report]] = {}  # replica -> (when heard, its last report)
-        self._inflight: dict[Job, Future] = {}  # jobs sent to a replica and not answered yet
+        self._inflight: dict[Job, None] = {}  # jobs sent to the replicas and not answered yet
         self._lock = threading.Lock()  # _reports, _inflight
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
@@ -70,20 +70,27 @@ class FleetEngine:
         serving, asked = True, 0.0
         while not self._stopping:
             time.sleep(1.0)
-            if time.monotonic() - asked > TARGET_SECONDS:
-                asked = time.monotonic()
-                self._target = self._serve_target()
-            now = self._live()
-            grace = time.monotonic() - self._started_at < STALE_SECONDS  # the first reports are on their way
-            if bool(now) or grace:
-                if not serving:
-                    log.info("engine replicas reporting again: %s", ", ".join(r.replica for r in now))
-                    self.events.on_capacity(True, "ready")
-                serving = True
-            elif serving:
-                log.error("no engine replica has reported for %.0f s", STALE_SECONDS)
-                self.events.on_capacity(False, "no engine replica is serving; Ray Serve is replacing them")
-                serving = False
+            try:
+                if time.monotonic() - asked > TARGET_SECONDS:
+                    asked = time.monotonic()
+                    self._target = self._serve_target()
+                serving = self._follow_replicas(serving)
+            except Exception:  # a bug here must not freeze readiness for good
+                log.exception("watching the engine replicas failed")
+
+    def _follow_replicas(self, serving: bool) -> bool:
+        """Readiness off when no replica has reported for STALE_SECONDS, on again when one does."""
+        live = self._live()
+        grace = time.monotonic() - self._started_at < STALE_SECONDS  # the first reports are on their way
+        if live or grace:
+            if not serving:
+                log.info("engine replicas reporting again: %s", ", ".join(r.replica for r in live))
+                self.events.on_capacity(True, "ready")
+            return True
+        if serving:
+            log.error("no engine replica has reported for %.0f s", STALE_SECONDS)
+            self.events.on_capacity(False, "no engine replica is serving; Ray Serve is replacing them")
+        return False
 
     def _serve_target(self) -> int | None:
         """The engine replicas Serve keeps, running or starting: its autoscaler's current target."""
@@ -98,7 +105,14 @@ class FleetEngine:
         with self._lock:
             self._reports[report.replica] = (time.monotonic(), report)
 
+    def _heard(self, replica: str) -> None:
+        """A stream item from a replica also says it is alive (its report may wait behind busy requests)."""
+        with self._lock:
+            if replica in self._reports:
+                self._reports[replica] = (time.monotonic(), self._reports[replica][1])
+
     def _live(self) -> list[Report]:
+        """The last reports of the replicas heard from lately (forgetting the others)."""
         now = time.monotonic()
         with self._lock:
             for name in [n for n, (heard, _) in self._reports.items() if now - heard > STALE_SECONDS]:
@@ -109,60 +123,78 @@ class FleetEngine:
     def submit(self, job: Job) -> None:
         if self._stopping:
             raise NotReady("the server is shutting down and takes no new work")
-        future = asyncio.run_coroutine_threadsafe(self._run(job), self._loop)
         with self._lock:
-            self._inflight[job] = future
+            self._inflight[job] = None
+        future = asyncio.run_coroutine_threadsafe(self._run(job), self._loop)
+        future.add_done_callback(lambda f: self._ended(job, f))
         job.on_cancel = lambda _, reason: future.cancel()
 
+    def _ended(self, job: Job, future: Future) -> None:
+        """However the call ended (even cancelled before it started, or by a bug), the job is answered."""
+        with self._lock:
+            self._inflight.pop(job, None)
+        if future.cancelled():
+            job.fail(job.ended_error())
+        elif future.exception() is not None:
+            log.error("a request to the engine replicas failed", exc_info=future.exception())
+            job.fail(GenerationFailed(f"{type(future.exception()).__name__}: {future.exception()}"))
+
     async def _run(self, job: Job) -> None:
-        try:
-            for attempt in range(1 + RETRIES):
-                if await self._attempt(job, last=attempt == RETRIES):
-                    break
-        finally:
-            with self._lock:
-                self._inflight.pop(job, None)
-        if job.progress < job.spec.steps and not job.future.done():
-            job.fail(GenerationFailed("the engine replica ended the request without an answer"))
+        for attempt in range(1 + RETRIES):
+            if await self._attempt(job, last=attempt == RETRIES):
+                return
 
     async def _attempt(self, job: Job, last: bool) -> bool:
-        """One call to a replica; False when it may be tried again elsewhere (it died before it took it)."""
+        """One call to a replica. False when the request may go to another replica: the one it reached died
+        or refused it (queue full, broken) before taking it."""
         now = time.monotonic()
-        taken = False  # a replica has the request in its engine (it sent an update)
-        stream = self.handle.options(stream=True).run.remote(
-            Request(job.spec, job.deadline - now, job.owner, now - job.timings.arrival))
+        job.replica = None
+        taken = False  # the replica's engine holds the request (it sent an Update)
+        stream = self.streams.run.remote(Request(job.spec, job.deadline - now, job.owner, now - job.timings.arrival))
         try:
-            async for item in stream:
-                taken = True
-                self._apply(job, item)
+            async with asyncio.timeout(job.deadline - now):  # the router's wait counts against the deadline too
+                async for item in stream:
+                    if isinstance(item, msg.Failed) and not taken and not last and item.retry_elsewhere:
+                        log.info("engine replica refused a request (%s); sending it to another", item.kind)
+                        return False
+                    taken = taken or isinstance(item, Update)
+                    self._apply(job, item)
         except asyncio.CancelledError:
             stream.cancel()  # the replica drops it at its next step
-            job.fail(job.ended_error())
+            raise  # _ended answers it with the job's own reason
+        except TimeoutError:
+            stream.cancel()
+            job.fail(job.ended_error() if job.cancelled else DeadlineExceeded(
+                "no result within the request timeout; ask for fewer steps or images, or try again later"))
         except BackPressureError:
             job.fail(QueueFull("every engine replica's queue is full; try again later", retry_after=self._drain()))
         except RayActorError as e:
+            stream.cancel()  # it may only be unreachable for now: let it drop the request if it still runs
             if not taken and not last:
                 log.warning("an engine replica died before it took a request; sending it to another: %s", e)
                 return False
             log.error("engine replica %s died with a request in it: %s", job.replica, e)
-            job.fail(EngineDied(f"the engine replica {job.replica} stopped while it held this request; try again "
-                                "(Ray Serve is replacing it)"))
+            job.fail(EngineDied(f"the engine replica {job.replica or '(not known)'} stopped while it held this "
+                                "request; try again (Ray Serve is replacing it)"))
         except RayTaskError as e:
             log.error("engine replica %s failed a request: %s", job.replica, e)
             job.fail(GenerationFailed(f"the engine replica failed: {e.cause!r}"))
+        if not job.future.done() and job.progress < job.spec.steps:
+            job.fail(GenerationFailed("the engine replica ended the request without an answer"))
         return True
 
     def _apply(self, job: Job, item) -> None:
         if isinstance(item, Update):
             job.replica = item.replica
+            self._heard(item.replica)
             job.progress, job.queue_position = item.progress, item.queue_position
-            job.timings.admitted = mark(item.admitted_age)
+            job.timings.admitted = to_clock(item.admitted_age)
         elif isinstance(item, msg.Preview):
-            job.preview = (item.step, item.pixels)  # one assignment: a stream reads a consistent pair
+            set_preview(job, item.step, item.pixels)
         elif isinstance(item, Finished):
             now = time.monotonic()
             t = job.timings
-            t.admitted, t.denoised, t.decoded = (mark(a, now) for a in
+            t.admitted, t.denoised, t.decoded = (to_clock(a, now) for a in
                                                  (item.admitted_age, item.denoised_age, item.decoded_age))
             job.progress, job.queue_position = job.spec.steps, None
             self.events.deliver(job, item.pixels)

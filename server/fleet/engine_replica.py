@@ -12,10 +12,8 @@ device is unusable or the engine thread has ended, and Serve then replaces the r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator
 
@@ -30,12 +28,11 @@ from ..engine.client import LocalEngine
 from ..logs import setup_logging
 from ..metrics import EngineMetrics
 from ..settings import Settings
-from .messages import Finished, Report, Request, Update, age
+from .messages import REPORT_SECONDS, Finished, Report, Request, Update, to_age
 
 log = logging.getLogger(__name__)
 
 UPDATE_SECONDS = 0.05  # how often a request's stream looks at its progress (as the SSE stream does)
-REPORT_SECONDS = 1.0
 
 
 class EngineReplica:
@@ -49,7 +46,6 @@ class EngineReplica:
         self.info: msg.EngineInfo | None = None
         self.failed: str | None = None
         self.fatal: str | None = None
-        self.pixels: dict[Job, np.ndarray] = {}  # finished jobs' pixels until their stream sends them
         # Each replica also checks its own exact queue and deadline (the front-end's check is fleet-wide).
         self.admission = Admission(settings.max_queue, None, settings.deadline_admission)
         await asyncio.to_thread(self.engine.boot, self.name)
@@ -72,12 +68,14 @@ class EngineReplica:
     def on_fatal(self, reason: str) -> None:
         self.fatal = reason
 
-    def on_died(self, reason: str) -> None:  # only an engine process dies on its own; this one is a thread
+    def on_died(self, reason: str) -> None:  # EngineEvents; only an engine process dies on its own
         self.fatal = reason
 
+    def on_capacity(self, serving: bool, status: str) -> None:  # EngineEvents; only a fleet's front-end's
+        pass
+
     def deliver(self, job: Job, pixels: np.ndarray) -> None:
-        self.pixels[job] = pixels
-        job.future.set_result(None)
+        job.future.set_result(pixels)  # the job's stream sends them (the future holds them until then)
 
     # ---- called through deployment handles -----------------------------------------------------------
     async def run(self, request: Request) -> AsyncIterator:
@@ -85,9 +83,9 @@ class EngineReplica:
         now = time.monotonic()
         job = Job(request.spec, OutputSpec(), deadline=now + request.seconds_left, owner=request.owner)
         job.timings.arrival = now - request.age
-        done = asyncio.Event()
         loop = asyncio.get_running_loop()
-        job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(done.set))
+        done = loop.create_future()
+        job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(_resolve, done))
         try:
             self.admission.check(job, self.engine.load(), 0, now)
             self.engine.submit(job)
@@ -100,29 +98,27 @@ class EngineReplica:
                 state = (job.progress, job.queue_position, job.timings.admitted)
                 if state != last:
                     last = state
-                    admitted = age(job.timings.admitted, time.monotonic())
+                    admitted = to_age(job.timings.admitted, time.monotonic())
                     yield Update(self.name, job.progress, job.queue_position, admitted)
                 if job.preview is not None and job.preview is not shown:
                     shown = job.preview
                     yield msg.Preview(0, *shown)
-                if done.is_set():
+                if done.done():
                     break
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(done.wait(), UPDATE_SECONDS)
+                await asyncio.wait((done,), timeout=UPDATE_SECONDS)  # no task per wait, only a timer
         except (asyncio.CancelledError, GeneratorExit):
             job.cancel()  # the front-end cancelled the call: the client went away or the deadline passed
             raise
         yield self._outcome(job)
 
     def _outcome(self, job: Job):
-        pixels = self.pixels.pop(job, None)
         error = job.future.exception()
         if error is not None:
             if not isinstance(error, SchedulerError):
                 error = GenerationFailed(f"{type(error).__name__}: {error}")
             return msg.Failed.of(0, error, None)
         t, now = job.timings, time.monotonic()
-        return Finished(pixels, age(t.admitted, now), age(t.denoised, now), age(t.decoded, now))
+        return Finished(job.future.result(), to_age(t.admitted, now), to_age(t.denoised, now), to_age(t.decoded, now))
 
     def describe(self) -> tuple[msg.EngineInfo, int]:
         """The model facts, and this replica's process id (tests kill it by that)."""
@@ -138,17 +134,24 @@ class EngineReplica:
 
     # ---- reporting and stopping ----------------------------------------------------------------------
     async def _report_forever(self) -> None:
-        node = socket.gethostname()
-        while True:
+        """Every second, until the device is unusable (then the front-end stops counting on this replica,
+        while Serve's health checks replace it)."""
+        while not self.fatal:
             try:
-                report = Report(self.name, node, self.engine.load(), generate_latest(self.metrics.registry))
-                await self.frontend.report.remote(report)
-            except Exception as e:  # the front-end restarting: try again next time
+                report = Report(self.name, self.engine.load(), generate_latest(self.metrics.registry))
+                await asyncio.wait_for(self.frontend.report.remote(report), 2 * REPORT_SECONDS)
+            except Exception as e:  # the front-end restarting or busy: try again next time
                 log.debug("could not report to the front-end: %s", e)
             await asyncio.sleep(REPORT_SECONDS)
 
     async def __del__(self):
         """Serve removes this replica (scale-down, redeploy): it has already waited for the requests in
         flight (graceful_shutdown_timeout_s); stop the engine thread."""
-        self._reporter.cancel()
+        if getattr(self, "_reporter", None) is not None:  # Serve may stop a replica before it has started
+            self._reporter.cancel()
         await asyncio.to_thread(self.engine.stop, self.settings.request_timeout)
+
+
+def _resolve(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -19,15 +19,18 @@ import numpy as np
 from ..contracts import GenerationSpec
 from ..engine.messages import Load
 
-
-def age(mark: float | None, now: float) -> float | None:
-    """A local clock reading as seconds before `now` (None stays None)."""
-    return None if mark is None else now - mark
+REPORT_SECONDS = 1.0  # how often an engine replica reports its load and metrics
+STALE_SECONDS = 5 * REPORT_SECONDS  # a replica not heard from for this long counts as gone
 
 
-def mark(age_: float | None, now: float | None = None) -> float | None:
-    """Seconds before now as a reading of this process's clock."""
-    return None if age_ is None else (time.monotonic() if now is None else now) - age_
+def to_age(reading: float | None, now: float) -> float | None:
+    """A reading of this process's monotonic clock as seconds before `now` (None stays None)."""
+    return None if reading is None else now - reading
+
+
+def to_clock(age: float | None, now: float | None = None) -> float | None:
+    """Seconds before now as a reading of this process's monotonic clock."""
+    return None if age is None else (time.monotonic() if now is None else now) - age
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,5 @@ class Report:
     """An engine replica's state, sent every second: liveness, admission and /metrics all read it."""
 
     replica: str
-    node: str
     load: Load
     metrics: bytes  # the replica's Prometheus exposition
