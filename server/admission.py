@@ -34,6 +34,13 @@ def seconds_to_finish(job: Job, load: Load) -> float | None:
     return max(drain, spec.steps * load.step_seconds)
 
 
+def drain_seconds(load: Load) -> float:
+    """Roughly when the backlog leaves room (a Retry-After): its row-steps at the measured rate, >= 1 s."""
+    if load.step_seconds <= 0:
+        return 1.0
+    return max(1.0, min(load.work * load.row_step_seconds, load.work / max(1, load.max_rows) * load.step_seconds))
+
+
 class Admission:
     def __init__(self, max_queue: int, max_per_key: int | None, deadline_aware: bool = True):
         self.max_queue, self.max_per_key, self.deadline_aware = max_queue, max_per_key, deadline_aware
@@ -42,11 +49,11 @@ class Admission:
         """Raise the 429 error for `job`, or return if it may go in. owned: the key's requests in the engine."""
         if load.waiting >= self.max_queue:
             raise QueueFull(f"{load.waiting} requests are already waiting; try again later",
-                            retry_after=self._drain_seconds(load))
+                            retry_after=drain_seconds(load))
         if self.max_per_key is not None and job.owner is not None and owned >= self.max_per_key:
             raise KeyQuotaExceeded(f"this API key already has {owned} requests queued or running (the limit "
                                    f"is {self.max_per_key}); wait for one to finish",
-                                   retry_after=self._drain_seconds(load))
+                                   retry_after=drain_seconds(load))
         if self.deadline_aware and (load.waiting or load.work):
             # An idle engine takes any request: there is no backlog to protect, and its steps re-measure the
             # step time (an estimate left high by a slow period would otherwise refuse everything for good).
@@ -56,10 +63,3 @@ class Admission:
                 raise Overloaded(f"the server is busy: this request would take about {seconds:.1f} s, more than it "
                                  f"can wait ({job.deadline - now:.1f} s); try again later",
                                  retry_after=math.ceil(seconds - budget))
-
-    @staticmethod
-    def _drain_seconds(load: Load) -> float:
-        """Roughly when the backlog leaves room: its row-steps at the measured rate (at least 1 s)."""
-        if load.step_seconds <= 0:
-            return 1.0
-        return max(1.0, min(load.work * load.row_step_seconds, load.work / max(1, load.max_rows) * load.step_seconds))

@@ -48,7 +48,7 @@ def frontend_options(fleet: FleetArgs, settings: Settings) -> dict[str, Any]:
     engines = fleet.max_replicas * (settings.max_queue + settings.max_batch_rows) + settings.max_queue
     return dict(num_replicas=1, ray_actor_options={"num_cpus": 0},
                 max_ongoing_requests=engines + FRONTEND_EXTRA_ONGOING, max_queued_requests=FRONTEND_EXTRA_ONGOING,
-                graceful_shutdown_timeout_s=settings.request_timeout + 10)
+                graceful_shutdown_timeout_s=settings.drain_timeout)
 
 
 def engine_options(fleet: FleetArgs, settings: Settings) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def engine_options(fleet: FleetArgs, settings: Settings) -> dict[str, Any]:
         ray_actor_options={"num_cpus": fleet.cpus_per_replica, "num_gpus": fleet.gpus_per_replica},
         max_ongoing_requests=settings.max_queue + settings.max_batch_rows,
         max_queued_requests=max(1, settings.max_queue),
-        graceful_shutdown_timeout_s=settings.request_timeout + 10, graceful_shutdown_wait_loop_s=1.0,
+        graceful_shutdown_timeout_s=settings.drain_timeout, graceful_shutdown_wait_loop_s=1.0,
         health_check_period_s=5.0, health_check_timeout_s=30.0,
         **replicas(fleet),
     )

@@ -124,9 +124,7 @@ class Service:
         if self._stopping:  # SIGTERM arrived while we were loading
             self.engine.begin_stop()
             return
-        self.status = "ready"
-        self._ready.set()
-        self.metrics.ready.set(1)
+        self._now_ready()
         log.info("ready: serving %s with %s batching (engine: %s)", info.info.name, self.settings.policy,
                  type(self.engine).__name__)
 
@@ -155,9 +153,7 @@ class Service:
             return
         self.metrics.engine_up.set(int(serving))
         if serving:
-            self.status = "ready"
-            self._ready.set()
-            self.metrics.ready.set(1)
+            self._now_ready()
         else:
             self._not_ready(status)
 
@@ -178,6 +174,11 @@ class Service:
             job.fail(GenerationFailed(f"encoding failed: {type(e).__name__}: {e}"))
 
     # ---- stopping -----------------------------------------------------------------------------------
+    def _now_ready(self) -> None:
+        self.status = "ready"
+        self._ready.set()
+        self.metrics.ready.set(1)
+
     def _not_ready(self, status: str) -> None:
         self._ready.clear()
         self.metrics.ready.set(0)
@@ -195,6 +196,6 @@ class Service:
         self._stopping = True
         self._not_ready("shutting down")
         t0 = time.monotonic()
-        self.engine.stop(timeout=self.settings.request_timeout + 10)
+        self.engine.stop(timeout=self.settings.drain_timeout)
         self._encoder.shutdown(wait=True)
         log.info("scheduler drained in %.2f s", time.monotonic() - t0)

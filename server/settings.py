@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     min_cfg_scale: float = Field(1.0, ge=1.0, description="smallest cfg_scale a request may ask for")
     max_cfg_scale: float = Field(20.0, ge=1.0, description="largest cfg_scale a request may ask for")
 
+    @property
+    def drain_timeout(self) -> float:
+        """Seconds a stopping server (or a Ray replica being removed) gives admitted requests to finish:
+        the longest a request may take, and a margin for its decode and answer."""
+        return self.request_timeout + 10
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.min_cfg_scale > self.max_cfg_scale:

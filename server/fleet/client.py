@@ -22,6 +22,7 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
+from ..admission import drain_seconds
 from ..contracts import DeadlineExceeded, EngineDied, GenerationFailed, Job, NotReady, QueueFull
 from ..engine import messages as msg
 from ..engine.client import IDLE, EngineEvents, set_preview
@@ -167,7 +168,8 @@ class FleetEngine:
             job.fail(job.ended_error() if job.cancelled else DeadlineExceeded(
                 "no result within the request timeout; ask for fewer steps or images, or try again later"))
         except BackPressureError:
-            job.fail(QueueFull("every engine replica's queue is full; try again later", retry_after=self._drain()))
+            job.fail(QueueFull("every engine replica's queue is full; try again later",
+                               retry_after=drain_seconds(self.load())))
         except RayActorError as e:
             stream.cancel()  # it may only be unreachable for now: let it drop the request if it still runs
             if not taken and not last:
@@ -224,10 +226,6 @@ class FleetEngine:
                         row_step_seconds=sum(r.load.row_step_seconds for r in live) / n,
                         step_seconds=sum(r.load.step_seconds for r in live) / n,
                         max_rows=min(r.load.max_rows for r in live))
-
-    def _drain(self) -> float:
-        load = self.load()
-        return max(1.0, load.work / max(1, load.max_rows) * load.step_seconds)
 
     def metrics_text(self) -> bytes:
         return fleet_exposition(self._live(), self._target)
