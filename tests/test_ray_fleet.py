@@ -123,7 +123,9 @@ def test_one_replica_at_rest_two_under_load_one_after_with_nothing_lost(fleet_an
     # the books balance on the server too: every admitted request finished (none failed or timed out)
     with httpx.Client(base_url=url, timeout=30) as c:
         assert c.post("/generate", json=BODY).status_code == 200
-    wait_until(lambda: total(query, "sum(dit_requests_admitted_total)") >= len(load.answers) + 1, 30,
-               "Prometheus to see the last requests", interval=0.5)
+    # a scrape taken while the last request was in flight counts it admitted but not yet finished: wait for
+    # one taken after its answer
+    wait_until(lambda: total(query, 'sum(dit_requests_finished_total{reason="finished"})') >= len(load.answers) + 1,
+               30, "Prometheus to see the last requests finished", interval=0.5)
     assert total(query, "sum(dit_requests_admitted_total)") == total(
         query, 'sum(dit_requests_finished_total{reason="finished"})') == len(load.answers) + 1
