@@ -1,18 +1,20 @@
-"""`SlotBatch`: in-flight samples of one DiT kept in slots of device tensors, advanced by one forward.
+"""`SlotBatch`: in-flight samples of one DiT kept in rows of device tensors, advanced by one forward.
 
-A slot holds one sample's whole state: x, the last predicted x0 (DPM-Solver++'s history), its
-iteration index, class, guidance scale, seed and sampler plan. The samplers' coefficient tables live
-on the device as well, one row per (plan, iteration). A step gathers the forward inputs of the active
-slots with index tensors that change only when samples join or leave, runs ONE forward pass, and
-writes every slot back with vectorised ops: in a steady step there is no per-sample Python, no
-host-to-device copy and no device sync. Samples may join and leave between any two steps, each at
-its own iteration, sampler and step count.
+A caller names each sample by a slot number of its choosing; the batch keeps the slot's whole state
+in one row: x, the last predicted x0 (DPM-Solver++'s history), its iteration index, class, guidance
+scale, seed and sampler plan. The samplers' coefficient tables live on the device as well, one row
+per (plan, iteration). When membership or someone's guidance changes, the rows are rearranged (one
+permutation copy) so that the samples of the step are rows [0, B) with the guided ones first, rows
+[0, G). A steady step then takes its inputs as slices (the forward's null-class twins are rows
+[0, G) again), runs ONE forward pass and writes the rows back with vectorised ops: no per-sample
+Python, no index tensor built, no host-to-device copy, no device sync. Samples may join and leave
+between any two steps, each at its own iteration, sampler and step count.
 
 Guidance interval: a sample is guided only on the iterations its interval selects (one contiguous
 run, model/samplers.py `guided_range`), so the set of guided samples, and with it the forward's row
 count, changes at iterations known when the sample joins. The host mirrors each slot's iteration as
-`clock - base` (one counter for the whole batch, advanced once per full step) and a view records the
-clock value at which its first slot flips; the view is rebuilt on that step only.
+`clock - base` (one counter for the whole batch, advanced once per full step) and an arrangement
+records the clock value at which its first slot flips; the rows are rearranged on that step only.
 
     batch = SlotBatch(denoiser)
     batch.join([Join(slot=0, label=7, seed=1, sampler="ddim", steps=50, cfg_scale=4.0)])
@@ -30,7 +32,7 @@ import torch
 
 from . import noise as noise_lib
 from .denoise import Denoiser
-from .samplers import FULL_INTERVAL, NOISE_ON, NUM_COEFFS, Sampling, guided_range, plan
+from .samplers import FULL_INTERVAL, NUM_COEFFS, Sampling, guided_range, plan
 
 
 @dataclass(frozen=True)
@@ -70,32 +72,38 @@ class _Slot:
 
 
 @dataclass(frozen=True)
-class _View:
-    """Index tensors of one set of active slots; rebuilt only when membership or a slot's guidance changes."""
+class Posterior:
+    """One step's prediction before noise, per slot in `slots` order (what the parity tests check)."""
 
-    n: int  # B samples
-    expires: int | float  # the batch clock at which some slot's guidance flips: rebuild the view then
-    slots: torch.Tensor  # (B,) their slots
-    guided: torch.Tensor  # (G,) positions in [0, B) of the guided samples
-    scales: torch.Tensor  # (G, 1, 1, 1) their guidance scales
-    y: torch.Tensor  # (B + G,) classes of the forward rows: the samples', then the null class
-    row0: torch.Tensor  # (B,) each sample's first row in the coefficient tables
-    ones: torch.Tensor  # (B,) int64, to advance the iteration counters
-    noisy: torch.Tensor  # (K,) positions of the samples whose sampler adds noise (DDPM)
-    noisy_seeds: torch.Tensor  # (K,) their seeds
-    generators: tuple[tuple[int, torch.Generator], ...]  # (index into noisy, generator) of caller-driven noise
+    slots: tuple[int, ...]
+    mean: torch.Tensor  # (N, C, H, W)
+    x0: torch.Tensor  # (N, C, H, W) predicted clean sample
+    log_var: torch.Tensor  # (N, C, H, W) the learned log-variance of the noise (DDPM)
+
+
+# Columns of the per-row integer table `SlotBatch.meta`.
+ITER, LABEL, SEED, ROW0, KEY = range(5)  # iterations done, class, seed, first coefficient row, noise key
 
 
 @dataclass(frozen=True)
-class _Posterior:
-    """One step's prediction for a view, before noise: what `step` writes back, and what tests check."""
+class _Arrangement:
+    """The rows of the coming step(s): rows [0, n) are stepped, the first `guided` of them guided."""
 
-    view: _View
-    index: torch.Tensor  # (B,) iterations done
-    coeffs: torch.Tensor  # (B, NUM_COEFFS) this iteration's coefficient rows
-    var_values: torch.Tensor  # (B, C, H, W) the learned-variance output
-    mean: torch.Tensor  # (B, C, H, W)
-    x0: torch.Tensor  # (B, C, H, W) predicted clean sample
+    n: int  # B samples stepped
+    guided: int  # G
+    expires: int | float  # the batch clock at which some row's guidance flips: rearrange then
+    partial: bool  # a subset step (rearrange again after it)
+    # Views of rows [0, B) of the state (valid until the next arrangement: only joining reallocates).
+    x: torch.Tensor  # (B, C, H, W)
+    x_guided: torch.Tensor  # (G, C, H, W) rows [0, G) of x: the inputs of the null-class twins
+    x0_prev: torch.Tensor  # (B, C, H, W)
+    iteration: torch.Tensor  # (B,) the ITER column
+    row0: torch.Tensor  # (B,) the ROW0 column
+    y: torch.Tensor  # (B + G,) classes of the forward rows: the samples', then the null class
+    scales: torch.Tensor  # (G, 1, 1, 1) guidance scales, a view of rows [0, G)
+    noisy: torch.Tensor  # (K,) rows of the samples whose sampler adds noise (DDPM)
+    keys: torch.Tensor  # (K,) their noise stream keys
+    generators: tuple[tuple[int, torch.Generator], ...]  # (index into noisy, generator) of caller-driven noise
 
 
 class SlotBatch:
@@ -107,22 +115,22 @@ class SlotBatch:
         self._capacity = 0
         self.x = torch.empty(0, *self.shape, device=dev)  # (S, C, H, W) float32
         self.x0_prev = torch.empty(0, *self.shape, device=dev)  # (S, C, H, W) last predicted x0
-        self.index = torch.empty(0, dtype=torch.int64, device=dev)  # (S,) iterations done
-        self.label = torch.empty(0, dtype=torch.int64, device=dev)
-        self.scale = torch.empty(0, dtype=torch.float32, device=dev)
-        self.seed = torch.empty(0, dtype=torch.int64, device=dev)
-        self.row0 = torch.empty(0, dtype=torch.int64, device=dev)
+        self.meta = torch.empty(0, 5, dtype=torch.int64, device=dev)  # (S, 5) columns ITER..KEY
+        self.scale = torch.empty(0, dtype=torch.float32, device=dev)  # (S,) guidance scale
         self._grow(capacity)
         # Every plan used so far, as consecutive rows of two device tables (its iterations in order).
         self.timesteps = torch.empty(0, dtype=torch.int64, device=dev)  # (R,) the model's timestep
-        self.coeffs = torch.empty(0, NUM_COEFFS, dtype=torch.float32, device=dev)  # (R, NUM_COEFFS)
+        # (NUM_COEFFS, R, 1, 1, 1): column-first, so a step's gathered rows split into per-sample scales
+        # (B, 1, 1, 1) by plain indexing (Denoiser.update)
+        self.coeffs = torch.empty(NUM_COEFFS, 0, 1, 1, 1, dtype=torch.float32, device=dev)
         self._plan_row0: dict[tuple[str, int], int] = {}
-        # Host-side membership: which slots are active, in join order, and what the view needs of them.
+        # Host-side membership: the active slots in join order, the row holding each, what arranging needs.
         self._active: list[int] = []
+        self._row: dict[int, int] = {}
         self._host: dict[int, _Slot] = {}
         self._clock = 0  # full steps run; a slot's iteration is _clock - its base
         self._generators: dict[int, torch.Generator] = {}
-        self._view: _View | None = None
+        self._arranged: _Arrangement | None = None
 
     # ---- membership (between steps) ----------------------------------------------------------------
     @property
@@ -131,132 +139,155 @@ class SlotBatch:
 
     def join(self, joins: Sequence[Join], *, x: torch.Tensor | None = None,
              generators: Sequence[torch.Generator | None] | None = None) -> None:
-        """Write new samples into their slots. x: (N, C, H, W) starting points; default x_T from the seeds."""
+        """Write new samples into free rows. x: (N, C, H, W) starting points; default x_T from the seeds."""
         if not joins:
             return
         taken = set(self._active).intersection(j.slot for j in joins)
         if taken:
             raise ValueError(f"slots {sorted(taken)} are already in use")
-        self._grow(max(j.slot for j in joins) + 1)
-        row0 = [self._plan_rows(j.sampler, j.steps) for j in joins]
+        self._grow(len(self._active) + len(joins))
+        used = set(self._row.values())
+        rows = [r for r in range(self._capacity) if r not in used][: len(joins)]
         # One staging copy per kind for all joining samples (pinned on CUDA, so it can run async).
-        rows = [[j.slot, j.label, j.seed, r, j.index] for j, r in zip(joins, row0, strict=True)]
-        ints = self._to_device(torch.tensor(rows, dtype=torch.int64))  # (N, 5)
-        scales = self._to_device(torch.tensor([j.cfg_scale for j in joins], dtype=torch.float32))  # (N,)
-        slots = ints[:, 0]
-        self.label[slots], self.seed[slots], self.row0[slots], self.index[slots] = ints[:, 1:].unbind(1)
-        self.scale[slots] = scales
-        if x is None:
-            x = noise_lib.initial_noise(ints[:, 2], self.shape)
-        self.x[slots] = x.to(self.device, torch.float32)
-        self.x0_prev[slots] = 0.0
-        for k, j in enumerate(joins):
+        staged = [[r, j.index, j.label, j.seed, self._plan_rows(j.sampler, j.steps)]
+                  for j, r in zip(joins, rows, strict=True)]
+        ints = self._to_device(torch.tensor(staged, dtype=torch.int64))  # (N, 5): the row, then ITER..ROW0
+        at, seeds = ints[:, 0], ints[:, 1 + SEED]
+        self.meta[at] = torch.cat([ints[:, 1:], noise_lib.stream_keys(seeds)[:, None]], dim=1)
+        self.scale[at] = self._to_device(torch.tensor([j.cfg_scale for j in joins], dtype=torch.float32))
+        self.x[at] = noise_lib.initial_noise(seeds, self.shape) if x is None else x.to(self.device, torch.float32)
+        self.x0_prev[at] = 0.0
+        for k, (j, r) in enumerate(zip(joins, rows, strict=True)):
             self._active.append(j.slot)
+            self._row[j.slot] = r
             guided = guided_range(j.sampler, j.steps, j.guidance_interval) if j.cfg_scale != 1.0 else range(0)
             self._host[j.slot] = _Slot(j.steps, guided, plan(j.sampler, j.steps).stochastic, self._clock - j.index)
             if generators is not None and generators[k] is not None:
                 self._generators[j.slot] = generators[k]
-        self._view = None
+        self._arranged = None
 
     def leave(self, slots: Sequence[int]) -> None:
-        """Free these slots (finished, cancelled or failed samples)."""
+        """Free these slots (finished, cancelled or failed samples); their rows are reused."""
         gone = set(slots)
         self._active = [s for s in self._active if s not in gone]
         for s in gone:
+            self._row.pop(s, None)
             self._host.pop(s, None)
             self._generators.pop(s, None)
-        self._view = None
+        self._arranged = None
 
     def read(self, slots: Sequence[int]) -> torch.Tensor:
         """x of these slots: (N, C, H, W) float32 (the final samples once they are done)."""
-        return self.x.index_select(0, self._index(slots))
+        return self.x.index_select(0, self.rows(slots))
 
     def predicted_x0(self, slots: Sequence[int]) -> torch.Tensor:
         """The x0 predicted at the last step of these slots: (N, C, H, W) (previews)."""
-        return self.x0_prev.index_select(0, self._index(slots))
+        return self.x0_prev.index_select(0, self.rows(slots))
 
     def finite(self, slots: Sequence[int]) -> list[bool]:
         """Whether each slot's x is free of NaN/inf (one device sync: call it at retirement only)."""
         return self.read(slots).isfinite().flatten(1).all(1).tolist()
 
-    # ---- one step ----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def posterior(self, slots: Sequence[int] | None = None) -> _Posterior:
-        """One forward for the active slots (or `slots`), without advancing them."""
-        v = self._current_view() if slots is None else self._make_view(list(slots))
-        idx = self.index.index_select(0, v.slots)  # (B,)
-        rows = v.row0 + idx
-        t = self.timesteps.index_select(0, rows)  # (B,)
-        x = self.x.index_select(0, v.slots)  # (B, C, H, W)
-        x_in, t_in = x, t
-        if v.guided.numel():
-            x_in = torch.cat([x, x.index_select(0, v.guided)])  # (B + G, C, H, W)
-            t_in = torch.cat([t, t.index_select(0, v.guided)])
-        out = self.denoiser.forward(x_in, t_in, v.y)  # (B + G, 2C, H, W); the model casts x to its dtype
-        eps, var_values = self.denoiser.guide(out, v.n, v.guided, v.scales)
-        k = self.coeffs.index_select(0, rows)  # (B, NUM_COEFFS)
-        mean, x0 = self.denoiser.update(k, x, eps, self.x0_prev.index_select(0, v.slots))
-        return _Posterior(v, idx, k, var_values, mean, x0)
+    def rows(self, slots: Sequence[int]) -> torch.Tensor:
+        """The rows of `x` and `x0_prev` that hold these slots' state: (N,) int64 (valid until the next
+        join, leave or step)."""
+        return self._to_device(torch.tensor([self._row[s] for s in slots], dtype=torch.int64))
 
+    # ---- one step ----------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, slots: Sequence[int] | None = None) -> None:
         """Advance every active slot (or just `slots`, e.g. half a batch after an out-of-memory error)
         by one iteration with one forward pass. No slot may be past its last iteration."""
         if not self._active or (slots is not None and not slots):
             return
-        p = self.posterior(slots)
-        v, x_next = p.view, p.mean
-        if v.noisy.numel():  # only the noisy samples need a variance and noise (hashing noise is costly)
-            k = p.coeffs.index_select(0, v.noisy)
-            log_var = self.denoiser.log_variance(k, p.var_values.index_select(0, v.noisy))  # (K, C, H, W)
-            sigma = k[:, NOISE_ON, None, None, None] * torch.exp(0.5 * log_var)
-            x_next = x_next.index_add(0, v.noisy, sigma * self._noise(v, p.index.index_select(0, v.noisy)))
-        self.x.index_copy_(0, v.slots, x_next)
-        self.x0_prev.index_copy_(0, v.slots, p.x0)
-        self.index.index_add_(0, v.slots, v.ones)
-        if slots is None:
-            self._clock += 1
-        else:  # a partial step (rare: the out-of-memory fallback) moves only these slots' iterations
+        a = self._arrange(None if slots is None else list(slots))
+        k, var_values, mean, x0 = self._predict(a)
+        if a.noisy.numel():  # only the noisy samples need a variance and noise (hashing noise is costly)
+            sigma = self.denoiser.noise_scale(k.index_select(1, a.noisy), var_values.index_select(0, a.noisy))
+            mean.index_add_(0, a.noisy, sigma * self._noise(a, a.iteration.index_select(0, a.noisy)))
+        # Written back only now: a step that fails (e.g. out of memory) leaves the state as it was.
+        a.x.copy_(mean)
+        a.x0_prev.copy_(x0)
+        a.iteration.add_(1)
+        if a.partial:  # rare (the out-of-memory fallback): only these slots' iterations moved
             for s in slots:
                 self._host[s].base -= 1
-            self._view = None
+        else:
+            self._clock += 1
 
-    def _noise(self, v: _View, idx: torch.Tensor) -> torch.Tensor:
-        """The noise after this iteration for the noisy samples, (K, C, H, W): counter-based from (seed,
+    @torch.no_grad()
+    def posterior(self) -> Posterior:
+        """One forward for the active slots without advancing them: the step's prediction before noise."""
+        a = self._arrange(None)
+        k, var_values, mean, x0 = self._predict(a)
+        rows = self.rows(self._active)  # back to join order
+        return Posterior(tuple(self._active), mean.index_select(0, rows), x0.index_select(0, rows),
+                         self.denoiser.log_variance(k, var_values).index_select(0, rows))
+
+    def _predict(self, a: _Arrangement) -> tuple[torch.Tensor, ...]:
+        """The forward and the update rule for rows [0, B), without noise and without writing anything:
+        (k (NUM_COEFFS, B, 1, 1, 1), var_values, mean, x0 (B, C, H, W) each)."""
+        n, g, x = a.n, a.guided, a.x
+        rows = a.row0 + a.iteration  # (B,) this iteration's row in the plan tables
+        t = self.timesteps.index_select(0, rows)
+        k = self.coeffs.index_select(1, rows)
+        x_in, t_in = (torch.cat([x, a.x_guided]), torch.cat([t, t[:g]])) if g else (x, t)  # (B + G, ...)
+        out = self.denoiser.forward(x_in, t_in, a.y)  # (B + G, 2C, H, W); the model casts x to its dtype
+        eps, var_values = self.denoiser.guide(out, n, g, a.scales)
+        mean, x0 = self.denoiser.update(k, x, eps, a.x0_prev)
+        return k, var_values, mean, x0
+
+    def _noise(self, a: _Arrangement, done: torch.Tensor) -> torch.Tensor:
+        """The noise after this iteration for the noisy rows, (K, C, H, W): counter-based from (seed,
         iteration + 1), or from a caller's torch.Generator where one was given (a slower per-sample path,
         library use only)."""
-        z = noise_lib.gaussian(v.noisy_seeds, idx + 1, self.shape)
-        for pos, gen in v.generators:
+        z = noise_lib.keyed_gaussian(a.keys, done + 1, self.shape)
+        for pos, gen in a.generators:
             z[pos] = torch.randn(self.shape, generator=gen, device=gen.device).to(self.device)
         return z
 
     # ---- internals ---------------------------------------------------------------------------------
-    def _current_view(self) -> _View:
-        if self._view is None or self._clock >= self._view.expires:
-            self._view = self._make_view(self._active)
-        return self._view
-
-    def _make_view(self, slots: list[int]) -> _View:
-        hosts = [self._host[s] for s in slots]
-        iterations = [self._clock - h.base for h in hosts]
-        guided = [p for p, (h, i) in enumerate(zip(hosts, iterations, strict=True)) if i in h.guided]
-        noisy = [p for p, h in enumerate(hosts) if h.stochastic]
-        flips = [h.base + f for h, i in zip(hosts, iterations, strict=True) if (f := h.next_flip(i)) is not None]
-        a = self._index(slots)
-        g = self._to_device(torch.tensor(guided, dtype=torch.int64))
-        k = self._to_device(torch.tensor(noisy, dtype=torch.int64))
-        null = torch.full((len(guided),), self.denoiser.null_class, dtype=torch.int64, device=self.device)
-        return _View(
-            n=len(slots), expires=min(flips, default=float("inf")), slots=a, guided=g,
-            scales=self.scale.index_select(0, a.index_select(0, g)).view(-1, 1, 1, 1),
-            y=torch.cat([self.label.index_select(0, a), null]), row0=self.row0.index_select(0, a),
-            ones=torch.ones_like(a), noisy=k, noisy_seeds=self.seed.index_select(0, a.index_select(0, k)),
-            generators=tuple((i, self._generators[slots[p]]) for i, p in enumerate(noisy)
-                             if slots[p] in self._generators),
+    def _arrange(self, subset: list[int] | None) -> _Arrangement:
+        """Move the rows so that the samples to step are rows [0, B), guided ones first (a permutation
+        copy, only when membership or someone's guidance changed since the last arrangement)."""
+        if subset is None and self._arranged is not None and self._clock < self._arranged.expires:
+            return self._arranged
+        first = self._active if subset is None else subset
+        unknown = set(first) - set(self._row)
+        if unknown:
+            raise ValueError(f"slots {sorted(unknown)} are not in the batch")
+        hosts = {s: self._host[s] for s in first}
+        now_guided = {s for s, h in hosts.items() if self._clock - h.base in h.guided}
+        guided = [s for s in first if s in now_guided]
+        unguided = [s for s in first if s not in now_guided]
+        order = guided + unguided + [s for s in self._active if s not in hosts]  # + the rest (subset steps)
+        self._permute(order)
+        n, g = len(first), len(guided)
+        flips = [h.base + f for h in hosts.values() if (f := h.next_flip(self._clock - h.base)) is not None]
+        noisy_rows = [r for r, s in enumerate(order[:n]) if self._host[s].stochastic]
+        noisy = self._to_device(torch.tensor(noisy_rows, dtype=torch.int64))
+        null = torch.full((g,), self.denoiser.null_class, dtype=torch.int64, device=self.device)
+        arranged = _Arrangement(
+            n=n, guided=g, expires=min(flips, default=float("inf")), partial=subset is not None,
+            x=self.x[:n], x_guided=self.x[:g], x0_prev=self.x0_prev[:n], iteration=self.meta[:n, ITER],
+            row0=self.meta[:n, ROW0], y=torch.cat([self.meta[:n, LABEL], null]),
+            scales=self.scale[:g].view(-1, 1, 1, 1), noisy=noisy,
+            keys=self.meta[:n, KEY].index_select(0, noisy),
+            generators=tuple((i, self._generators[order[r]]) for i, r in enumerate(noisy_rows)
+                             if order[r] in self._generators),
         )
+        self._arranged = None if subset is not None else arranged
+        return arranged
 
-    def _index(self, slots: Sequence[int]) -> torch.Tensor:
-        return self._to_device(torch.tensor(list(slots), dtype=torch.int64))
+    def _permute(self, order: list[int]) -> None:
+        """Put slot order[r]'s state in row r."""
+        perm = [self._row[s] for s in order]
+        if perm == list(range(len(perm))):
+            return
+        src = self._to_device(torch.tensor(perm, dtype=torch.int64))
+        for t in (self.x, self.x0_prev, self.meta, self.scale):
+            t[: len(perm)] = t.index_select(0, src)
+        self._row = {s: r for r, s in enumerate(order)}
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         if self.device.type == "cuda":  # pinned, so the copy does not wait for the device
@@ -270,7 +301,8 @@ class SlotBatch:
             p = plan(sampler, steps)
             self._plan_row0[key] = self.timesteps.shape[0]
             self.timesteps = torch.cat([self.timesteps, torch.tensor(p.timesteps, device=self.device)])
-            self.coeffs = torch.cat([self.coeffs, torch.from_numpy(p.coeffs).float().to(self.device)])
+            table = torch.from_numpy(p.coeffs.T).float().view(NUM_COEFFS, -1, 1, 1, 1).to(self.device)
+            self.coeffs = torch.cat([self.coeffs, table], dim=1)
         return self._plan_row0[key]
 
     def _grow(self, needed: int) -> None:
@@ -283,6 +315,6 @@ class SlotBatch:
             out[: t.shape[0]] = t
             return out
 
-        for name in ("x", "x0_prev", "index", "label", "scale", "seed", "row0"):
+        for name in ("x", "x0_prev", "meta", "scale"):
             setattr(self, name, grown(getattr(self, name)))
         self._capacity = cap

@@ -11,7 +11,20 @@ from functools import lru_cache
 
 import torch
 
-from .samplers import A_E, A_X, FULL_INTERVAL, K_0, K_E, K_P, K_X, MAX_LOG, MIN_LOG, check_interval, guided_range
+from .samplers import (
+    A_E,
+    A_X,
+    FULL_INTERVAL,
+    K_0,
+    K_E,
+    K_P,
+    K_X,
+    MAX_LOG,
+    MIN_LOG,
+    NOISE_ON,
+    check_interval,
+    guided_range,
+)
 
 
 def forward_rows(cfg_scale: float, guided: bool = True) -> int:
@@ -55,41 +68,47 @@ class Denoiser:
         self.clip_x0 = clip_x0
         self.device = next(model.parameters()).device
 
-    def guide(self, out: torch.Tensor, num_samples: int, guided: torch.Tensor,
+    def guide(self, out: torch.Tensor, num_samples: int, num_guided: int,
               scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Model output (B + G, 2C, H, W) -> guided eps (B, C, H, W) and variance values (B, C, H, W).
 
-        Rows [0, B) are the samples, rows [B, B + G) the null-class twins of the samples at positions
-        `guided` (G,), whose scales are `scales` (G, 1, 1, 1).
+        Rows [0, B) are the samples, the first G of them guided; rows [B, B + G) are those G samples'
+        null-class twins, and `scales` (G, 1, 1, 1) their guidance scales. The guided eps are written
+        over the conditional rows of `out` (float32 models), which is consumed here.
         """
         c, g = self.channels, self.cfg_channels
         # With CUDA graphs `out` is the graph's static output buffer (in float32 models `.float()` is
         # the same storage): everything read from it is consumed before the next forward overwrites it.
         out = out.float()
         eps = out[:num_samples, :c]
-        var_values = out[:num_samples, c:]
-        if guided.numel():
-            cond = eps.index_select(0, guided)[:, :g]
+        if num_guided:
+            cond = eps[:num_guided, :g]
             uncond = out[num_samples:, :g]
-            eps = eps.clone()
-            eps[guided, :g] = uncond + scales * (cond - uncond)
-        return eps, var_values
+            torch.addcmul(uncond, scales, cond - uncond, out=cond)  # uncond + scale * (cond - uncond)
+        return eps, out[:num_samples, c:]
 
     def update(self, k: torch.Tensor, x: torch.Tensor, eps: torch.Tensor,
                x0_prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The update rule of model/samplers.py with coefficient rows `k` (B, NUM_COEFFS), without the
-        noise term: (mean, x0), each (B, C, H, W)."""
-        k = k[:, :, None, None, None].unbind(1)  # NUM_COEFFS x (B, 1, 1, 1)
+        """The update rule of model/samplers.py without the noise term: (mean, x0), each (B, C, H, W).
+
+        k: this iteration's coefficients column-first, (NUM_COEFFS, B, 1, 1, 1): k[A_X] scales x."""
         ax = k[A_X] * x
-        x0 = ax - k[A_E] * eps
+        x0 = torch.addcmul(ax, k[A_E], eps, value=-1)  # ax - a_e * eps
         if self.clip_x0 is not None:
-            x0 = x0.clamp(*self.clip_x0)
-        eps_x0 = (ax - x0) / k[A_E]
-        mean = k[K_X] * x + k[K_0] * x0 + k[K_E] * eps_x0 + k[K_P] * x0_prev
+            x0.clamp_(*self.clip_x0)
+        eps_x0 = (ax - x0).div_(k[A_E])
+        # k_x x + k_0 x0 + k_e eps_x0 + k_p x0_prev, summed in that order, one pass per term
+        mean = (k[K_X] * x).addcmul_(k[K_0], x0).addcmul_(k[K_E], eps_x0).addcmul_(k[K_P], x0_prev)
         return mean, x0
 
     @staticmethod
     def log_variance(k: torch.Tensor, var_values: torch.Tensor) -> torch.Tensor:
-        """The learned log-variance (B, C, H, W) from the variance outputs (B, C, H, W) and rows `k`."""
+        """The learned log-variance (B, C, H, W) from the variance outputs (B, C, H, W); k as in `update`."""
         frac = (var_values + 1) / 2
-        return frac * k[:, MAX_LOG, None, None, None] + (1 - frac) * k[:, MIN_LOG, None, None, None]
+        return frac * k[MAX_LOG] + (1 - frac) * k[MIN_LOG]
+
+    @classmethod
+    def noise_scale(cls, k: torch.Tensor, var_values: torch.Tensor) -> torch.Tensor:
+        """The standard deviation of the noise added after this iteration (B, C, H, W), 0 where the plan
+        adds none."""
+        return k[NOISE_ON] * torch.exp(0.5 * cls.log_variance(k, var_values))

@@ -11,6 +11,7 @@ Draw 0 is the initial noise x_T; draw i + 1 is the noise added after denoising i
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,28 +29,40 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _key(seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-    """(N,) 64-bit seeds and (N,) draw indices -> (N,) 32-bit stream keys."""
+def stream_keys(seeds: torch.Tensor) -> torch.Tensor:
+    """(N,) 64-bit seeds -> (N,) 32-bit per-seed keys (the part of a stream's key that its draw index
+    does not change: a batch computes it once per sample, not once per step)."""
     lo, hi = seeds & _MASK, (seeds >> 32) & _MASK
-    return _mix(_mix(_mix(lo) ^ hi) ^ (draws & _MASK))
+    return _mix(_mix(lo) ^ hi)
 
 
 def gaussian(seeds: torch.Tensor, draws: torch.Tensor, shape: tuple[int, ...], device=None) -> torch.Tensor:
     """Standard normal noise (N, *shape), float32; row n is a function of (seeds[n], draws[n]) only."""
     seeds = torch.as_tensor(seeds, dtype=torch.int64, device=device)
     draws = torch.as_tensor(draws, dtype=torch.int64, device=seeds.device)
+    return keyed_gaussian(stream_keys(seeds), draws, shape)
+
+
+def keyed_gaussian(keys: torch.Tensor, draws: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`gaussian` from the seeds' `stream_keys` (N,): the same values, with the per-seed hashing done."""
     numel = math.prod(shape)
     pairs = (numel + 1) // 2
-    key = _key(seeds, draws)[:, None]  # (N, 1)
+    key = _mix(keys ^ (draws & _MASK))[:, None]  # (N, 1)
     # Element pair p hashes counters 2p and 2p + 1, both in one pass; counter ^ key stays below 2**32.
-    h = _mix(torch.arange(2 * pairs, dtype=torch.int64, device=seeds.device)[None] ^ key)  # (N, 2P)
+    h = _mix(_counters(2 * pairs, keys.device) ^ key)  # (N, 2P)
     # 24-bit uniforms in the open interval (0, 1): log(u1) stays finite.
     u = ((h >> 8).float() + 0.5) * (1.0 / 16777216.0)
     u1, u2 = u[:, 0::2], u[:, 1::2]  # (N, P) each
     radius = torch.sqrt(-2.0 * torch.log(u1))
     angle = (2.0 * math.pi) * u2
     z = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)  # (N, 2P)
-    return z[:, :numel].reshape(len(seeds), *shape)
+    return (z[:, :numel] if numel % 2 else z).view(len(keys), *shape)
+
+
+@functools.lru_cache(maxsize=16)
+def _counters(n: int, device: torch.device) -> torch.Tensor:
+    """(1, n) int64 element counters, made once per size and device (not in every step)."""
+    return torch.arange(n, dtype=torch.int64, device=device)[None]
 
 
 def initial_noise(seeds, shape: tuple[int, ...], device=None) -> torch.Tensor:

@@ -110,7 +110,7 @@ def test_mixed_intervals_in_one_batch_equal_each_alone(tiny_dit):
 
 def test_the_forward_has_the_rows_of_the_guided_samples_only(tiny_dit):
     """Each step's forward has exactly sum(rows_per_iteration) rows; the index tensors are rebuilt only
-    on the steps where some sample's guidance switches."""
+    on the steps where some sample's guidance switches (the rows are rearranged then)."""
     rows_seen = []
 
     def counting(x, t, y):
@@ -124,9 +124,9 @@ def test_the_forward_has_the_rows_of_the_guided_samples_only(tiny_dit):
     batch.join([Join(k, k, k, smp, n, cfg, guidance_interval=iv) for k, (smp, n, cfg, iv) in enumerate(specs)])
     rebuilt = []
     for _ in range(10):
-        before = batch._view
+        before = batch._arranged
         batch.step()
-        rebuilt.append(batch._view is not before)
+        rebuilt.append(batch._arranged is not before)
     expected = [sum(r) for r in zip(*(rows_per_iteration(*s) for s in specs), strict=True)]
     assert rows_seen == expected and len(set(expected)) > 1
     flips = {g.start for g in (guided_range(smp, n, iv) for smp, n, _, iv in specs)} | \

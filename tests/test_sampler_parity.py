@@ -40,7 +40,7 @@ def test_ddpm_step_mean_and_logvar_match_reference(tiny_dit, reference):
         batch = SlotBatch(Denoiser(tiny_dit))
         batch.join([Join(k, labels[k], 0, "ddpm", 10, 4.0, index=9 - i) for k in range(len(x))], x=x)
         p = batch.posterior()
-        mean, log_var = p.mean, batch.denoiser.log_variance(p.coeffs, p.var_values)
+        mean, log_var = p.mean, p.log_var
         assert rel_err(mean, reference[f"ddpm10_cfg4.0_ch3_step{i}_mean"]) <= SAMPLE_TOL, i
         assert rel_err(log_var, reference[f"ddpm10_cfg4.0_ch3_step{i}_logvar"]) <= SAMPLE_TOL, i
 
@@ -83,7 +83,7 @@ def test_guidance_rows_only_for_guided_samples(tiny_dit):
     batch = SlotBatch(denoiser)
     batch.join([Join(k, k, k, "ddim", 5, s) for k, s in enumerate([1.0, 4.0, 1.0])])
     batch.step()
-    assert rows == [[0, 1, 2, 1000]]  # 3 samples + 1 null-class twin
+    assert rows == [[1, 0, 2, 1000]]  # 3 samples, the guided one first, + its null-class twin
 
 
 def test_bad_sampler_settings_are_rejected():

@@ -44,4 +44,4 @@ class FaultInjector:
     def after_step(self, batch) -> None:
         """`nan`: every sample in the batch turns to NaN (as a diverging model would)."""
         if self.take("nan") and batch.active:
-            batch.x[batch.active] = float("nan")
+            batch.x[batch.rows(batch.active)] = float("nan")
