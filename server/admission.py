@@ -4,11 +4,10 @@ serve in time, instead of admitting work that would end in 504.
 A request is refused (429) when
   - the queue holds --max-queue requests (`queue_full`),
   - its API key already has --max-requests-per-key requests queued or in flight (`key_quota_exceeded`),
-  - or it could not finish before its deadline (`overloaded`): the backlog's row-steps drain at the
-    measured rate, then the request needs its own steps. Two rates bound the drain: seconds per
-    row-step (right where a step costs in proportion to its rows, as on a CPU) and seconds per step over
-    the row budget (right where a step costs about the same at any width, as on a GPU below saturation);
-    the smaller is used, so a request is refused only when even the optimistic estimate misses.
+  - or it could not finish before its deadline (`overloaded`): the backlog (its row-steps, this
+    request's included) drains in full-width steps, each costing what the engine measured a full-width
+    step to cost in wall time, the time between steps included (server/engine/step_cost.py); and the
+    request needs at least its own steps.
 Nothing is estimated before the engine has measured a step, and an idle engine admits any request.
 """
 
@@ -30,15 +29,14 @@ def seconds_to_finish(job: Job, load: Load) -> float | None:
         return None
     spec = job.spec
     ahead = load.work + spec.row_steps  # row-steps (a sample costs 2 rows only where it is guided)
-    drain = min(ahead * load.row_step_seconds, ahead / max(1, load.max_rows) * load.step_seconds)
-    return max(drain, spec.steps * load.step_seconds)
+    return max(ahead / max(1, load.max_rows), spec.steps) * load.step_seconds
 
 
 def drain_seconds(load: Load) -> float:
     """Roughly when the backlog leaves room (a Retry-After): its row-steps at the measured rate, >= 1 s."""
     if load.step_seconds <= 0:
         return 1.0
-    return max(1.0, min(load.work * load.row_step_seconds, load.work / max(1, load.max_rows) * load.step_seconds))
+    return max(1.0, load.work / max(1, load.max_rows) * load.step_seconds)
 
 
 class Admission:

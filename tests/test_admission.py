@@ -7,6 +7,7 @@ import pytest
 from server.admission import HEADROOM, Admission, seconds_to_finish
 from server.contracts import GenerationSpec, Job, KeyQuotaExceeded, OutputSpec, Overloaded, QueueFull
 from server.engine.messages import Load
+from server.engine.step_cost import StepCost
 
 NOW = 100.0
 
@@ -16,8 +17,8 @@ def job(steps=10, images=1, cfg=1.0, timeout=5.0, owner=None) -> Job:
                owner=owner)
 
 
-def load(waiting=0, work=0, row_step=0.001, step=0.02, max_rows=32) -> Load:
-    return Load(waiting=waiting, work=work, row_step_seconds=row_step, step_seconds=step, max_rows=max_rows)
+def load(waiting=0, work=0, step=0.02, max_rows=32) -> Load:
+    return Load(waiting=waiting, work=work, step_seconds=step, max_rows=max_rows)
 
 
 def test_an_idle_server_admits():
@@ -30,7 +31,7 @@ def test_nothing_is_estimated_before_a_step_was_measured():
 
 
 def test_a_request_that_cannot_meet_its_deadline_is_refused_with_an_honest_retry_after():
-    # 64 000 row-steps ahead at 1 ms each (or 2000 steps of 32 rows at 20 ms): about 40-64 s > 5 s.
+    # 64 000 row-steps ahead: 2000 steps of 32 rows at 20 ms each, about 40 s > 5 s.
     with pytest.raises(Overloaded) as e:
         Admission(256, None).check(job(timeout=5.0), load(work=64_000), 0, NOW)
     assert e.value.status == 429 and e.value.code == "overloaded"
@@ -58,3 +59,25 @@ def test_queue_full_and_the_key_quota():
     assert e.value.code == "key_quota_exceeded"
     Admission(8, 2).check(job(owner="k"), load(), 1, NOW)
     Admission(8, 2).check(job(owner=None), load(), 5, NOW)  # no keys configured: no quota
+
+
+def test_step_cost_fits_a_cost_per_row_and_a_fixed_cost():
+    cpu, gpu, one_width = StepCost(), StepCost(), StepCost()
+    assert not cpu.measured and cpu.seconds(32) == 0.0
+    for k in range(40):
+        rows = 8 + 4 * (k % 7)
+        cpu.add(rows, 0.002 * rows)  # a CPU: every row costs the same
+        gpu.add(rows, 0.050 + 0.0001 * rows)  # a GPU below saturation: mostly a fixed cost per step
+        one_width.add(20, 0.040)
+    assert cpu.seconds(32) == pytest.approx(0.064, rel=1e-6)
+    assert gpu.seconds(32) == pytest.approx(0.0532, rel=1e-6) and gpu.seconds(4) == pytest.approx(0.0504, rel=1e-6)
+    assert one_width.seconds(32) == pytest.approx(0.064)  # one width seen: taken as proportional to the rows
+
+
+def test_step_cost_follows_the_machine_within_a_few_dozen_steps():
+    cost = StepCost()
+    for _ in range(50):
+        cost.add(32, 0.05)
+    for _ in range(60):  # the front-end takes a core: steps twice as slow
+        cost.add(32, 0.10)
+    assert cost.seconds(32) == pytest.approx(0.10, rel=0.05)

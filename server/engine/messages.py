@@ -83,8 +83,7 @@ class Load:
 
     waiting: int  # requests not yet fully admitted
     work: int  # sample-steps x rows queued or in flight, not yet computed
-    row_step_seconds: float  # measured seconds per row-step (one forward row for one step)
-    step_seconds: float  # measured seconds per step
+    step_seconds: float  # wall seconds of one step at the full row budget (server/engine/step_cost.py); 0 = unmeasured
     max_rows: int  # the current row budget (halved after out-of-memory errors)
 
 

@@ -43,6 +43,7 @@ import numpy as np
 
 from model.samplers import Sampling
 
+from ..admission import drain_seconds
 from ..contracts import (
     GenerationFailed,
     InvalidRequest,
@@ -55,6 +56,7 @@ from ..metrics import EngineMetrics
 from .contract import DecodeFailed, SampleJoin, StepPlan, StepResult
 from .failures import is_fatal, is_out_of_memory
 from .messages import Load
+from .step_cost import StepCost
 
 log = logging.getLogger(__name__)
 
@@ -126,14 +128,14 @@ class Scheduler:
         # rows only on the steps where it is guided (its guidance interval), so admission looks ahead.
         self._ahead: dict[int, int] = {}
         self._inflight_work = 0  # row-steps the admitted samples still need
-        self._row_step_seconds = 0.0  # running mean of one step's seconds per forward row
+        self._cost = StepCost()  # a step's wall time by width, fitted from the steps run
+        self._cycle: tuple[float, int] | None = None  # (start, rows) of the step before, while busy
         self._tick = 0  # steps run so far
         self._clean_steps = 0
         self._queue_changed = False
         self._previewing: dict[int, _Request] = {}  # running requests that asked for previews
         self._served: dict[str, int] = {}  # API key hash -> when it last had a sample admitted
         self._admissions = 0
-        self._step_seconds = 0.1  # running mean of one step, for Retry-After estimates
         self._stopping = False  # admit nothing new, finish what was accepted
         self._broken: str | None = None  # a device error: nothing more can run
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -149,7 +151,7 @@ class Scheduler:
         with self._counts:
             if self._waiting >= self.settings.max_queue:
                 raise QueueFull(f"{self._waiting} requests are already waiting; try again later",
-                                retry_after=self.retry_after())
+                                retry_after=drain_seconds(self.load()))
             self._waiting += 1
             self._waiting_work += work(job)
         job.queue_position = self._waiting
@@ -166,15 +168,10 @@ class Scheduler:
         except ValueError as e:
             raise InvalidRequest(str(e)) from e
 
-    def retry_after(self) -> float:
-        """Rough seconds until the queue has room: the queued work's steps over the batch's width."""
-        return max(1.0, self._waiting_work / max(1, self.max_rows) * self._step_seconds)
-
     def load(self) -> Load:
         """The backlog, for admission at the front door (server/admission.py); read from any thread."""
         return Load(waiting=self._waiting, work=self._waiting_work + self._inflight_work,
-                    row_step_seconds=self._row_step_seconds, step_seconds=self._step_seconds if self._tick else 0.0,
-                    max_rows=self.max_rows)
+                    step_seconds=self._cost.seconds(self.max_rows), max_rows=self.max_rows)
 
     def problem(self) -> str | None:
         """Why this engine cannot serve (a device error, its thread gone), or None: a health check."""
@@ -221,6 +218,7 @@ class Scheduler:
             if self._leaves:  # free the slots of dropped requests even when nothing else runs
                 self.runner.execute(StepPlan(leaves=self._take_leaves(), subset=()))
             self.metrics.active_samples.set(0)
+            self._cycle = None  # idle: the wait until the next request is no step's cost
             return False
         self._tick += 1
         finish = tuple(sorted(self._finish_at.pop(self._tick, ())))
@@ -228,6 +226,9 @@ class Scheduler:
             del self._slot_finish[slot]
         plan = StepPlan(joins=joins, leaves=self._take_leaves(), finish=finish, previews=self._preview_slots(now))
         t0 = self.clock()
+        if self._cycle is not None:  # the step before, from its start to this one's
+            self._cost.add(self._cycle[1], t0 - self._cycle[0])
+        self._cycle = (t0, self._ahead.get(self._tick, 0))
         result = self._execute(plan)
         if result is not None:
             self._after_step(self.clock() - t0, result)
@@ -413,10 +414,7 @@ class Scheduler:
             self._end(r, error)
 
     def _after_step(self, seconds: float, result: StepResult) -> None:
-        self._step_seconds = seconds if self._tick == 1 else 0.9 * self._step_seconds + 0.1 * seconds
         rows = self._ahead.get(self._tick, 0)  # this step's forward rows
-        per_row = seconds / max(1, rows)
-        self._row_step_seconds = per_row if not self._row_step_seconds else 0.9 * self._row_step_seconds + 0.1 * per_row
         self._inflight_work -= rows
         m = self.metrics
         m.step_duration.observe(seconds)

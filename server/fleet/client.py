@@ -223,7 +223,6 @@ class FleetEngine:
         work = sum(job.spec.row_steps * (job.spec.steps - job.progress) // job.spec.steps for job in jobs)
         n = len(live)
         return msg.Load(waiting=math.ceil(waiting / n), work=math.ceil(work / n),
-                        row_step_seconds=sum(r.load.row_step_seconds for r in live) / n,
                         step_seconds=sum(r.load.step_seconds for r in live) / n,
                         max_rows=min(r.load.max_rows for r in live))
 
