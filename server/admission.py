@@ -5,9 +5,9 @@ A request is refused (429) when
   - the queue holds --max-queue requests (`queue_full`),
   - its API key already has --max-requests-per-key requests queued or in flight (`key_quota_exceeded`),
   - or it could not finish before its deadline (`overloaded`): the backlog (its row-steps, this
-    request's included) drains in full-width steps, each costing what the engine measured a full-width
-    step to cost in wall time, the time between steps included (server/engine/step_cost.py); and the
-    request needs at least its own steps.
+    request's included) drains in full-width steps, each costing what the engine's measurements say a
+    full-width step costs in wall time, the time between steps included (server/engine/step_cost.py);
+    and the request needs at least its own steps at its own width.
 Nothing is estimated before the engine has measured a step, and an idle engine admits any request.
 """
 
@@ -18,25 +18,29 @@ import math
 from .contracts import Job, KeyQuotaExceeded, Overloaded, QueueFull
 from .engine.messages import Load
 
-# The share of a request's remaining time the estimate may fill: step times vary under load, and a
-# request that misses its deadline after admission wastes the rows it held.
-HEADROOM = 0.8
+# The share of a request's remaining time the estimate may fill. Half: step times swing by tens of
+# percent as other work takes the CPU, the answer still has to travel back, and a request that misses its
+# deadline after admission wasted the rows it held. Under overload the backlog this admits (half the
+# timeout) still keeps every step full, so the margin costs no throughput (bench/overload.py).
+HEADROOM = 0.5
 
 
 def seconds_to_finish(job: Job, load: Load) -> float | None:
     """Estimated seconds from now until `job` would finish if admitted now; None before any measurement."""
-    if load.step_seconds <= 0:
+    if not load.measured:
         return None
-    spec = job.spec
+    spec, width = job.spec, max(1, load.max_rows)
     ahead = load.work + spec.row_steps  # row-steps (a sample costs 2 rows only where it is guided)
-    return max(ahead / max(1, load.max_rows), spec.steps) * load.step_seconds
+    return max(ahead / width * load.step_seconds(width),
+               spec.steps * load.step_seconds(min(width, spec.row_steps / spec.steps)))
 
 
 def drain_seconds(load: Load) -> float:
     """Roughly when the backlog leaves room (a Retry-After): its row-steps at the measured rate, >= 1 s."""
-    if load.step_seconds <= 0:
+    if not load.measured:
         return 1.0
-    return max(1.0, load.work / max(1, load.max_rows) * load.step_seconds)
+    width = max(1, load.max_rows)
+    return max(1.0, load.work / width * load.step_seconds(width))
 
 
 class Admission:

@@ -107,9 +107,9 @@ class Settings(BaseSettings):
     engine: Literal["process", "thread"] = Field(
         "process", description="where the engine (scheduler + model runner) runs: its own process, so that HTTP "
         "load cannot slow the step loop, or a thread of the server's process (the reference)")
-    frontend_nice: int = Field(5, ge=0, le=19, description="with the engine in its own process, the HTTP "
-                               "process lowers its own scheduling priority by this much (nice), so that a storm "
-                               "of requests cannot take CPU time from the step loop")
+    frontend_nice: int = Field(19, ge=0, le=19, description="with the engine in its own process, the HTTP "
+                               "process lowers its own scheduling priority by this much (nice): it runs on the CPU "
+                               "time the step loop leaves, so that a storm of requests cannot slow the engine")
     deadline_admission: bool = Field(True, description="answer 429 at once when a request could not finish "
                                      "before its deadline, instead of admitting it")
     max_requests_per_key: int | None = Field(None, ge=1, description="requests one API key may have queued or "

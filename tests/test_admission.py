@@ -17,8 +17,12 @@ def job(steps=10, images=1, cfg=1.0, timeout=5.0, owner=None) -> Job:
                owner=owner)
 
 
-def load(waiting=0, work=0, step=0.02, max_rows=32) -> Load:
-    return Load(waiting=waiting, work=work, step_seconds=step, max_rows=max_rows)
+def load(waiting=0, work=0, step=0.02, max_rows=32, flat=False) -> Load:
+    """A load whose full-width step takes `step` seconds: proportionally less at smaller widths (a CPU), or
+    the same at any width (`flat`, a GPU below saturation)."""
+    if flat:
+        return Load(waiting=waiting, work=work, step_fixed=step, step_per_row=0.0, max_rows=max_rows)
+    return Load(waiting=waiting, work=work, step_fixed=0.0, step_per_row=step / max_rows, max_rows=max_rows)
 
 
 def test_an_idle_server_admits():
@@ -40,7 +44,7 @@ def test_a_request_that_cannot_meet_its_deadline_is_refused_with_an_honest_retry
 
 
 def test_its_own_steps_alone_can_exceed_the_deadline():
-    busy = load(work=10, step=0.02)
+    busy = load(work=10, step=0.02, flat=True)
     with pytest.raises(Overloaded):
         Admission(256, None).check(job(steps=500, timeout=5.0), busy, 0, NOW)  # 500 x 20 ms = 10 s
     Admission(256, None, deadline_aware=False).check(job(steps=500, timeout=5.0), busy, 0, NOW)
@@ -71,6 +75,11 @@ def test_step_cost_fits_a_cost_per_row_and_a_fixed_cost():
         one_width.add(20, 0.040)
     assert cpu.seconds(32) == pytest.approx(0.064, rel=1e-6)
     assert gpu.seconds(32) == pytest.approx(0.0532, rel=1e-6) and gpu.seconds(4) == pytest.approx(0.0504, rel=1e-6)
+    noisy = StepCost()  # one slow step at a small width must not make wide steps dearer than proportional
+    for rows, seconds in [(16, 0.05)] * 10 + [(2, 0.2)] + [(16, 0.05)] * 10:
+        noisy.add(rows, seconds)
+    fixed, per_row = noisy.fit()
+    assert fixed >= 0 and 0 <= per_row and noisy.seconds(16) <= noisy.seconds(2) * 8
     assert one_width.seconds(32) == pytest.approx(0.064)  # one width seen: taken as proportional to the rows
 
 

@@ -396,13 +396,13 @@ def test_mixed_intervals_never_exceed_the_budget_and_the_accounting_returns_to_z
 
 def test_the_load_reports_a_full_width_step_s_wall_time_with_the_time_between_steps():
     h = Harness(max_batch_rows=8)
-    assert h.scheduler.load().step_seconds == 0.0  # nothing measured: admission estimates nothing
+    assert not h.scheduler.load().measured  # admission estimates nothing yet
     h.submit(h.job(images=4, steps=6))  # 4 rows per step: half the budget
     for _ in range(6):
         h.scheduler.run_once()  # each step: 10 ms in the runner...
         h.clock.now += 0.005  # ...and 5 ms of the engine's own work before the next one
     load = h.scheduler.load()
-    assert load.max_rows == 8 and load.step_seconds == pytest.approx(2 * 0.015)  # one width seen: x 8 / 4 rows
+    assert load.max_rows == 8 and load.step_seconds(8) == pytest.approx(2 * 0.015)  # one width seen: x 8 / 4 rows
     h.run()
     assert h.scheduler.run_once() is False
     h.clock.now += 60  # an idle minute is no step's cost
@@ -410,4 +410,4 @@ def test_the_load_reports_a_full_width_step_s_wall_time_with_the_time_between_st
     for _ in range(3):
         h.scheduler.run_once()
         h.clock.now += 0.005
-    assert h.scheduler.load().step_seconds == pytest.approx(2 * 0.015)
+    assert h.scheduler.load().step_seconds(8) == pytest.approx(2 * 0.015)

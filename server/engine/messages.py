@@ -83,8 +83,16 @@ class Load:
 
     waiting: int  # requests not yet fully admitted
     work: int  # sample-steps x rows queued or in flight, not yet computed
-    step_seconds: float  # wall seconds of one step at the full row budget (server/engine/step_cost.py); 0 = unmeasured
+    step_fixed: float  # a step's measured wall time = step_fixed + step_per_row x rows (engine/step_cost.py)
+    step_per_row: float  # (both 0 before the engine measured a step)
     max_rows: int  # the current row budget (halved after out-of-memory errors)
+
+    @property
+    def measured(self) -> bool:
+        return self.step_fixed + self.step_per_row > 0
+
+    def step_seconds(self, rows: float) -> float:
+        return self.step_fixed + self.step_per_row * rows
 
 
 @dataclass(frozen=True)

@@ -170,8 +170,9 @@ class Scheduler:
 
     def load(self) -> Load:
         """The backlog, for admission at the front door (server/admission.py); read from any thread."""
-        return Load(waiting=self._waiting, work=self._waiting_work + self._inflight_work,
-                    step_seconds=self._cost.seconds(self.max_rows), max_rows=self.max_rows)
+        fixed, per_row = self._cost.fit()
+        return Load(waiting=self._waiting, work=self._waiting_work + self._inflight_work, step_fixed=fixed,
+                    step_per_row=per_row, max_rows=self.max_rows)
 
     def problem(self) -> str | None:
         """Why this engine cannot serve (a device error, its thread gone), or None: a health check."""

@@ -26,14 +26,25 @@ class StepCost:
         self._w, self._r, self._rr = d * self._w + 1, d * self._r + rows, d * self._rr + rows * rows
         self._t, self._rt = d * self._t + seconds, d * self._rt + rows * seconds
 
+    def fit(self) -> tuple[float, float]:
+        """(fixed, per_row) seconds; (0, 0) before any step was measured.
+
+        The slope is kept between flat (0) and proportional (the mean cost over the mean width), so that
+        noisy steps cannot extrapolate a wider step's cost beyond either physical extreme."""
+        if not self._w:
+            return 0.0, 0.0
+        mean_r, mean_t = self._r / self._w, self._t / self._w
+        if mean_r <= 0:
+            return mean_t, 0.0
+        var_r = self._rr / self._w - mean_r * mean_r
+        proportional = mean_t / mean_r
+        if var_r < 1.0:  # (nearly) one width only: assume proportional, the dearer guess for wider steps
+            per_row = proportional
+        else:
+            per_row = min(proportional, max(0.0, (self._rt / self._w - mean_r * mean_t) / var_r))
+        return mean_t - per_row * mean_r, per_row
+
     def seconds(self, rows: int) -> float:
         """Estimated wall seconds of one step of `rows` forward rows (0 before any step was measured)."""
-        if not self._w:
-            return 0.0
-        mean_r, mean_t = self._r / self._w, self._t / self._w
-        var_r = self._rr / self._w - mean_r * mean_r
-        if var_r < 1.0 or mean_r <= 0:  # (nearly) one width only: assume the cost is proportional to it
-            return mean_t * rows / mean_r if mean_r > 0 else mean_t
-        per_row = max(0.0, (self._rt / self._w - mean_r * mean_t) / var_r)
-        fixed = max(0.0, mean_t - per_row * mean_r)
+        fixed, per_row = self.fit()
         return fixed + per_row * rows

@@ -223,7 +223,8 @@ class FleetEngine:
         work = sum(job.spec.row_steps * (job.spec.steps - job.progress) // job.spec.steps for job in jobs)
         n = len(live)
         return msg.Load(waiting=math.ceil(waiting / n), work=math.ceil(work / n),
-                        step_seconds=sum(r.load.step_seconds for r in live) / n,
+                        step_fixed=sum(r.load.step_fixed for r in live) / n,
+                        step_per_row=sum(r.load.step_per_row for r in live) / n,
                         max_rows=min(r.load.max_rows for r in live))
 
     def metrics_text(self) -> bytes:
