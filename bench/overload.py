@@ -105,14 +105,22 @@ def engine_pid(server_pid: int) -> int:
 
 
 def counters(url: str) -> dict[str, float]:
-    """The server's request books: answers by code, admitted, finished by reason, images."""
+    """The server's request books (answers by code, admitted, finished by reason, images) and the engine's
+    step times."""
     out: dict[str, float] = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
         m = re.match(r'(dit_requests_total\{code="\d+"\}|dit_requests_admitted_total|'
-                     r'dit_requests_finished_total\{reason="\w+"\}|dit_images_generated_total) (\S+)', line)
+                     r'dit_requests_finished_total\{reason="\w+"\}|dit_images_generated_total|'
+                     r'dit_step_duration_seconds_(?:sum|count)) (\S+)', line)
         if m:
             out[m.group(1)] = float(m.group(2))
     return out
+
+
+def step_ms(server_counts: dict) -> float:
+    """The engine's mean step time over a phase, in ms: the step loop should not slow down under load."""
+    steps = server_counts.get("dit_step_duration_seconds_count", 0)
+    return 1000 * server_counts.get("dit_step_duration_seconds_sum", 0) / steps if steps else float("nan")
 
 
 def delta(after: dict, before: dict) -> dict[str, float]:
@@ -229,7 +237,9 @@ def storm(url: str, seconds: float, workdir: Path) -> dict:
 def run_mode(engine: str, seconds: float, storm_seconds: float, factor: float, workdir: Path) -> dict:
     with run_server(workdir, *SERVER_ARGS, "--engine", engine) as server:
         url = server.url
+        before = counters(url)
         report: dict = {"engine": engine, "capacity_before": asyncio.run(capacity(url))}
+        report["step_ms"] = {"capacity": step_ms(delta(counters(url), before))}
         rate = report["capacity_before"] * factor
 
         pids = [server.proc.pid] + ([engine_pid(server.proc.pid)] if engine == "process" else [])
@@ -254,6 +264,8 @@ def run_mode(engine: str, seconds: float, storm_seconds: float, factor: float, w
         # goodput is a share of the higher of the two (the stricter reference).
         report["capacity_after"] = asyncio.run(capacity(url))
     report["capacity_req_s"] = cap = max(report["capacity_before"], report["capacity_after"], 1e-9)
+    report["step_ms"]["flood"] = step_ms(report["flood"]["server"])
+    report["step_ms"]["storm"] = step_ms(report["storm"]["server"])
     report["flood"]["goodput"] = report["flood"]["codes"].get("200", 0) / seconds / cap
     report["storm"]["goodput"] = report["storm"]["codes"].get("200", 0) / storm_seconds / cap
     report["rss_change"] = report["storm"]["rss_mib"] / report["flood"]["rss_mib"] - 1
@@ -311,8 +323,9 @@ def main() -> None:
                for engine in args.engines.split(",")]
     print(f"| engine | capacity req/s (before / after) | (a) flood {args.factor:g}x, {args.seconds:g} s: goodput | "
           f"(b) storm {STORM_CONNECTIONS} conn, {args.storm_seconds:g} s: goodput | admitted then 504 (a / b) | "
-          "CPU (a) / (b): server, engine, load generator | RSS after (a) → (b) |")
-    print("|---|---|---|---|---|---|---|")
+          "CPU (a) / (b): server, engine, load generator | mean step ms: capacity / (a) / (b) "
+          "| RSS after (a) → (b) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in reports:
         shares = []
         for part in (r["flood"], r["storm"]):
@@ -321,7 +334,8 @@ def main() -> None:
         cpu = " / ".join(", ".join(f"{c:.0%}" for c in r[part]["cpu_share"]) for part in ("flood", "storm"))
         print(f"| {r['engine']} | {r['capacity_before']:.1f} / {r['capacity_after']:.1f} | {r['flood']['goodput']:.0%} "
               f"({r['flood']['codes']}) | {r['storm']['goodput']:.0%} ({r['storm']['codes']}) | "
-              f"{' / '.join(shares)} | {cpu} | {r['flood']['rss_mib']:.0f} → {r['storm']['rss_mib']:.0f} MiB "
+              f"{' / '.join(shares)} | {cpu} | {' / '.join(f'{v:.0f}' for v in r['step_ms'].values())} "
+              f"| {r['flood']['rss_mib']:.0f} → {r['storm']['rss_mib']:.0f} MiB "
               f"({r['rss_change']:+.1%}) |")
     for r in reports:
         print(f"{r['engine']}: request afterwards {r['after_status']}; problems: "
