@@ -200,7 +200,7 @@ async def flood(url: str, rate: float, seconds: float) -> dict:
                 conn = None
         except TimeoutError:
             results.append(("hung", False))
-        except (OSError, asyncio.IncompleteReadError, ValueError) as e:
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as e:
             results.append((f"transport:{type(e).__name__}", False))
         finally:
             if conn is not None:
@@ -239,6 +239,7 @@ def run_mode(engine: str, seconds: float, storm_seconds: float, factor: float, w
         url = server.url
         before = counters(url)
         report: dict = {"engine": engine, "capacity_before": asyncio.run(capacity(url))}
+        time.sleep(1.5)  # the engine's metrics snapshot (sent every second) catches up
         report["step_ms"] = {"capacity": step_ms(delta(counters(url), before))}
         rate = report["capacity_before"] * factor
 

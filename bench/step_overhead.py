@@ -1,11 +1,11 @@
-"""Host time per denoising step outside the forward pass, before vs after the slot-indexed batch.
+"""Host time per denoising step outside the forward pass, before vs after the in-flight batch (SlotBatch).
 
 The embedded model's forward is replaced by a stub that returns a preallocated output, so what is
 timed is only the step's own work: building the batch, guidance, the update rule, noise, write-back.
-"Before" is the per-sample step API of an earlier commit (checked out into a temporary git worktree);
-"after" is this tree's SlotBatch. One thread, mixed samplers and guidance scales, no sample finishes
-during the measurement. Also counts, per steady step, tensors built from Python data (aten.lift_fresh)
-and host syncs (aten._local_scalar_dense).
+"Before" is an earlier commit, checked out into a temporary git worktree: by default 4bee158, the last
+with the per-sample step API; a later commit's SlotBatch with --before REV. "After" is this tree. One
+thread, mixed samplers and guidance scales, no sample finishes during the measurement. Also counts, per
+steady step, tensors built from Python data (aten.lift_fresh) and host syncs (aten._local_scalar_dense).
 
     python bench/step_overhead.py                 # before = 4bee158 (the last commit before the change)
     python bench/step_overhead.py --before REV
@@ -40,6 +40,8 @@ def child(impl: str, repeats: int) -> dict:
     # The tree being measured (the child's cwd) brings its own weights: their metadata follows its code.
     pipe = model.Pipeline.from_pretrained(Path.cwd() / "weights" / "fashion_dit.safetensors")
     c, h, w = pipe.sample_shape
+    # The stub hands back one buffer, which guidance overwrites in place (as it does a CUDA graph's static
+    # output): all zeros, so it stays zeros.
     stub_out = torch.zeros(2 * max(SIZES), 2 * c, h, w)
     pipe.denoiser.forward = lambda x, t, y: stub_out[: x.shape[0]]
 
@@ -58,7 +60,7 @@ def child(impl: str, repeats: int) -> dict:
     results = {}
     for n in SIZES:
         specs = [(k % 10, k, *MIX[k % len(MIX)]) for k in range(n)]
-        if impl == "before":
+        if impl == "before" and not hasattr(pipe, "new_batch"):  # the per-sample step API (4bee158 and older)
             states = [pipe.new_state(lab, seed, sampler=smp, steps=STEPS, cfg_scale=cfg)
                       for lab, seed, smp, cfg in specs]
             step = functools.partial(pipe.denoiser.step, states)
@@ -66,7 +68,7 @@ def child(impl: str, repeats: int) -> dict:
             batch = pipe.new_batch(n)
             batch.join([model.Join(k, lab, seed, smp, STEPS, cfg) for k, (lab, seed, smp, cfg) in enumerate(specs)])
             step = batch.step
-        for _ in range(5):  # warm-up (the first step after joining builds the index tensors)
+        for _ in range(5):  # warm-up (the first step after joining arranges the rows)
             step()
         # The best of several blocks, each timed in CPU time of this one-thread process: the step's own
         # cost, without the interruptions of a shared machine (which only ever add time).

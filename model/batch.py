@@ -82,7 +82,7 @@ class Posterior:
 
 
 # Columns of the per-row integer table `SlotBatch.meta`.
-ITER, LABEL, SEED, ROW0, KEY = range(5)  # iterations done, class, seed, first coefficient row, noise key
+ITER, LABEL, ROW0, KEY = range(4)  # iterations done, class, first coefficient row, noise key (from the seed)
 
 
 @dataclass(frozen=True)
@@ -115,7 +115,7 @@ class SlotBatch:
         self._capacity = 0
         self.x = torch.empty(0, *self.shape, device=dev)  # (S, C, H, W) float32
         self.x0_prev = torch.empty(0, *self.shape, device=dev)  # (S, C, H, W) last predicted x0
-        self.meta = torch.empty(0, 5, dtype=torch.int64, device=dev)  # (S, 5) columns ITER..KEY
+        self.meta = torch.empty(0, 4, dtype=torch.int64, device=dev)  # (S, 4) columns ITER..KEY
         self.scale = torch.empty(0, dtype=torch.float32, device=dev)  # (S,) guidance scale
         self._grow(capacity)
         # Every plan used so far, as consecutive rows of two device tables (its iterations in order).
@@ -149,11 +149,11 @@ class SlotBatch:
         used = set(self._row.values())
         rows = [r for r in range(self._capacity) if r not in used][: len(joins)]
         # One staging copy per kind for all joining samples (pinned on CUDA, so it can run async).
-        staged = [[r, j.index, j.label, j.seed, self._plan_rows(j.sampler, j.steps)]
+        staged = [[r, j.index, j.label, self._plan_rows(j.sampler, j.steps), j.seed]
                   for j, r in zip(joins, rows, strict=True)]
-        ints = self._to_device(torch.tensor(staged, dtype=torch.int64))  # (N, 5): the row, then ITER..ROW0
-        at, seeds = ints[:, 0], ints[:, 1 + SEED]
-        self.meta[at] = torch.cat([ints[:, 1:], noise_lib.stream_keys(seeds)[:, None]], dim=1)
+        ints = self._to_device(torch.tensor(staged, dtype=torch.int64))  # (N, 5): row, ITER, LABEL, ROW0, seed
+        at, seeds = ints[:, 0], ints[:, 4]
+        self.meta[at] = torch.cat([ints[:, 1:4], noise_lib.stream_keys(seeds)[:, None]], dim=1)
         self.scale[at] = self._to_device(torch.tensor([j.cfg_scale for j in joins], dtype=torch.float32))
         self.x[at] = noise_lib.initial_noise(seeds, self.shape) if x is None else x.to(self.device, torch.float32)
         self.x0_prev[at] = 0.0
@@ -190,7 +190,7 @@ class SlotBatch:
 
     def rows(self, slots: Sequence[int]) -> torch.Tensor:
         """The rows of `x` and `x0_prev` that hold these slots' state: (N,) int64 (valid until the next
-        join, leave or step)."""
+        step or `posterior`, which may rearrange the rows)."""
         return self._to_device(torch.tensor([self._row[s] for s in slots], dtype=torch.int64))
 
     # ---- one step ----------------------------------------------------------------------------------
@@ -280,13 +280,17 @@ class SlotBatch:
         return arranged
 
     def _permute(self, order: list[int]) -> None:
-        """Put slot order[r]'s state in row r."""
+        """Put slot order[r]'s state in row r. All or nothing: every gather runs (and may fail, e.g. out
+        of memory) before any row is written, and the cached arrangement is dropped first."""
         perm = [self._row[s] for s in order]
         if perm == list(range(len(perm))):
             return
+        self._arranged = None
         src = self._to_device(torch.tensor(perm, dtype=torch.int64))
-        for t in (self.x, self.x0_prev, self.meta, self.scale):
-            t[: len(perm)] = t.index_select(0, src)
+        state = (self.x, self.x0_prev, self.meta, self.scale)
+        moved = [t.index_select(0, src) for t in state]
+        for t, m in zip(state, moved, strict=True):
+            t[: len(perm)].copy_(m)
         self._row = {s: r for r, s in enumerate(order)}
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:

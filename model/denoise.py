@@ -1,8 +1,8 @@
 """One denoising step's arithmetic: guidance and the samplers' shared update rule, on tensors.
 
 `Denoiser` holds the network and the guidance rules; it knows nothing about which samples are in
-flight. `model/batch.py` (the slot-indexed batch) gathers the inputs of ONE forward pass for all
-in-flight samples, calls `guide` and `update` here, and writes the results back to its slots.
+flight. `model/batch.py` (the in-flight batch, one row per sample) runs ONE forward pass for all
+in-flight samples, calls `guide` and `update` here, and writes the results back to its rows.
 """
 
 from __future__ import annotations

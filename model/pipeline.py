@@ -139,7 +139,7 @@ class Pipeline:
         return (c.in_channels, c.input_size, c.input_size)
 
     def new_batch(self, capacity: int = 8) -> SlotBatch:
-        """An empty slot-indexed batch on this pipeline's denoiser (the per-step API the server drives)."""
+        """An empty SlotBatch on this pipeline's denoiser (the per-step API the server drives)."""
         return SlotBatch(self.denoiser, capacity)
 
     def check_class(self, label: int) -> None:

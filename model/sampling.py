@@ -1,4 +1,4 @@
-"""`sample`: the whole denoising loop for a batch, as a plain loop over the slot-indexed batch."""
+"""`sample`: the whole denoising loop for a batch, as a plain loop over the in-flight batch (model/batch.py)."""
 
 from __future__ import annotations
 

@@ -4,10 +4,10 @@ serve in time, instead of admitting work that would end in 504.
 A request is refused (429) when
   - the queue holds --max-queue requests (`queue_full`),
   - its API key already has --max-requests-per-key requests queued or in flight (`key_quota_exceeded`),
-  - or it could not finish before its deadline (`overloaded`): the backlog (its row-steps, this
-    request's included) drains in full-width steps, each costing what the engine's measurements say a
-    full-width step costs in wall time, the time between steps included (server/engine/step_cost.py);
-    and the request needs at least its own steps at its own width.
+  - or it could not finish within HEADROOM of the time it has left (`overloaded`): the backlog (its
+    row-steps, this request's included) drains in steps as wide as the engine has been running, each
+    costing what the engine measured such a step to cost in wall time, the time between steps included
+    (server/engine/step_cost.py, `Load.drain_seconds`); and the request needs at least its own steps.
 Nothing is estimated before the engine has measured a step, and an idle engine admits any request.
 """
 
@@ -29,18 +29,10 @@ def seconds_to_finish(job: Job, load: Load) -> float | None:
     """Estimated seconds from now until `job` would finish if admitted now; None before any measurement."""
     if not load.measured:
         return None
-    spec, width = job.spec, max(1, load.max_rows)
+    spec = job.spec
     ahead = load.work + spec.row_steps  # row-steps (a sample costs 2 rows only where it is guided)
-    return max(ahead / width * load.step_seconds(width),
-               spec.steps * load.step_seconds(min(width, spec.row_steps / spec.steps)))
-
-
-def drain_seconds(load: Load) -> float:
-    """Roughly when the backlog leaves room (a Retry-After): its row-steps at the measured rate, >= 1 s."""
-    if not load.measured:
-        return 1.0
-    width = max(1, load.max_rows)
-    return max(1.0, load.work / width * load.step_seconds(width))
+    own_width = min(max(1, load.max_rows), spec.row_steps / spec.steps)
+    return max(load.drain_seconds(ahead), spec.steps * load.step_seconds(own_width))
 
 
 class Admission:
@@ -51,17 +43,18 @@ class Admission:
         """Raise the 429 error for `job`, or return if it may go in. owned: the key's requests in the engine."""
         if load.waiting >= self.max_queue:
             raise QueueFull(f"{load.waiting} requests are already waiting; try again later",
-                            retry_after=drain_seconds(load))
+                            retry_after=load.retry_after())
         if self.max_per_key is not None and job.owner is not None and owned >= self.max_per_key:
             raise KeyQuotaExceeded(f"this API key already has {owned} requests queued or running (the limit "
                                    f"is {self.max_per_key}); wait for one to finish",
-                                   retry_after=drain_seconds(load))
+                                   retry_after=load.retry_after())
         if self.deadline_aware and (load.waiting or load.work):
             # An idle engine takes any request: there is no backlog to protect, and its steps re-measure the
             # step time (an estimate left high by a slow period would otherwise refuse everything for good).
             seconds = seconds_to_finish(job, load)
             budget = (job.deadline - now) * HEADROOM
             if seconds is not None and seconds > budget:
-                raise Overloaded(f"the server is busy: this request would take about {seconds:.1f} s, more than it "
-                                 f"can wait ({job.deadline - now:.1f} s); try again later",
+                raise Overloaded(f"the server is busy: this request would take about {seconds:.1f} s, and it is "
+                                 f"admitted only if that fits in {HEADROOM:.0%} of the {job.deadline - now:.1f} s it "
+                                 "may take (its deadline); try again later, or ask for fewer steps or images",
                                  retry_after=math.ceil(seconds - budget))

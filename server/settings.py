@@ -111,7 +111,8 @@ class Settings(BaseSettings):
                                "process lowers its own scheduling priority by this much (nice): it runs on the CPU "
                                "time the step loop leaves, so that a storm of requests cannot slow the engine")
     deadline_admission: bool = Field(True, description="answer 429 at once when a request could not finish "
-                                     "before its deadline, instead of admitting it")
+                                     "within half the time to its deadline (estimated from the backlog and the "
+                                     "measured step time), instead of admitting it")
     max_requests_per_key: int | None = Field(None, ge=1, description="requests one API key may have queued or "
                                              "running at once; beyond, 429 key_quota_exceeded (none = no limit)")
     fault_injection: bool = Field(False, description="TEST ONLY: enable POST /_faults, which makes the model "

@@ -17,12 +17,12 @@ def job(steps=10, images=1, cfg=1.0, timeout=5.0, owner=None) -> Job:
                owner=owner)
 
 
-def load(waiting=0, work=0, step=0.02, max_rows=32, flat=False) -> Load:
+def load(waiting=0, work=0, step=0.02, max_rows=32, flat=False, width=32) -> Load:
     """A load whose full-width step takes `step` seconds: proportionally less at smaller widths (a CPU), or
-    the same at any width (`flat`, a GPU below saturation)."""
-    if flat:
-        return Load(waiting=waiting, work=work, step_fixed=step, step_per_row=0.0, max_rows=max_rows)
-    return Load(waiting=waiting, work=work, step_fixed=0.0, step_per_row=step / max_rows, max_rows=max_rows)
+    the same at any width (`flat`, a GPU below saturation); its recent steps had `width` rows."""
+    fixed, per_row = (step, 0.0) if flat else (0.0, step / max_rows)
+    return Load(waiting=waiting, work=work, step_fixed=fixed, step_per_row=per_row, step_width=width,
+                max_rows=max_rows)
 
 
 def test_an_idle_server_admits():
@@ -67,7 +67,7 @@ def test_queue_full_and_the_key_quota():
 
 def test_step_cost_fits_a_cost_per_row_and_a_fixed_cost():
     cpu, gpu, one_width = StepCost(), StepCost(), StepCost()
-    assert not cpu.measured and cpu.seconds(32) == 0.0
+    assert cpu.estimate == (0.0, 0.0, 0.0) and cpu.seconds(32) == 0.0
     for k in range(40):
         rows = 8 + 4 * (k % 7)
         cpu.add(rows, 0.002 * rows)  # a CPU: every row costs the same
@@ -78,7 +78,7 @@ def test_step_cost_fits_a_cost_per_row_and_a_fixed_cost():
     noisy = StepCost()  # one slow step at a small width must not make wide steps dearer than proportional
     for rows, seconds in [(16, 0.05)] * 10 + [(2, 0.2)] + [(16, 0.05)] * 10:
         noisy.add(rows, seconds)
-    fixed, per_row = noisy.fit()
+    fixed, per_row, _ = noisy.estimate
     assert fixed >= 0 and 0 <= per_row and noisy.seconds(16) <= noisy.seconds(2) * 8
     assert one_width.seconds(32) == pytest.approx(0.064)  # one width seen: taken as proportional to the rows
 
@@ -90,3 +90,14 @@ def test_step_cost_follows_the_machine_within_a_few_dozen_steps():
     for _ in range(60):  # the front-end takes a core: steps twice as slow
         cost.add(32, 0.10)
     assert cost.seconds(32) == pytest.approx(0.10, rel=0.05)
+
+
+def test_the_backlog_drains_at_the_width_the_engine_runs():
+    """Batches below the row budget (request shapes, guidance look-ahead) take more steps: on a GPU, where
+    a step costs the same at any width, that is what makes the drain slower."""
+    full, partial = load(work=3200, flat=True, width=32), load(work=3200, flat=True, width=16)
+    assert full.drain_seconds(3200) == pytest.approx(100 * 0.02)
+    assert partial.drain_seconds(3200) == pytest.approx(200 * 0.02)
+    cpu = load(work=3200, width=16)  # on a CPU the width does not matter: every row costs the same
+    assert cpu.drain_seconds(3200) == pytest.approx(full.drain_seconds(3200))
+    assert load(work=0).retry_after() == 1.0 and load(work=3200, step=0.0).retry_after() == 1.0

@@ -1,5 +1,5 @@
-"""The slot-indexed batch: mixed, staggered samples equal each sample run alone; a steady step builds
-no tensor from Python data and never syncs with the device."""
+"""The in-flight batch (SlotBatch): mixed, staggered samples equal each sample run alone; a steady step
+builds no tensor from Python data and never syncs with the device."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def test_a_steady_step_builds_no_tensor_from_python_and_never_syncs(tiny_dit):
     batch.join([Join(s, lab, seed, smp, 20, cfg, guidance_interval=(0.0, min(1.0, 0.5 + 0.1 * s)))
                 for s, lab, seed, smp, _, cfg, _ in MIX])
     with _CountOps() as first:
-        batch.step()  # membership changed: this step builds its index tensors from Python lists
+        batch.step()  # membership changed: this step rearranges the rows, with indices from Python lists
     assert any("lift_fresh" in op for op in first.ops)  # the detector sees them
     with _CountOps() as mode:
         batch.step()
@@ -86,3 +86,47 @@ def test_a_steady_step_builds_no_tensor_from_python_and_never_syncs(tiny_dit):
     assert not mode.device_changes  # no copy between host and device either
     assert any("copy_" in op for op in ops)  # the detector saw the write-back
     assert not [op for op in ops if "index_copy" in op or "index_put" in op], ops  # rows written as slices
+
+
+def test_freed_rows_reused_and_rows_rearranged_keep_each_sample_its_own(tiny_dit):
+    """Leaving frees rows in the middle, joining reuses them, half-batch steps and guidance switches
+    rearrange the rows: every sample still equals the same sample run alone."""
+    specs = {0: (1, 100, "ddpm", 6, 4.0, (0.0, 1.0)), 1: (2, 101, "ddim", 6, 1.0, (0.0, 1.0)),
+             2: (3, 102, "dpm-solver++", 6, 2.0, (0.0, 1.0)), 3: (4, 103, "ddpm", 6, 1.0, (0.0, 1.0)),
+             5: (5, 205, "ddpm", 4, 3.0, (0.0, 0.5)), 6: (6, 206, "ddim", 4, 2.0, (0.3, 1.0))}
+    batch = SlotBatch(Denoiser(tiny_dit), capacity=2)
+
+    def joins(slots):
+        return [Join(s, lab, seed, smp, n, cfg, guidance_interval=iv)
+                for s, (lab, seed, smp, n, cfg, iv) in specs.items() if s in slots]
+
+    batch.join(joins({0, 1, 2, 3}))
+    batch.step()
+    batch.step()
+    batch.leave([1, 2])  # their rows, in the middle, are free
+    batch.join(joins({5, 6}))
+    batch.step([0, 5])  # the out-of-memory fallback's halves
+    batch.step([3, 6])
+    for _ in range(3):
+        batch.step()
+    done = dict(zip([0, 3, 5, 6], batch.read([0, 3, 5, 6]), strict=True))
+    for slot, x in done.items():
+        lab, seed, smp, n, cfg, iv = specs[slot]
+        alone = sample(tiny_dit, initial_noise([seed], (4, 8, 8)), [lab], cfg_scale=cfg, steps=n, sampler=smp,
+                       seeds=[seed], guidance_interval=iv)[0]
+        assert rel_err(x, alone) <= 1e-4, slot
+
+
+def test_caller_generators_follow_their_samples_when_guided_rows_come_first(tiny_dit):
+    """Per-sample torch.Generators drive DDPM noise; guided-first rows reorder the batch, not the streams."""
+    specs = [(4, "ddim", 4.0, None), (5, "ddpm", 1.0, 8), (6, "ddpm", 4.0, 9)]  # (label, sampler, cfg, generator seed)
+    noise = initial_noise([1, 2, 3], (4, 8, 8))
+    batch = SlotBatch(Denoiser(tiny_dit))
+    batch.join([Join(k, lab, 0, smp, 4, cfg) for k, (lab, smp, cfg, _) in enumerate(specs)], x=noise,
+               generators=[None if g is None else torch.Generator().manual_seed(g) for *_, g in specs])
+    for _ in range(4):
+        batch.step()
+    for k, (lab, smp, cfg, g) in enumerate(specs):
+        alone = sample(tiny_dit, noise[k:k + 1], [lab], cfg_scale=cfg, steps=4, sampler=smp, seeds=[0],
+                       generator=None if g is None else [torch.Generator().manual_seed(g)])[0]
+        assert rel_err(batch.read([k])[0], alone) <= 1e-4, k

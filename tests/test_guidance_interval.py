@@ -109,8 +109,8 @@ def test_mixed_intervals_in_one_batch_equal_each_alone(tiny_dit):
 
 
 def test_the_forward_has_the_rows_of_the_guided_samples_only(tiny_dit):
-    """Each step's forward has exactly sum(rows_per_iteration) rows; the index tensors are rebuilt only
-    on the steps where some sample's guidance switches (the rows are rearranged then)."""
+    """Each step's forward has exactly sum(rows_per_iteration) rows; the rows are rearranged only
+    on the steps where some sample's guidance switches."""
     rows_seen = []
 
     def counting(x, t, y):

@@ -42,7 +42,7 @@ def set_preview(job: Job, step: int, pixels: np.ndarray) -> None:
     job.preview = (step, pixels)  # one assignment: a stream reads a consistent pair
 
 
-IDLE = msg.Load(waiting=0, work=0, step_fixed=0.0, step_per_row=0.0, max_rows=1)  # before any step
+IDLE = msg.Load(waiting=0, work=0, step_fixed=0.0, step_per_row=0.0, step_width=0.0, max_rows=1)  # before any step
 
 
 class LocalEngine:

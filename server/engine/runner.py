@@ -1,6 +1,6 @@
 """The model runner: executes the scheduler's step plans on the device. Owned by the engine thread.
 
-It loads the pipeline, keeps the in-flight samples in a slot-indexed batch (model/batch.py) and, per
+It loads the pipeline, keeps the in-flight samples in a SlotBatch (model/batch.py) and, per
 `StepPlan`: frees the leaving slots, writes the joining ones, runs one step, then checks and decodes
 the finishing slots. It is the only engine code that holds tensors; what it returns is numpy pixels.
 """

@@ -43,7 +43,6 @@ import numpy as np
 
 from model.samplers import Sampling
 
-from ..admission import drain_seconds
 from ..contracts import (
     GenerationFailed,
     InvalidRequest,
@@ -151,7 +150,7 @@ class Scheduler:
         with self._counts:
             if self._waiting >= self.settings.max_queue:
                 raise QueueFull(f"{self._waiting} requests are already waiting; try again later",
-                                retry_after=drain_seconds(self.load()))
+                                retry_after=self.load().retry_after())
             self._waiting += 1
             self._waiting_work += work(job)
         job.queue_position = self._waiting
@@ -170,9 +169,9 @@ class Scheduler:
 
     def load(self) -> Load:
         """The backlog, for admission at the front door (server/admission.py); read from any thread."""
-        fixed, per_row = self._cost.fit()
+        fixed, per_row, width = self._cost.estimate
         return Load(waiting=self._waiting, work=self._waiting_work + self._inflight_work, step_fixed=fixed,
-                    step_per_row=per_row, max_rows=self.max_rows)
+                    step_per_row=per_row, step_width=width, max_rows=self.max_rows)
 
     def problem(self) -> str | None:
         """Why this engine cannot serve (a device error, its thread gone), or None: a health check."""

@@ -22,7 +22,6 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from ..admission import drain_seconds
 from ..contracts import DeadlineExceeded, EngineDied, GenerationFailed, Job, NotReady, QueueFull
 from ..engine import messages as msg
 from ..engine.client import IDLE, EngineEvents, set_preview
@@ -169,7 +168,7 @@ class FleetEngine:
                 "no result within the request timeout; ask for fewer steps or images, or try again later"))
         except BackPressureError:
             job.fail(QueueFull("every engine replica's queue is full; try again later",
-                               retry_after=drain_seconds(self.load())))
+                               retry_after=self.load().retry_after()))
         except RayActorError as e:
             stream.cancel()  # it may only be unreachable for now: let it drop the request if it still runs
             if not taken and not last:
@@ -222,9 +221,11 @@ class FleetEngine:
         waiting = sum(1 for job in jobs if job.timings.admitted is None)
         work = sum(job.spec.row_steps * (job.spec.steps - job.progress) // job.spec.steps for job in jobs)
         n = len(live)
+        measured = [r for r in live if r.load.measured]  # a replica that just started knows no step time yet
         return msg.Load(waiting=math.ceil(waiting / n), work=math.ceil(work / n),
-                        step_fixed=sum(r.load.step_fixed for r in live) / n,
-                        step_per_row=sum(r.load.step_per_row for r in live) / n,
+                        step_fixed=sum(r.load.step_fixed for r in measured) / max(1, len(measured)),
+                        step_per_row=sum(r.load.step_per_row for r in measured) / max(1, len(measured)),
+                        step_width=sum(r.load.step_width for r in measured) / max(1, len(measured)),
                         max_rows=min(r.load.max_rows for r in live))
 
     def metrics_text(self) -> bytes:
