@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..contracts import FinishReason, GenerationSpec, SchedulerError, scheduler_error
+from ..contracts import FinishReason, GenerationFailed, GenerationSpec, SchedulerError, scheduler_error
 
 
 @dataclass(frozen=True)
@@ -132,7 +132,10 @@ class Failed:
     admitted: float | None
 
     @classmethod
-    def of(cls, id: int, error: SchedulerError, admitted: float | None) -> Failed:
+    def of(cls, id: int, error: BaseException, admitted: float | None) -> Failed:
+        """Any error: one that is not the API's own (a SchedulerError) fails the request as generation_failed."""
+        if not isinstance(error, SchedulerError):
+            error = GenerationFailed(f"{type(error).__name__}: {error}")
         return cls(id, type(error).__name__, str(error), error.retry_after, admitted)
 
     def error(self) -> SchedulerError:

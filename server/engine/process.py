@@ -24,7 +24,7 @@ import time
 
 from prometheus_client import generate_latest
 
-from ..contracts import GenerationFailed, Job, OutputSpec, SchedulerError
+from ..contracts import Job, OutputSpec, SchedulerError
 from ..logs import setup_logging
 from ..metrics import EngineMetrics
 from ..settings import Settings
@@ -159,8 +159,6 @@ class Engine:
             self.sent.pop(id_, None)
         error = future.exception()
         if error is not None:
-            if not isinstance(error, SchedulerError):
-                error = GenerationFailed(f"{type(error).__name__}: {error}")
             self.send(msg.Failed.of(id_, error, job.timings.admitted))
 
     def _pump(self) -> None:

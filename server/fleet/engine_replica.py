@@ -22,7 +22,7 @@ from prometheus_client import generate_latest
 from ray import serve
 
 from ..admission import Admission
-from ..contracts import GenerationFailed, Job, OutputSpec, SchedulerError
+from ..contracts import Job, OutputSpec, SchedulerError
 from ..engine import messages as msg
 from ..engine.client import LocalEngine
 from ..logs import setup_logging
@@ -114,8 +114,6 @@ class EngineReplica:
     def _outcome(self, job: Job):
         error = job.future.exception()
         if error is not None:
-            if not isinstance(error, SchedulerError):
-                error = GenerationFailed(f"{type(error).__name__}: {error}")
             return msg.Failed.of(0, error, None)
         t, now = job.timings, time.monotonic()
         return Finished(job.future.result(), to_age(t.admitted, now), to_age(t.denoised, now), to_age(t.decoded, now))
