@@ -52,6 +52,11 @@ class GenerationSpec:
         """The request's whole cost: forward rows summed over every step of every image."""
         return self.num_images * sum(self.timeline)
 
+    @property
+    def mean_rows(self) -> float:
+        """Forward rows the request occupies in an average step, all images in flight."""
+        return self.row_steps / self.steps
+
 
 @dataclass(frozen=True)
 class OutputSpec:

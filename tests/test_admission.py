@@ -17,12 +17,13 @@ def job(steps=10, images=1, cfg=1.0, timeout=5.0, owner=None) -> Job:
                owner=owner)
 
 
-def load(waiting=0, work=0, step=0.02, max_rows=32, flat=False, width=32) -> Load:
+def load(waiting=0, work=0, step=0.02, max_rows=32, flat=False, rows=None) -> Load:
     """A load whose full-width step takes `step` seconds: proportionally less at smaller widths (a CPU), or
-    the same at any width (`flat`, a GPU below saturation); its recent steps had `width` rows."""
+    the same at any width (`flat`, a GPU below saturation); `rows` queued or in flight (default: enough to
+    fill every step)."""
     fixed, per_row = (step, 0.0) if flat else (0.0, step / max_rows)
-    return Load(waiting=waiting, work=work, step_fixed=fixed, step_per_row=per_row, step_width=width,
-                max_rows=max_rows)
+    return Load(waiting=waiting, work=work, rows=max_rows if rows is None else rows, step_fixed=fixed,
+                step_per_row=per_row, max_rows=max_rows)
 
 
 def test_an_idle_server_admits():
@@ -67,7 +68,7 @@ def test_queue_full_and_the_key_quota():
 
 def test_step_cost_fits_a_cost_per_row_and_a_fixed_cost():
     cpu, gpu, one_width = StepCost(), StepCost(), StepCost()
-    assert cpu.estimate == (0.0, 0.0, 0.0) and cpu.seconds(32) == 0.0
+    assert cpu.estimate == (0.0, 0.0) and cpu.seconds(32) == 0.0
     for k in range(40):
         rows = 8 + 4 * (k % 7)
         cpu.add(rows, 0.002 * rows)  # a CPU: every row costs the same
@@ -78,7 +79,7 @@ def test_step_cost_fits_a_cost_per_row_and_a_fixed_cost():
     noisy = StepCost()  # one slow step at a small width must not make wide steps dearer than proportional
     for rows, seconds in [(16, 0.05)] * 10 + [(2, 0.2)] + [(16, 0.05)] * 10:
         noisy.add(rows, seconds)
-    fixed, per_row, _ = noisy.estimate
+    fixed, per_row = noisy.estimate
     assert fixed >= 0 and 0 <= per_row and noisy.seconds(16) <= noisy.seconds(2) * 8
     assert one_width.seconds(32) == pytest.approx(0.064)  # one width seen: taken as proportional to the rows
 
@@ -92,12 +93,23 @@ def test_step_cost_follows_the_machine_within_a_few_dozen_steps():
     assert cost.seconds(32) == pytest.approx(0.10, rel=0.05)
 
 
-def test_the_backlog_drains_at_the_width_the_engine_runs():
-    """Batches below the row budget (request shapes, guidance look-ahead) take more steps: on a GPU, where
-    a step costs the same at any width, that is what makes the drain slower."""
-    full, partial = load(work=3200, flat=True, width=32), load(work=3200, flat=True, width=16)
-    assert full.drain_seconds(3200) == pytest.approx(100 * 0.02)
-    assert partial.drain_seconds(3200) == pytest.approx(200 * 0.02)
-    cpu = load(work=3200, width=16)  # on a CPU the width does not matter: every row costs the same
-    assert cpu.drain_seconds(3200) == pytest.approx(full.drain_seconds(3200))
-    assert load(work=0).retry_after() == 1.0 and load(work=3200, step=0.0).retry_after() == 1.0
+def test_the_backlog_drains_in_steps_as_wide_as_its_rows_side_by_side():
+    """On a GPU, where a step costs the same at any width, a thin backlog takes as many steps as a full one."""
+    full, thin = load(work=3200, flat=True, rows=64), load(work=3200, flat=True, rows=16)
+    assert full.drain_seconds(3200, full.rows) == pytest.approx(100 * 0.02)  # 32 rows a step (the budget)
+    assert thin.drain_seconds(3200, thin.rows) == pytest.approx(200 * 0.02)
+
+
+def test_a_burst_at_a_quiet_engine_is_estimated_at_the_width_it_will_run():
+    """The engine ran a few small requests (1-5 rows a step, 50 ms of each step fixed); 40 requests arrive
+    at once. They drain in steps of 32 rows, not of the 3 it ran recently: estimated at the recent width, a
+    burst that an idle fleet serves in seconds was refused (CI, 2026-11-28)."""
+    quiet = StepCost()
+    for k in range(30):
+        quiet.add(1 + k % 5, 0.050 + 0.002 * (1 + k % 5))
+    fixed, per_row = quiet.estimate
+    assert (fixed, per_row) == (pytest.approx(0.050), pytest.approx(0.002))
+    burst = [job(steps=10, images=2, cfg=4.0, timeout=30.0) for _ in range(40)]  # 4 rows, 40 row-steps each
+    busy = Load(waiting=39, work=39 * 40, rows=39 * 4.0, step_fixed=fixed, step_per_row=per_row, max_rows=32)
+    assert seconds_to_finish(burst[-1], busy) == pytest.approx(1600 / 32 * (0.050 + 0.002 * 32))  # 5.7 s
+    Admission(64, None).check(burst[-1], busy, 0, NOW)  # (at 3 rows a step: 533 steps, 30 s: refused)

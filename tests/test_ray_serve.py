@@ -100,9 +100,11 @@ def _send(url: str, k: int) -> tuple[int, str | None]:
             wait_until(lambda: c.get(f"/jobs/{job}").json()["status"] in ("done", "failed"), REQUEST_TIMEOUT,
                        "the job to finish", interval=0.2)
             r = c.get(f"/jobs/{job}/result")
-        if "text/event-stream" in headers.get("Accept", "") and r.status_code == 200:
-            (result,) = [e for e in r.text.split("\n\n") if e.startswith("event: result")] or [r.text[-500:]]
-            return r.status_code, json.loads(result.split("data: ", 1)[1])["replica"]  # headers went out first
+        if "text/event-stream" in headers.get("Accept", "") and r.status_code == 200:  # headers went out first
+            results = [e for e in r.text.split("\n\n") if e.startswith("event: result")]
+            if not results:  # an error event: report it, as the other answers report their status
+                return r.text[-500:], None
+            return r.status_code, json.loads(results[0].split("data: ", 1)[1])["replica"]
         return r.status_code, r.headers.get("x-replica")
 
 
@@ -110,7 +112,7 @@ def _send(url: str, k: int) -> tuple[int, str | None]:
 def test_two_replicas_on_two_nodes_serve_everything(fleet):
     with cf.ThreadPoolExecutor(40) as pool:
         answers = list(pool.map(lambda k: _send(fleet, k), range(40)))
-    assert [s for s, _ in answers] == [200] * 40
+    assert [s for s, _ in answers] == [200] * 40, answers
     served_by = {r for s, r in answers if s == 200}
     assert len(served_by) == 2 and all(r.startswith("Engine#") for r in served_by), answers
     # Ray placed one replica on each node (each node offers one CPU, each replica reserves one)

@@ -16,7 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..contracts import EngineDied, FinishReason, Job, NotReady
+from ..contracts import EngineDied, FinishReason, GenerationSpec, Job, NotReady
 from ..metrics import EngineMetrics
 from ..settings import Settings
 from . import messages as msg
@@ -42,7 +42,7 @@ def set_preview(job: Job, step: int, pixels: np.ndarray) -> None:
     job.preview = (step, pixels)  # one assignment: a stream reads a consistent pair
 
 
-IDLE = msg.Load(waiting=0, work=0, step_fixed=0.0, step_per_row=0.0, step_width=0.0, max_rows=1)  # before any step
+IDLE = msg.Load(waiting=0, work=0, rows=0.0, step_fixed=0.0, step_per_row=0.0, max_rows=1)  # before any step
 
 
 class LocalEngine:
@@ -108,8 +108,8 @@ class EngineProcess:
         self._lock = threading.Lock()  # _jobs
         self._send_lock = threading.Lock()  # one writer on the pipe at a time
         self._load = IDLE
-        self._unreported: deque[tuple[int, int]] = deque()  # (id, row-steps) of submits not yet in _load
-        self._unreported_work = 0
+        self._unreported: deque[tuple[int, GenerationSpec]] = deque()  # submits not yet in _load
+        self._unreported_work, self._unreported_rows = 0, 0.0  # their row-steps and mean rows
         self._metrics = b""
         self._stopping = False
         self._conn = None
@@ -137,8 +137,9 @@ class EngineProcess:
         id_ = next(self._ids)
         with self._lock:
             self._jobs[id_] = job
-            self._unreported.append((id_, job.spec.row_steps))
+            self._unreported.append((id_, job.spec))
             self._unreported_work += job.spec.row_steps
+            self._unreported_rows += job.spec.mean_rows
         job.on_cancel = lambda _, reason: self._cancel(id_, reason)
         try:
             self._send(msg.Submit(id_, job.spec, job.deadline, job.owner, job.timings.arrival))
@@ -161,9 +162,10 @@ class EngineProcess:
     def load(self) -> msg.Load:
         """The engine's last reported load plus the requests submitted since (not in it yet)."""
         with self._lock:
-            extra_requests, extra_work = len(self._unreported), self._unreported_work
+            extra = len(self._unreported), self._unreported_work, self._unreported_rows
         load = self._load
-        return dataclasses.replace(load, waiting=load.waiting + extra_requests, work=load.work + extra_work)
+        return dataclasses.replace(load, waiting=load.waiting + extra[0], work=load.work + extra[1],
+                                   rows=load.rows + extra[2])
 
     def metrics_text(self) -> bytes:
         return self._metrics
@@ -219,7 +221,9 @@ class EngineProcess:
             with self._lock:
                 self._load = m.load
                 while self._unreported and self._unreported[0][0] <= m.last_submit:
-                    self._unreported_work -= self._unreported.popleft()[1]
+                    spec = self._unreported.popleft()[1]
+                    self._unreported_work -= spec.row_steps
+                    self._unreported_rows -= spec.mean_rows
                 for id_, progress, position, admitted in m.updates:
                     job = self._jobs.get(id_)
                     if job is not None:

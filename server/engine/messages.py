@@ -83,9 +83,9 @@ class Load:
 
     waiting: int  # requests not yet fully admitted
     work: int  # sample-steps x rows queued or in flight, not yet computed
+    rows: float  # forward rows of the requests queued or in flight, side by side (each at its mean width)
     step_fixed: float  # a step's measured wall time = step_fixed + step_per_row x rows (engine/step_cost.py)
     step_per_row: float  # (both 0 before the engine measured a step)
-    step_width: float  # the mean rows of the recent steps
     max_rows: int  # the current row budget (halved after out-of-memory errors)
 
     @property
@@ -95,15 +95,16 @@ class Load:
     def step_seconds(self, rows: float) -> float:
         return self.step_fixed + self.step_per_row * rows
 
-    def drain_seconds(self, row_steps: float) -> float:
-        """Seconds to compute this many row-steps in steps as wide as the engine has been running (under
-        a backlog: as full as the row budget and the requests' shapes allow)."""
-        width = min(max(1.0, self.step_width), max(1, self.max_rows))
+    def drain_seconds(self, row_steps: float, rows: float) -> float:
+        """Seconds to compute this many row-steps when `rows` rows are queued or in flight: the engine runs
+        them side by side, up to its row budget. (Not the width it ran recently: a burst that arrives at
+        a quiet engine is served in wide steps, not in the narrow ones it ran before.)"""
+        width = min(max(1.0, rows), max(1, self.max_rows))
         return row_steps / width * self.step_seconds(width)
 
     def retry_after(self) -> float:
         """Roughly when the backlog leaves room (a 429's Retry-After): its row-steps drained, >= 1 s."""
-        return max(1.0, self.drain_seconds(self.work)) if self.measured else 1.0
+        return max(1.0, self.drain_seconds(self.work, self.rows)) if self.measured else 1.0
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ class Scheduler:
         self._counts = threading.Lock()
         self._waiting = 0  # requests submitted and not yet fully admitted (inbox + queue)
         self._waiting_work = 0  # their sample-steps x rows
+        self._waiting_rows = 0.0  # their mean forward rows, side by side
         self._ids = itertools.count(1)
         # Engine thread only.
         self._queue: deque[_Request] = deque()  # requests with samples not yet admitted, in arrival order
@@ -153,6 +154,7 @@ class Scheduler:
                                 retry_after=self.load().retry_after())
             self._waiting += 1
             self._waiting_work += work(job)
+            self._waiting_rows += job.spec.mean_rows
         job.queue_position = self._waiting
         self._inbox.append(job)
         self._wake.set()
@@ -169,9 +171,11 @@ class Scheduler:
 
     def load(self) -> Load:
         """The backlog, for admission at the front door (server/admission.py); read from any thread."""
-        fixed, per_row, width = self._cost.estimate
-        return Load(waiting=self._waiting, work=self._waiting_work + self._inflight_work, step_fixed=fixed,
-                    step_per_row=per_row, step_width=width, max_rows=self.max_rows)
+        fixed, per_row = self._cost.estimate
+        running = self._ahead.get(self._tick + 1, 0)  # the next step's rows (a racy read is only an estimate)
+        return Load(waiting=self._waiting, work=self._waiting_work + self._inflight_work,
+                    rows=self._waiting_rows + running, step_fixed=fixed, step_per_row=per_row,
+                    max_rows=self.max_rows)
 
     def problem(self) -> str | None:
         """Why this engine cannot serve (a device error, its thread gone), or None: a health check."""
@@ -322,6 +326,7 @@ class Scheduler:
         with self._counts:
             self._waiting -= 1
             self._waiting_work -= work(r.job)
+            self._waiting_rows -= r.spec.mean_rows
 
     def _update_queue_positions(self) -> None:
         for position, r in enumerate(self._queue, start=1):
