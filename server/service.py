@@ -11,7 +11,6 @@ off at once and the server exits non-zero (`on_exit_failure`), so that an orches
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ from .encoding import encode
 from .engine.client import EngineProcess, LocalEngine
 from .engine.messages import EngineInfo
 from .metrics import EngineMetrics, Metrics
+from .priority import lower_priority
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,8 @@ class Service:
     def start(self) -> None:
         self.metrics.queue_capacity.set(self.settings.max_queue)
         self.engine.start()
-        if isinstance(self.engine, EngineProcess) and self.settings.frontend_nice:
-            # After the engine was spawned (it keeps the priority it inherited): from here on this thread,
-            # the event loop, and the threads it starts run below the engine (Linux nice is per thread).
-            os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + self.settings.frontend_nice)
+        if isinstance(self.engine, EngineProcess):
+            lower_priority(self.settings.frontend_nice, self.settings.frontend_sched_idle)
 
     # ---- the way in ---------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:

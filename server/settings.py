@@ -110,6 +110,10 @@ class Settings(BaseSettings):
     frontend_nice: int = Field(19, ge=0, le=19, description="with the engine in its own process, the HTTP "
                                "process lowers its own scheduling priority by this much (nice): it runs on the CPU "
                                "time the step loop leaves, so that a storm of requests cannot slow the engine")
+    frontend_sched_idle: bool = Field(True, description="with the engine in its own process, the HTTP process also "
+                                      "runs under Linux's SCHED_IDLE policy: the kernel preempts it as soon as an "
+                                      "engine thread wakes, which nice alone does not (where the policy is missing, "
+                                      "nice alone)")
     deadline_admission: bool = Field(True, description="answer 429 at once when a request could not finish "
                                      "within half the time to its deadline (estimated from the backlog and the "
                                      "measured step time), instead of admitting it")

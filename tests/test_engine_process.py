@@ -29,6 +29,28 @@ def alive(pid: int) -> bool:
         return False
 
 
+def test_the_front_end_runs_below_the_engine(tmp_path):
+    """The HTTP process's event loop at SCHED_IDLE and nice 19 (server/priority.py); the engine process at
+    the priority it was started with."""
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with run_server(tmp_path) as s:
+        engine = engine_pid(s)
+        assert os.sched_getscheduler(s.proc.pid) == os.SCHED_IDLE
+        assert os.getpriority(os.PRIO_PROCESS, s.proc.pid) == min(19, base + 19)
+        assert os.sched_getscheduler(engine) == os.SCHED_OTHER and os.getpriority(os.PRIO_PROCESS, engine) == base
+
+
+def test_without_sched_idle_the_front_end_warns_and_keeps_nice(monkeypatch, caplog):
+    from server import priority
+
+    def forbidden(*args):
+        raise PermissionError("sched_setscheduler: operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setscheduler", forbidden)
+    priority.lower_priority(0, sched_idle=True)  # nice 0: this test's own priority stays as it is
+    assert "could not switch to SCHED_IDLE" in caplog.text and "--no-frontend-sched-idle" in caplog.text
+
+
 @pytest.mark.slow
 def test_engine_death_answers_503_turns_readiness_off_and_exits_non_zero(tmp_path):
     with run_server(tmp_path, "--max-steps", "1000", "--max-batch-rows", "1") as s, cf.ThreadPoolExecutor(1) as pool:
