@@ -181,9 +181,10 @@ async def flood(url: str, rate: float, seconds: float) -> dict:
                f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     idle: list[_Connection] = []
     results: list[tuple[int | str, bool]] = []
+    served_seconds: list[float] = []  # the latency of each 200
 
     async def one():
-        conn = None
+        conn, sent = None, time.monotonic()
         try:
             async with asyncio.timeout(CLIENT_TIMEOUT):
                 # Idle connections expire on our side (2 s) before uvicorn closes them (5 s): otherwise a
@@ -194,6 +195,8 @@ async def flood(url: str, rate: float, seconds: float) -> dict:
                 conn = idle.pop() if idle else _Connection(*await asyncio.open_connection(host, int(port)))
                 status, retry_after, keep = await conn.post(request)
             results.append((status, status != 429 or retry_after))
+            if status == 200:
+                served_seconds.append(time.monotonic() - sent)
             if keep:
                 conn.idle_since = time.monotonic()
                 idle.append(conn)
@@ -217,8 +220,11 @@ async def flood(url: str, rate: float, seconds: float) -> dict:
     codes: dict[str, int] = {}
     for code, _ in results:
         codes[str(code)] = codes.get(str(code), 0) + 1
+    served_seconds.sort()
     return {"sent": n, "answered": len(results), "codes": codes,
-            "retry_after_missing": sum(1 for _, fine in results if not fine)}
+            "retry_after_missing": sum(1 for _, fine in results if not fine),
+            "latency_200_s": {q: served_seconds[int(q * (len(served_seconds) - 1))] if served_seconds else None
+                              for q in (0.5, 0.99)}}
 
 
 def storm(url: str, seconds: float, workdir: Path) -> dict:
@@ -339,7 +345,9 @@ def main() -> None:
               f"| {r['flood']['rss_mib']:.0f} → {r['storm']['rss_mib']:.0f} MiB "
               f"({r['rss_change']:+.1%}) |")
     for r in reports:
-        print(f"{r['engine']}: request afterwards {r['after_status']}; problems: "
+        latency = " / ".join(f"{v:.2f} s" if v is not None else "-" for v in r["flood"]["latency_200_s"].values())
+        print(f"{r['engine']}: flood 200s answered in {latency} (p50 / p99); request afterwards {r['after_status']}; "
+              "problems: "
               + ("; ".join(r["problems"]) or "none"))
     if args.json:
         args.json.write_text(json.dumps(reports, indent=1))
