@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +85,32 @@ def cpu_shares(pids: list[int]):
     wall = time.monotonic() - t0
     shares += [(cpu_seconds(p) - c) / wall for p, c in zip(pids, cpu0, strict=True)]
     shares.append((time.process_time() + _children_cpu() - client0) / wall)
+
+
+@contextlib.contextmanager
+def probing(url: str, every: float = 0.5):
+    """GET /readyz every `every` s while the block runs, as an orchestrator's health check would: the
+    seconds each answer took (a probe that fails or takes 30 s counts as 30). Filled in when the block ends."""
+    seconds: list[float] = []
+    stop = threading.Event()
+
+    def probe():
+        with httpx.Client(timeout=30) as c:
+            while not stop.wait(every):
+                t0 = time.monotonic()
+                try:
+                    ok = c.get(url + "/readyz").status_code == 200
+                except httpx.HTTPError:
+                    ok = False
+                seconds.append(time.monotonic() - t0 if ok else 30.0)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    try:
+        yield seconds
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _children_cpu() -> float:
@@ -251,17 +278,17 @@ def run_mode(engine: str, seconds: float, storm_seconds: float, factor: float, w
 
         pids = [server.proc.pid] + ([engine_pid(server.proc.pid)] if engine == "process" else [])
         before = counters(url)
-        with cpu_shares(pids) as shares:
+        with cpu_shares(pids) as shares, probing(url) as probes:
             report["flood"] = asyncio.run(flood(url, rate, seconds))
-        report["flood"]["cpu_share"] = shares
+        report["flood"]["cpu_share"], report["flood"]["readyz_s"] = shares, probes
         time.sleep(1.5)  # the last answers' counters, and a metrics snapshot from the engine
         report["flood"]["server"] = delta(counters(url), before)
         report["flood"]["rss_mib"] = rss_bytes(server.proc.pid) / 2**20
 
         before = counters(url)
-        with cpu_shares(pids) as shares:
+        with cpu_shares(pids) as shares, probing(url) as probes:
             report["storm"] = storm(url, storm_seconds, workdir)
-        report["storm"]["cpu_share"] = shares
+        report["storm"]["cpu_share"], report["storm"]["readyz_s"] = shares, probes
         time.sleep(1.5)
         report["storm"]["server"] = delta(counters(url), before)
         report["storm"]["rss_mib"] = rss_bytes(server.proc.pid) / 2**20
@@ -346,8 +373,11 @@ def main() -> None:
               f"({r['rss_change']:+.1%}) |")
     for r in reports:
         latency = " / ".join(f"{v:.2f} s" if v is not None else "-" for v in r["flood"]["latency_200_s"].values())
-        print(f"{r['engine']}: flood 200s answered in {latency} (p50 / p99); request afterwards {r['after_status']}; "
-              "problems: "
+        probes = "; ".join(f"{part} median {sorted(r[part]['readyz_s'])[len(r[part]['readyz_s']) // 2]:.2f} s, "
+                           f"max {max(r[part]['readyz_s']):.2f} s"
+                           for part in ("flood", "storm") if r[part]["readyz_s"])
+        print(f"{r['engine']}: flood 200s answered in {latency} (p50 / p99); /readyz every 0.5 s: {probes}; "
+              f"request afterwards {r['after_status']}; problems: "
               + ("; ".join(r["problems"]) or "none"))
     if args.json:
         args.json.write_text(json.dumps(reports, indent=1))

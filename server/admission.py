@@ -6,9 +6,9 @@ A request is refused (429) when
   - its API key already has --max-requests-per-key requests queued or in flight (`key_quota_exceeded`),
   - or it could not finish within HEADROOM of the time it has left (`overloaded`): the backlog (its
     row-steps, this request's included) drains in steps as wide as its requests side by side (up to the
-    row budget), each costing what the engine measured such a step to cost in wall time, the time between
-    steps included (server/engine/step_cost.py, `Load.drain_seconds`); and the request needs at least its
-    own steps.
+    row budget; one request at a time under --policy none), each costing what the engine measured such a
+    step to cost in wall time, the time between steps included (server/engine/step_cost.py,
+    `Load.drain_seconds`); and the request needs at least its own steps.
 Nothing is estimated before the engine has measured a step, and an idle engine admits any request.
 """
 
@@ -33,7 +33,7 @@ def seconds_to_finish(job: Job, load: Load) -> float | None:
     spec = job.spec
     ahead = load.work + spec.row_steps  # row-steps (a sample costs 2 rows only where it is guided)
     own_width = min(max(1, load.max_rows), spec.mean_rows)
-    return max(load.drain_seconds(ahead, load.rows + spec.mean_rows), spec.steps * load.step_seconds(own_width))
+    return max(load.drain_seconds(ahead, spec.mean_rows, 1), spec.steps * load.step_seconds(own_width))
 
 
 class Admission:

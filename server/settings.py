@@ -108,8 +108,8 @@ class Settings(BaseSettings):
         "process", description="where the engine (scheduler + model runner) runs: its own process, so that HTTP "
         "load cannot slow the step loop, or a thread of the server's process (the reference)")
     frontend_nice: int = Field(19, ge=0, le=19, description="with the engine in its own process, the HTTP "
-                               "process lowers its own scheduling priority by this much (nice): it runs on the CPU "
-                               "time the step loop leaves, so that a storm of requests cannot slow the engine")
+                               "process lowers its own scheduling priority by this much (nice); under "
+                               "--frontend-sched-idle nice matters only where that policy is missing")
     frontend_sched_idle: bool = Field(True, description="with the engine in its own process, the HTTP process also "
                                       "runs under Linux's SCHED_IDLE policy: the kernel preempts it as soon as an "
                                       "engine thread wakes, which nice alone does not (where the policy is missing, "

@@ -17,13 +17,13 @@ def job(steps=10, images=1, cfg=1.0, timeout=5.0, owner=None) -> Job:
                owner=owner)
 
 
-def load(waiting=0, work=0, step=0.02, max_rows=32, flat=False, rows=None) -> Load:
+def load(waiting=0, work=0, step=0.02, max_rows=32, flat=False, rows=None, requests=8, one_at_a_time=False) -> Load:
     """A load whose full-width step takes `step` seconds: proportionally less at smaller widths (a CPU), or
     the same at any width (`flat`, a GPU below saturation); `rows` queued or in flight (default: enough to
     fill every step)."""
     fixed, per_row = (step, 0.0) if flat else (0.0, step / max_rows)
-    return Load(waiting=waiting, work=work, rows=max_rows if rows is None else rows, step_fixed=fixed,
-                step_per_row=per_row, max_rows=max_rows)
+    return Load(waiting=waiting, work=work, rows=max_rows if rows is None else rows, requests=requests,
+                one_at_a_time=one_at_a_time, step_fixed=fixed, step_per_row=per_row, max_rows=max_rows)
 
 
 def test_an_idle_server_admits():
@@ -94,10 +94,17 @@ def test_step_cost_follows_the_machine_within_a_few_dozen_steps():
 
 
 def test_the_backlog_drains_in_steps_as_wide_as_its_rows_side_by_side():
-    """On a GPU, where a step costs the same at any width, a thin backlog takes as many steps as a full one."""
+    """On a GPU, where a step costs the same at any width, a thin backlog takes as many steps as a full one;
+    on a CPU every row costs the same, whatever the width. One request at a time (--policy none): as wide
+    as the mean request."""
     full, thin = load(work=3200, flat=True, rows=64), load(work=3200, flat=True, rows=16)
-    assert full.drain_seconds(3200, full.rows) == pytest.approx(100 * 0.02)  # 32 rows a step (the budget)
-    assert thin.drain_seconds(3200, thin.rows) == pytest.approx(200 * 0.02)
+    assert full.drain_seconds(3200) == pytest.approx(100 * 0.02)  # 32 rows a step (the budget)
+    assert thin.drain_seconds(3200) == pytest.approx(200 * 0.02)
+    assert load(work=3200, rows=16).drain_seconds(3200) == pytest.approx(full.drain_seconds(3200))
+    alone = load(work=3200, flat=True, rows=64, requests=16, one_at_a_time=True)  # 4 rows each
+    assert alone.drain_seconds(3200) == pytest.approx(800 * 0.02)
+    assert alone.drain_seconds(3200, extra_rows=4, extra_requests=1) == pytest.approx(800 * 0.02)
+    assert load(work=0).retry_after() == 1.0 and load(work=3200, step=0.0).retry_after() == 1.0
 
 
 def test_a_burst_at_a_quiet_engine_is_estimated_at_the_width_it_will_run():
@@ -110,6 +117,7 @@ def test_a_burst_at_a_quiet_engine_is_estimated_at_the_width_it_will_run():
     fixed, per_row = quiet.estimate
     assert (fixed, per_row) == (pytest.approx(0.050), pytest.approx(0.002))
     burst = [job(steps=10, images=2, cfg=4.0, timeout=30.0) for _ in range(40)]  # 4 rows, 40 row-steps each
-    busy = Load(waiting=39, work=39 * 40, rows=39 * 4.0, step_fixed=fixed, step_per_row=per_row, max_rows=32)
+    busy = Load(waiting=39, work=39 * 40, rows=39 * 4.0, requests=39, one_at_a_time=False, step_fixed=fixed,
+                step_per_row=per_row, max_rows=32)
     assert seconds_to_finish(burst[-1], busy) == pytest.approx(1600 / 32 * (0.050 + 0.002 * 32))  # 5.7 s
     Admission(64, None).check(burst[-1], busy, 0, NOW)  # (at 3 rows a step: 533 steps, 30 s: refused)

@@ -35,20 +35,25 @@ def test_the_front_end_runs_below_the_engine(tmp_path):
     base = os.getpriority(os.PRIO_PROCESS, 0)
     with run_server(tmp_path) as s:
         engine = engine_pid(s)
+        if "could not switch to SCHED_IDLE" in s.logs() and os.environ.get("CI") != "true":
+            pytest.skip("this machine forbids SCHED_IDLE (a sandbox): the server runs at nice 19 alone")
         assert os.sched_getscheduler(s.proc.pid) == os.SCHED_IDLE
         assert os.getpriority(os.PRIO_PROCESS, s.proc.pid) == min(19, base + 19)
         assert os.sched_getscheduler(engine) == os.SCHED_OTHER and os.getpriority(os.PRIO_PROCESS, engine) == base
 
 
-def test_without_sched_idle_the_front_end_warns_and_keeps_nice(monkeypatch, caplog):
+def test_where_sched_idle_is_forbidden_the_front_end_keeps_nice_and_says_so(monkeypatch, caplog):
     from server import priority
 
     def forbidden(*args):
         raise PermissionError("sched_setscheduler: operation not permitted")
 
+    niced = []
     monkeypatch.setattr(os, "sched_setscheduler", forbidden)
-    priority.lower_priority(0, sched_idle=True)  # nice 0: this test's own priority stays as it is
-    assert "could not switch to SCHED_IDLE" in caplog.text and "--no-frontend-sched-idle" in caplog.text
+    monkeypatch.setattr(os, "setpriority", lambda which, who, value: niced.append(value))
+    priority.lower_priority(19, sched_idle=True)
+    assert niced == [os.getpriority(os.PRIO_PROCESS, 0) + 19]
+    assert "could not switch to SCHED_IDLE" in caplog.text and "nice 19 only" in caplog.text
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from server.contracts import (  # noqa: E402
 )
 from server.engine import messages as msg  # noqa: E402
 from server.fleet.client import FleetEngine  # noqa: E402
-from server.fleet.messages import Finished, Update  # noqa: E402
+from server.fleet.messages import Finished, Report, Update  # noqa: E402
 from server.settings import Settings  # noqa: E402
 
 PIXELS = np.zeros((1, 4, 4, 3), np.uint8)
@@ -171,3 +171,20 @@ def test_the_deadline_covers_the_wait_for_a_replica(loop):
     engine.submit(j)
     assert isinstance(outcome(j), DeadlineExceeded) and stream.cancelled
     assert 0 < handle.requests[0].seconds_left <= 0.3  # the replica is told what is left, not the whole timeout
+
+
+def test_the_fleet_s_load_spreads_its_requests_over_the_replicas_that_report(loop):
+    """Admission's view of a fleet: the requests this front-end has in it, per live replica, at the rows
+    they run side by side (a request whose steps are done, only being encoded, holds none)."""
+    engine, _ = fleet(loop)
+    measured = msg.Load(waiting=0, work=0, rows=0.0, requests=0, one_at_a_time=False, step_fixed=0.01,
+                        step_per_row=0.001, max_rows=16)
+    for name in ("Engine#a", "Engine#b"):
+        engine.on_report(Report(name, measured, b""))
+    guided = GenerationSpec(class_id=1, cfg_scale=4.0, steps=10, sampler="ddim", seeds=(1, 2))  # 4 rows
+    jobs = [Job(guided, OutputSpec(), deadline=time.monotonic() + 30) for _ in range(6)]
+    jobs[0].progress = guided.steps  # encoding
+    engine._inflight.update(dict.fromkeys(jobs))
+    load = engine.load()
+    assert (load.rows, load.requests, load.work) == (5 * 4 / 2, 3, 5 * 40 // 2)
+    assert (load.step_fixed, load.step_per_row, load.max_rows) == (0.01, 0.001, 16)

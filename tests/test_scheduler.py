@@ -394,6 +394,35 @@ def test_mixed_intervals_never_exceed_the_budget_and_the_accounting_returns_to_z
     assert len(h.order()) == 14
 
 
+def test_the_load_counts_the_backlog_s_rows_each_sample_once():
+    """What admission drains the backlog at (Load.rows): queued samples at their mean width, admitted ones
+    at their next step's rows; a request admitted in part counts each sample on one side only."""
+    h = Harness(max_batch_rows=8)
+    jobs = [h.job(images=3, steps=4, cfg=2.0) for _ in range(5)]  # guided throughout: 2 rows a sample
+    h.submit(*jobs)
+    load = h.scheduler.load()
+    assert (load.rows, load.requests, load.work, load.one_at_a_time) == (30.0, 5, 5 * 3 * 4 * 2, False)
+    h.scheduler.run_once()  # round-robin: one sample each of 4 requests fills the 8 rows
+    load = h.scheduler.load()
+    assert load.rows == pytest.approx(30.0) and load.work == 5 * 3 * 4 * 2 - 4 * 2  # one step of 4 computed
+    h.run()
+    load = h.scheduler.load()
+    assert (load.rows, load.requests, load.work, h.scheduler._waiting_rows) == (0.0, 0, 0, 0.0)
+
+
+def test_under_policy_none_the_backlog_drains_one_request_at_a_time():
+    h = Harness(max_batch_rows=8, policy="none")
+    h.submit(*[h.job(images=2, steps=4, cfg=2.0) for _ in range(4)])  # 4 rows each, alone
+    for _ in range(3):  # the first request's first 3 steps
+        h.scheduler.run_once()
+        h.clock.now += 0.005
+    load = h.scheduler.load()
+    assert load.one_at_a_time and load.requests == 4 and load.rows == pytest.approx(16.0)
+    step = load.step_seconds(4)
+    assert load.drain_seconds(load.work) == pytest.approx(load.work / 4 * step)  # 4 rows a step, not 8
+    h.run()
+
+
 def test_the_load_reports_a_full_width_step_s_wall_time_with_the_time_between_steps():
     h = Harness(max_batch_rows=8)
     assert not h.scheduler.load().measured  # admission estimates nothing yet

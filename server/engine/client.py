@@ -42,7 +42,8 @@ def set_preview(job: Job, step: int, pixels: np.ndarray) -> None:
     job.preview = (step, pixels)  # one assignment: a stream reads a consistent pair
 
 
-IDLE = msg.Load(waiting=0, work=0, rows=0.0, step_fixed=0.0, step_per_row=0.0, max_rows=1)  # before any step
+IDLE = msg.Load(waiting=0, work=0, rows=0.0, requests=0, one_at_a_time=False, step_fixed=0.0, step_per_row=0.0,
+                max_rows=1)  # before any step
 
 
 class LocalEngine:
@@ -165,7 +166,7 @@ class EngineProcess:
             extra = len(self._unreported), self._unreported_work, self._unreported_rows
         load = self._load
         return dataclasses.replace(load, waiting=load.waiting + extra[0], work=load.work + extra[1],
-                                   rows=load.rows + extra[2])
+                                   rows=load.rows + extra[2], requests=load.requests + extra[0])
 
     def metrics_text(self) -> bytes:
         return self._metrics
@@ -224,6 +225,8 @@ class EngineProcess:
                     spec = self._unreported.popleft()[1]
                     self._unreported_work -= spec.row_steps
                     self._unreported_rows -= spec.mean_rows
+                if not self._unreported:
+                    self._unreported_rows = 0.0  # no float residue
                 for id_, progress, position, admitted in m.updates:
                     job = self._jobs.get(id_)
                     if job is not None:

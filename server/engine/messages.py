@@ -83,7 +83,12 @@ class Load:
 
     waiting: int  # requests not yet fully admitted
     work: int  # sample-steps x rows queued or in flight, not yet computed
-    rows: float  # forward rows of the requests queued or in flight, side by side (each at its mean width)
+    # The width the backlog drains at. rows: the forward rows of the requests queued (each at its mean width)
+    # and in flight (at their next step's rows), which continuous batching runs side by side, up to the
+    # row budget; requests: how many they are, for --policy none, which runs them one at a time.
+    rows: float
+    requests: int
+    one_at_a_time: bool
     step_fixed: float  # a step's measured wall time = step_fixed + step_per_row x rows (engine/step_cost.py)
     step_per_row: float  # (both 0 before the engine measured a step)
     max_rows: int  # the current row budget (halved after out-of-memory errors)
@@ -95,16 +100,19 @@ class Load:
     def step_seconds(self, rows: float) -> float:
         return self.step_fixed + self.step_per_row * rows
 
-    def drain_seconds(self, row_steps: float, rows: float) -> float:
-        """Seconds to compute this many row-steps when `rows` rows are queued or in flight: the engine runs
-        them side by side, up to its row budget. (Not the width it ran recently: a burst that arrives at
-        a quiet engine is served in wide steps, not in the narrow ones it ran before.)"""
+    def drain_seconds(self, row_steps: float, extra_rows: float = 0.0, extra_requests: int = 0) -> float:
+        """Seconds to compute `row_steps` of backlog, with `extra_rows` of `extra_requests` requests added
+        to it. (Not at the width the engine ran recently: a burst that arrives at a quiet engine is served
+        in wide steps, not in the narrow ones it ran before.)"""
+        rows = self.rows + extra_rows
+        if self.one_at_a_time:
+            rows /= max(1, self.requests + extra_requests)  # the mean request, alone
         width = min(max(1.0, rows), max(1, self.max_rows))
         return row_steps / width * self.step_seconds(width)
 
     def retry_after(self) -> float:
         """Roughly when the backlog leaves room (a 429's Retry-After): its row-steps drained, >= 1 s."""
-        return max(1.0, self.drain_seconds(self.work, self.rows)) if self.measured else 1.0
+        return max(1.0, self.drain_seconds(self.work)) if self.measured else 1.0
 
 
 @dataclass(frozen=True)

@@ -85,11 +85,6 @@ class _Request:
         return self.spec.timeline
 
 
-def work(job: Job) -> int:
-    """A request's sample-steps x rows (for Retry-After estimates)."""
-    return job.spec.row_steps
-
-
 class Scheduler:
     def __init__(self, runner, settings, metrics: EngineMetrics, *,
                  deliver: Callable[[Job, np.ndarray], None],
@@ -112,8 +107,8 @@ class Scheduler:
         self._wake = threading.Event()
         self._counts = threading.Lock()
         self._waiting = 0  # requests submitted and not yet fully admitted (inbox + queue)
-        self._waiting_work = 0  # their sample-steps x rows
-        self._waiting_rows = 0.0  # their mean forward rows, side by side
+        self._waiting_work = 0  # the sample-steps x rows of their samples not yet admitted
+        self._waiting_rows = 0.0  # and those samples' mean forward rows, side by side
         self._ids = itertools.count(1)
         # Engine thread only.
         self._queue: deque[_Request] = deque()  # requests with samples not yet admitted, in arrival order
@@ -153,7 +148,7 @@ class Scheduler:
                 raise QueueFull(f"{self._waiting} requests are already waiting; try again later",
                                 retry_after=self.load().retry_after())
             self._waiting += 1
-            self._waiting_work += work(job)
+            self._waiting_work += job.spec.row_steps
             self._waiting_rows += job.spec.mean_rows
         job.queue_position = self._waiting
         self._inbox.append(job)
@@ -174,7 +169,8 @@ class Scheduler:
         fixed, per_row = self._cost.estimate
         running = self._ahead.get(self._tick + 1, 0)  # the next step's rows (a racy read is only an estimate)
         return Load(waiting=self._waiting, work=self._waiting_work + self._inflight_work,
-                    rows=self._waiting_rows + running, step_fixed=fixed, step_per_row=per_row,
+                    rows=self._waiting_rows + running, requests=self._waiting + len(self._running),
+                    one_at_a_time=self.policy == "none", step_fixed=fixed, step_per_row=per_row,
                     max_rows=self.max_rows)
 
     def problem(self) -> str | None:
@@ -298,6 +294,9 @@ class Scheduler:
         for i, rows in enumerate(r.timeline):
             self._ahead[self._tick + 1 + i] = self._ahead.get(self._tick + 1 + i, 0) + rows
         self._inflight_work += sum(r.timeline)
+        with self._counts:  # the sample's share of the request moves from waiting to in flight
+            self._waiting_work -= sum(r.timeline)
+            self._waiting_rows -= spec.mean_rows / spec.num_images
         r.slots.append(slot)
         r.admitted += 1
         r.last_join_tick = self._tick + 1
@@ -323,10 +322,13 @@ class Scheduler:
     def _leave_queue(self, r: _Request) -> None:
         self._queue.remove(r)
         self._queue_changed = True
+        left = r.spec.num_images - r.admitted  # samples never admitted (cancelled or timed out while queued)
         with self._counts:
             self._waiting -= 1
-            self._waiting_work -= work(r.job)
-            self._waiting_rows -= r.spec.mean_rows
+            self._waiting_work -= left * sum(r.timeline)
+            self._waiting_rows -= left * r.spec.mean_rows / r.spec.num_images
+            if not self._waiting:
+                self._waiting_rows = 0.0  # no float residue
 
     def _update_queue_positions(self) -> None:
         for position, r in enumerate(self._queue, start=1):

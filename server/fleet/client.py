@@ -222,8 +222,10 @@ class FleetEngine:
         work = sum(job.spec.row_steps * (job.spec.steps - job.progress) // job.spec.steps for job in jobs)
         n = len(live)
         measured = [r for r in live if r.load.measured]  # a replica that just started knows no step time yet
-        rows = sum(job.spec.mean_rows for job in jobs)
+        running = [job for job in jobs if job.progress < job.spec.steps]  # not those only being encoded
+        rows = sum(job.spec.mean_rows for job in running)
         return msg.Load(waiting=math.ceil(waiting / n), work=math.ceil(work / n), rows=rows / n,
+                        requests=math.ceil(len(running) / n), one_at_a_time=self.settings.policy == "none",
                         step_fixed=sum(r.load.step_fixed for r in measured) / max(1, len(measured)),
                         step_per_row=sum(r.load.step_per_row for r in measured) / max(1, len(measured)),
                         max_rows=min(r.load.max_rows for r in live))
