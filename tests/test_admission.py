@@ -93,6 +93,23 @@ def test_step_cost_follows_the_machine_within_a_few_dozen_steps():
     assert cost.seconds(32) == pytest.approx(0.10, rel=0.05)
 
 
+def test_step_cost_ignores_the_slow_steps_of_a_cold_start_and_of_a_burst_s_arrival():
+    """Step cycles logged on this machine: a fresh server hit by 40 requests at once (its first steps 5-30x
+    the usual), then one slow cycle later on. Wide steps cost ~50 ms and are estimated so within a few
+    steps; a least-squares fit said 96-134 ms for a dozen steps more and refused requests (CI)."""
+    cost = StepCost()
+    cold = [(2, 585), (2, 144), (2, 112), (3, 89), (3, 33), (4, 20), (11, 48), (12, 50)]
+    steady = [(12, 38), (15, 45), (16, 50), (14, 47), (12, 38), (12, 37), (16, 49), (16, 50)]
+    for rows, ms in cold[:-1]:
+        cost.add(rows, ms / 1000)
+    assert cost.estimate == (0.0, 0.0)  # fewer than MIN_STEPS: nothing estimated
+    for rows, ms in cold[-1:] + steady:
+        cost.add(rows, ms / 1000)
+    assert cost.seconds(16) == pytest.approx(0.050, rel=0.1)
+    cost.add(8, 0.330)  # one slow cycle
+    assert cost.seconds(16) == pytest.approx(0.050, rel=0.1)
+
+
 def test_the_backlog_drains_in_steps_as_wide_as_its_rows_side_by_side():
     """On a GPU, where a step costs the same at any width, a thin backlog takes as many steps as a full one;
     on a CPU every row costs the same, whatever the width. One request at a time (--policy none): as wide

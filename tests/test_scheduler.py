@@ -426,8 +426,8 @@ def test_under_policy_none_the_backlog_drains_one_request_at_a_time():
 def test_the_load_reports_a_full_width_step_s_wall_time_with_the_time_between_steps():
     h = Harness(max_batch_rows=8)
     assert not h.scheduler.load().measured  # admission estimates nothing yet
-    h.submit(h.job(images=4, steps=6))  # 4 rows per step: half the budget
-    for _ in range(6):
+    h.submit(h.job(images=4, steps=12))  # 4 rows per step: half the budget
+    for _ in range(12):
         h.scheduler.run_once()  # each step: 10 ms in the runner...
         h.clock.now += 0.005  # ...and 5 ms of the engine's own work before the next one
     load = h.scheduler.load()
