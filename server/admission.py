@@ -9,7 +9,8 @@ A request is refused (429) when
     row budget; one request at a time under --policy none), each costing what the engine measured such a
     step to cost in wall time, the time between steps included (server/engine/step_cost.py,
     `Load.drain_seconds`); and the request needs at least its own steps.
-Nothing is estimated before the engine has measured a step, and an idle engine admits any request.
+Nothing is estimated before the engine has measured a few steps (step_cost.MIN_STEPS), and an idle engine
+admits any request.
 """
 
 from __future__ import annotations

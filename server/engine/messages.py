@@ -90,7 +90,7 @@ class Load:
     requests: int
     one_at_a_time: bool
     step_fixed: float  # a step's measured wall time = step_fixed + step_per_row x rows (engine/step_cost.py)
-    step_per_row: float  # (both 0 before the engine measured a step)
+    step_per_row: float  # (both 0 before the engine measured enough steps)
     max_rows: int  # the current row budget (halved after out-of-memory errors)
 
     @property
