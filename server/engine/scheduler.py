@@ -84,6 +84,11 @@ class _Request:
         """Forward rows one of its samples occupies at each of its steps."""
         return self.spec.timeline
 
+    @property
+    def sample_work(self) -> int:
+        """One of its samples' row-steps (its forward rows summed over its steps)."""
+        return sum(self.timeline)
+
 
 class Scheduler:
     def __init__(self, runner, settings, metrics: EngineMetrics, *,
@@ -225,13 +230,13 @@ class Scheduler:
         for slot in finish:
             del self._slot_finish[slot]
         plan = StepPlan(joins=joins, leaves=self._take_leaves(), finish=finish, previews=self._preview_slots(now))
-        t0 = self.clock()
+        t0, rows = self.clock(), self._ahead.get(self._tick, 0)  # this step's forward rows
         if self._cycle is not None:  # the step before, from its start to this one's
             self._cost.add(self._cycle[1], t0 - self._cycle[0])
-        self._cycle = (t0, self._ahead.get(self._tick, 0))
+        self._cycle = (t0, rows)
         result = self._execute(plan)
         if result is not None:
-            self._after_step(self.clock() - t0, result)
+            self._after_step(self.clock() - t0, rows, result)
         self._ahead.pop(self._tick, None)  # this step is past (failed or not)
         self.metrics.active_samples.set(len(self._owner))
         return True
@@ -293,10 +298,11 @@ class Scheduler:
         self._slot_finish[slot] = finish
         for i, rows in enumerate(r.timeline):
             self._ahead[self._tick + 1 + i] = self._ahead.get(self._tick + 1 + i, 0) + rows
-        self._inflight_work += sum(r.timeline)
+        work = r.sample_work
+        self._inflight_work += work
         with self._counts:  # the sample's share of the request moves from waiting to in flight
-            self._waiting_work -= sum(r.timeline)
-            self._waiting_rows -= spec.mean_rows / spec.num_images
+            self._waiting_work -= work
+            self._waiting_rows -= work / spec.steps
         r.slots.append(slot)
         r.admitted += 1
         r.last_join_tick = self._tick + 1
@@ -322,11 +328,12 @@ class Scheduler:
     def _leave_queue(self, r: _Request) -> None:
         self._queue.remove(r)
         self._queue_changed = True
-        left = r.spec.num_images - r.admitted  # samples never admitted (cancelled or timed out while queued)
+        # samples never admitted (cancelled or timed out while queued)
+        left = (r.spec.num_images - r.admitted) * r.sample_work
         with self._counts:
             self._waiting -= 1
-            self._waiting_work -= left * sum(r.timeline)
-            self._waiting_rows -= left * r.spec.mean_rows / r.spec.num_images
+            self._waiting_work -= left
+            self._waiting_rows -= left / r.spec.steps
             if not self._waiting:
                 self._waiting_rows = 0.0  # no float residue
 
@@ -420,8 +427,7 @@ class Scheduler:
         for r in requests:
             self._end(r, error)
 
-    def _after_step(self, seconds: float, result: StepResult) -> None:
-        rows = self._ahead.get(self._tick, 0)  # this step's forward rows
+    def _after_step(self, seconds: float, rows: int, result: StepResult) -> None:
         self._inflight_work -= rows
         m = self.metrics
         m.step_duration.observe(seconds)
