@@ -46,6 +46,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from model import DiT, DiTConfig, Join, Pipeline, preset  # noqa: E402
 from model.decoders import VAEDecoder  # noqa: E402
+from model.samplers import Sampling  # noqa: E402
 from model.diffusers_layout import to_diffusers  # noqa: E402
 from model.fp8 import Fp8Linear, Fp8Recipe, fp8_matmul_supported, quantize_rows  # noqa: E402
 from model.pipeline import Defaults, ModelInfo  # noqa: E402
@@ -313,7 +314,7 @@ def profile_step(cfg: DiTConfig, batch: int, top: int = 15) -> None:
     for name, recipe in (("bf16", None), ("fp8 row", Fp8Recipe())):
         pipe.use_fast_path(fused_kernels=True, cuda_graphs=False, fp8=recipe or False)
         samples = pipe.new_batch(batch)  # the per-step API the server drives
-        samples.join([Join(k, k % cfg.num_classes, k, "ddim", 50, 4.0) for k in range(batch)])
+        samples.join([Join(k, k % cfg.num_classes, k, Sampling("ddim", 50, 4.0)) for k in range(batch)])
         for _ in range(3):
             samples.step()
         sync()

@@ -14,6 +14,7 @@ steady step, tensors built from Python data (aten.lift_fresh) and host syncs (at
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -57,6 +58,13 @@ def child(impl: str, repeats: int) -> dict:
             self.syncs += "_local_scalar_dense" in name
             return func(*args, **(kwargs or {}))
 
+    from model.samplers import Sampling
+
+    def join(slot, label, seed, sampler, cfg):
+        if "sampling" in {f.name for f in dataclasses.fields(model.Join)}:  # a Join carries its Sampling
+            return model.Join(slot, label, seed, Sampling(sampler, STEPS, cfg))
+        return model.Join(slot, label, seed, sampler, STEPS, cfg)  # older trees: the settings one by one
+
     results = {}
     for n in SIZES:
         specs = [(k % 10, k, *MIX[k % len(MIX)]) for k in range(n)]
@@ -66,7 +74,7 @@ def child(impl: str, repeats: int) -> dict:
             step = functools.partial(pipe.denoiser.step, states)
         else:
             batch = pipe.new_batch(n)
-            batch.join([model.Join(k, lab, seed, smp, STEPS, cfg) for k, (lab, seed, smp, cfg) in enumerate(specs)])
+            batch.join([join(k, lab, seed, smp, cfg) for k, (lab, seed, smp, cfg) in enumerate(specs)])
             step = batch.step
         for _ in range(5):  # warm-up (the first step after joining arranges the rows)
             step()

@@ -17,7 +17,7 @@ count, changes at iterations known when the sample joins. The host mirrors each 
 records the clock value at which its first slot flips; the rows are rearranged on that step only.
 
     batch = SlotBatch(denoiser)
-    batch.join([Join(slot=0, label=7, seed=1, sampler="ddim", steps=50, cfg_scale=4.0)])
+    batch.join([Join(slot=0, label=7, seed=1, sampling=Sampling("ddim", 50, 4.0))])
     for _ in range(50):
         batch.step()
     x = batch.read([0]); batch.leave([0])
@@ -32,27 +32,39 @@ import torch
 
 from . import noise as noise_lib
 from .denoise import Denoiser
-from .samplers import FULL_INTERVAL, NUM_COEFFS, Sampling, guided_range, plan
+from .samplers import NUM_COEFFS, Sampling, guided_range, plan
 
 
 @dataclass(frozen=True)
 class Join:
-    """One sample entering the batch at iteration `index` of its sampler plan."""
+    """One sample entering the batch at iteration `index` of its sampler plan. Its settings come as a
+    `Sampling`, which checked them when it was made (a server makes it once, at its door)."""
 
     slot: int
     label: int
     seed: int  # keys the sample's noise: x_T (draw 0) and the noise after iteration i (draw i + 1)
-    sampler: str
-    steps: int
-    cfg_scale: float = 1.0
+    sampling: Sampling  # sampler, steps, cfg_scale, guidance interval (guided iff lo <= t / 999 <= hi)
     index: int = 0
-    guidance_interval: tuple[float, float] = FULL_INTERVAL  # guided iff lo <= t / 999 <= hi
 
     def __post_init__(self):
-        sampling = Sampling(self.sampler, self.steps, self.cfg_scale, self.guidance_interval)
-        if not 0 <= self.index < self.steps:
-            raise ValueError(f"index must be in 0..{self.steps - 1}, got {self.index}")
-        object.__setattr__(self, "guidance_interval", sampling.guidance_interval)
+        if not 0 <= self.index < self.sampling.steps:
+            raise ValueError(f"index must be in 0..{self.sampling.steps - 1}, got {self.index}")
+
+    @property
+    def sampler(self) -> str:
+        return self.sampling.sampler
+
+    @property
+    def steps(self) -> int:
+        return self.sampling.steps
+
+    @property
+    def cfg_scale(self) -> float:
+        return self.sampling.cfg_scale
+
+    @property
+    def guidance_interval(self) -> tuple[float, float]:
+        return self.sampling.guidance_interval
 
 
 @dataclass

@@ -173,8 +173,7 @@ class Pipeline:
         for c in class_ids:
             self.check_class(int(c))
         batch = self.new_batch(len(seeds))
-        batch.join([Join(k, int(c), int(seed), s.sampler, s.steps, s.cfg_scale, guidance_interval=s.guidance_interval)
-                    for k, (c, seed) in enumerate(zip(class_ids, seeds, strict=True))])
+        batch.join([Join(k, int(c), int(seed), s) for k, (c, seed) in enumerate(zip(class_ids, seeds, strict=True))])
         for k in range(s.steps):
             batch.step()
             if on_step is not None:

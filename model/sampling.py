@@ -8,7 +8,7 @@ import torch
 
 from .batch import Join, SlotBatch
 from .denoise import Denoiser
-from .samplers import FULL_INTERVAL
+from .samplers import FULL_INTERVAL, Sampling
 
 
 def sample(
@@ -47,8 +47,7 @@ def sample(
     if seeds is None:
         seeds = torch.randint(0, 2**63 - 1, (n,)).tolist()
     batch = SlotBatch(Denoiser(dit, cfg_channels=cfg_channels, clip_x0=clip_x0), capacity=n)
-    joins = [Join(k, labels[k], int(seeds[k]), sampler, steps, scales[k], guidance_interval=intervals[k])
-             for k in range(n)]
+    joins = [Join(k, labels[k], int(seeds[k]), Sampling(sampler, steps, scales[k], intervals[k])) for k in range(n)]
     batch.join(joins, x=noise, generators=generator)
     for _ in range(steps):
         batch.step()

@@ -99,7 +99,7 @@ def _describe_error(err: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
     setup_logging(settings.log_level, settings.log_format)
-    from .api import create_app  # after logging is set up
+    from .http.app import create_app  # after logging is set up
 
     app = create_app(settings)
     service = app.state.service

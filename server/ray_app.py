@@ -2,9 +2,15 @@
 (deploy/ray/serve.yaml). Two deployments:
 
     Serve's HTTP proxies -> Frontend (1 replica: HTTP, validation, jobs, encoding, /metrics)
-                              -> Engine replicas (min..max, one device each: scheduler + model runner)
+                              -> Engine replicas (min..max, one device each: engine core + model runner)
 
-The arguments are the dit-serve settings by name plus the fleet's (server/fleet/args.py). Ray's
+The front-end is the dit-serve HTTP app (the same routes, validation, auth, jobs, encoding and metrics
+as a single server) with a fleet of engine replicas behind it instead of one engine. One replica: the
+async jobs and the per-key quotas live in its memory, so that a job created through one request can be
+polled, fetched and cancelled through any later one, whichever Serve proxy it came in by. It holds no
+model and no tensor; it validates, relays and encodes.
+
+The arguments are the dit-serve settings by name plus the fleet's (server/transport/ray/args.py). Ray's
 defaults changed here, and why:
   - max_ongoing_requests: Serve would let 5 requests into a replica at a time, starving its batcher;
     an engine takes its queue (max_queue) plus what can run (max_batch_rows) and refuses the rest
@@ -25,10 +31,13 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from .fleet.args import FleetArgs, parse_args
-from .fleet.engine_replica import EngineReplica
-from .fleet.frontend import Frontend
+from .http.app import create_app
+from .logs import setup_logging
 from .settings import Settings
+from .transport.ray.args import FleetArgs, parse_args
+from .transport.ray.client import FleetEngine
+from .transport.ray.messages import Report
+from .transport.ray.replica import EngineReplica
 
 FRONTEND, ENGINE = "Frontend", "Engine"
 LOOK_BACK_MIN_S = 11.0
@@ -76,3 +85,23 @@ def replicas(fleet: FleetArgs) -> dict[str, Any]:
         "look_back_period_s": min(30.0, max(LOOK_BACK_MIN_S, fleet.upscale_delay_s)),
     }}
 
+
+@serve.ingress()
+class Frontend:
+    def __init__(self, settings: Settings, engines, engine_name: str):
+        setup_logging(settings.log_level, settings.log_format)
+        self.settings, self.engines = settings, engines  # engines: the engine deployment's handle
+        self.app_name, self.engine_name = serve.get_replica_context().app_name, engine_name
+        self.fleet: FleetEngine | None = None
+
+    def __serve_build_asgi_app__(self):
+        def engine(service) -> FleetEngine:
+            self.fleet = FleetEngine(self.settings, service, self.engines, self.app_name, self.engine_name)
+            return self.fleet
+
+        return create_app(self.settings, engine)
+
+    def report(self, report: Report) -> None:
+        """An engine replica's load and metrics (every second, through a deployment handle)."""
+        if self.fleet is not None:
+            self.fleet.on_report(report)

@@ -8,6 +8,7 @@ from conftest import rel_err
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import Denoiser, Join, SlotBatch, initial_noise, sample
+from model.samplers import Sampling
 
 # (slot, label, seed, sampler, steps, cfg_scale, joins before step k)
 MIX = [
@@ -24,7 +25,7 @@ def test_staggered_mix_equals_each_sample_alone(tiny_dit):
     done = {}
     remaining = {}
     for k in range(10):
-        joins = [Join(s, lab, seed, smp, n, cfg) for s, lab, seed, smp, n, cfg, at in MIX if at == k]
+        joins = [Join(s, lab, seed, Sampling(smp, n, cfg)) for s, lab, seed, smp, n, cfg, at in MIX if at == k]
         batch.join(joins)
         remaining.update({j.slot: j.steps for j in joins})
         batch.step()
@@ -43,7 +44,7 @@ def test_staggered_mix_equals_each_sample_alone(tiny_dit):
 
 def test_half_batch_steps_equal_a_whole_step(tiny_dit):
     """The out-of-memory fallback runs a step as two subsets; the result is the same."""
-    joins = [Join(s, lab, seed, smp, n, cfg) for s, lab, seed, smp, n, cfg, _ in MIX]
+    joins = [Join(s, lab, seed, Sampling(smp, n, cfg)) for s, lab, seed, smp, n, cfg, _ in MIX]
     whole, halves = SlotBatch(Denoiser(tiny_dit)), SlotBatch(Denoiser(tiny_dit))
     whole.join(joins)
     halves.join(joins)
@@ -73,7 +74,7 @@ class _CountOps(TorchDispatchMode):
 def test_a_steady_step_builds_no_tensor_from_python_and_never_syncs(tiny_dit):
     batch = SlotBatch(Denoiser(tiny_dit))
     # guidance intervals switch later in these samples' runs; steps 0 and 1 have the same guided set
-    batch.join([Join(s, lab, seed, smp, 20, cfg, guidance_interval=(0.0, min(1.0, 0.5 + 0.1 * s)))
+    batch.join([Join(s, lab, seed, Sampling(smp, 20, cfg, (0.0, min(1.0, 0.5 + 0.1 * s))))
                 for s, lab, seed, smp, _, cfg, _ in MIX])
     with _CountOps() as first:
         batch.step()  # membership changed: this step rearranges the rows, with indices from Python lists
@@ -97,7 +98,7 @@ def test_freed_rows_reused_and_rows_rearranged_keep_each_sample_its_own(tiny_dit
     batch = SlotBatch(Denoiser(tiny_dit), capacity=2)
 
     def joins(slots):
-        return [Join(s, lab, seed, smp, n, cfg, guidance_interval=iv)
+        return [Join(s, lab, seed, Sampling(smp, n, cfg, iv))
                 for s, (lab, seed, smp, n, cfg, iv) in specs.items() if s in slots]
 
     batch.join(joins({0, 1, 2, 3}))
@@ -122,7 +123,7 @@ def test_caller_generators_follow_their_samples_when_guided_rows_come_first(tiny
     specs = [(4, "ddim", 4.0, None), (5, "ddpm", 1.0, 8), (6, "ddpm", 4.0, 9)]  # (label, sampler, cfg, generator seed)
     noise = initial_noise([1, 2, 3], (4, 8, 8))
     batch = SlotBatch(Denoiser(tiny_dit))
-    batch.join([Join(k, lab, 0, smp, 4, cfg) for k, (lab, smp, cfg, _) in enumerate(specs)], x=noise,
+    batch.join([Join(k, lab, 0, Sampling(smp, 4, cfg)) for k, (lab, smp, cfg, _) in enumerate(specs)], x=noise,
                generators=[None if g is None else torch.Generator().manual_seed(g) for *_, g in specs])
     for _ in range(4):
         batch.step()

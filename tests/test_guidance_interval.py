@@ -10,7 +10,7 @@ from conftest import rel_err
 
 from model import Denoiser, Join, SlotBatch, initial_noise, sample
 from model.denoise import rows_per_iteration
-from model.samplers import guided_range, plan
+from model.samplers import Sampling, guided_range, plan
 from model.schedule import linear_betas
 
 SHAPE = (4, 8, 8)
@@ -29,7 +29,7 @@ def test_guided_iterations_follow_u_equals_t_over_999():
     assert rows_per_iteration("ddim", 4, 1.0, (0.5, 1.0)) == (1, 1, 1, 1)  # scale 1 is never guided
     for bad in [(0.5, 0.5), (0.7, 0.2), (-0.1, 0.5), (0.2, 1.5), (0.1,), (float("nan"), 1.0)]:
         with pytest.raises(ValueError, match="guidance_interval"):
-            Join(0, 1, 1, "ddim", 4, 2.0, guidance_interval=bad)
+            Join(0, 1, 1, Sampling("ddim", 4, 2.0, bad))
 
 
 def test_the_full_interval_is_byte_identical_to_omitting_it(tiny_dit):
@@ -87,7 +87,7 @@ def test_mixed_intervals_in_one_batch_equal_each_alone(tiny_dit):
     batch = SlotBatch(Denoiser(tiny_dit), capacity=2)
     done, remaining = {}, {}
     for k in range(14):
-        joins = [Join(s, lab, seed, smp, n, cfg, guidance_interval=iv) for s, lab, seed, smp, n, cfg, iv, at in MIX
+        joins = [Join(s, lab, seed, Sampling(smp, n, cfg, iv)) for s, lab, seed, smp, n, cfg, iv, at in MIX
                  if at == k]
         batch.join(joins)
         remaining.update({j.slot: j.steps for j in joins})
@@ -121,7 +121,7 @@ def test_the_forward_has_the_rows_of_the_guided_samples_only(tiny_dit):
     denoiser.forward = counting
     batch = SlotBatch(denoiser)
     specs = [("ddim", 10, 3.0, (0.0, 0.5)), ("dpm-solver++", 10, 2.0, (0.3, 0.8)), ("ddpm", 10, 4.0, (0.0, 1.0))]
-    batch.join([Join(k, k, k, smp, n, cfg, guidance_interval=iv) for k, (smp, n, cfg, iv) in enumerate(specs)])
+    batch.join([Join(k, k, k, Sampling(smp, n, cfg, iv)) for k, (smp, n, cfg, iv) in enumerate(specs)])
     rebuilt = []
     for _ in range(10):
         before = batch._arranged

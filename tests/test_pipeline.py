@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from test_forward_parity import hub_style_copy
 
 from model import Join, Pipeline, initial_noise
+from model.samplers import Sampling
 
 
 @pytest.fixture(scope="module")
@@ -30,10 +31,10 @@ def test_same_seed_alone_and_in_a_mixed_batch(pipe):
     """Sample k depends only on its own seed and settings, whatever shares its forward passes."""
     alone = pipe.generate([5], seeds=[1234], sampler="ddpm", steps=8, cfg_scale=4.0)[0]
     batch = pipe.new_batch()
-    batch.join([Join(0, 5, 1234, "ddpm", 8, 4.0)])
+    batch.join([Join(0, 5, 1234, Sampling("ddpm", 8, 4.0))])
     batch.step()  # stagger the batch: the others start one step later than the sample under test
-    batch.join([Join(1, 17, 99, "ddim", 8, 1.0), Join(2, 400, 7, "dpm-solver++", 8, 2.5),
-                Join(3, 999, 2**40, "ddpm", 8, 1.5)])
+    batch.join([Join(1, 17, 99, Sampling("ddim", 8, 1.0)), Join(2, 400, 7, Sampling("dpm-solver++", 8, 2.5)),
+                Join(3, 999, 2**40, Sampling("ddpm", 8, 1.5))])
     for _ in range(7):
         batch.step()
     together = pipe.decode(batch.read([0]))[0]

@@ -7,7 +7,7 @@ import torch
 from conftest import rel_err
 
 from model import Denoiser, Join, SlotBatch, sample
-from model.samplers import plan
+from model.samplers import Sampling, plan
 from model.schedule import respaced_timesteps
 
 SAMPLE_TOL = 1e-3
@@ -38,7 +38,7 @@ def test_ddpm_step_mean_and_logvar_match_reference(tiny_dit, reference):
     for i in range(10):  # respaced index i; the sampler reaches it at iteration 9 - i
         x = reference[f"ddpm10_cfg4.0_ch3_step{i}_x"]
         batch = SlotBatch(Denoiser(tiny_dit))
-        batch.join([Join(k, labels[k], 0, "ddpm", 10, 4.0, index=9 - i) for k in range(len(x))], x=x)
+        batch.join([Join(k, labels[k], 0, Sampling("ddpm", 10, 4.0), index=9 - i) for k in range(len(x))], x=x)
         p = batch.posterior()
         mean, log_var = p.mean, p.log_var
         assert rel_err(mean, reference[f"ddpm10_cfg4.0_ch3_step{i}_mean"]) <= SAMPLE_TOL, i
@@ -81,7 +81,7 @@ def test_guidance_rows_only_for_guided_samples(tiny_dit):
     forward = denoiser.forward
     denoiser.forward = lambda x, t, y: rows.append(y.tolist()) or forward(x, t, y)
     batch = SlotBatch(denoiser)
-    batch.join([Join(k, k, k, "ddim", 5, s) for k, s in enumerate([1.0, 4.0, 1.0])])
+    batch.join([Join(k, k, k, Sampling("ddim", 5, s)) for k, s in enumerate([1.0, 4.0, 1.0])])
     batch.step()
     assert rows == [[1, 0, 2, 1000]]  # 3 samples, the guided one first, + its null-class twin
 
@@ -94,4 +94,4 @@ def test_bad_sampler_settings_are_rejected():
     with pytest.raises(ValueError, match="repeat"):  # diffusers' spacing repeats a timestep at 1000 steps
         plan("dpm-solver++", 1000)
     with pytest.raises(ValueError, match="cfg_scale"):
-        Join(0, 0, 0, "ddim", 5, cfg_scale=0.5)
+        Join(0, 0, 0, Sampling("ddim", 5, 0.5))

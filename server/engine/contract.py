@@ -1,8 +1,9 @@
 """The step contract between the scheduler and the model runner: plain frozen dataclasses, no tensors.
 
-Each engine iteration the scheduler sends one `StepPlan` (who joins, who leaves, which slots to step,
-which finish and are read out, which want a preview) and the runner answers one `StepResult`. Slots
-are small integers the scheduler allocates; the runner keeps each slot's tensors on the device.
+Each step the scheduler plans one `StepPlan` (who joins, who leaves, which slots to step, which finish
+and are read out, which want a preview) and the runner answers one `StepResult`. Slots are small
+integers the scheduler allocates (server/engine/slots.py); the runner keeps each slot's tensors on the
+device. A joining sample is the model's own `Join` (slot, class, seed, validated sampling settings).
 Finishing follows from step counts, so the scheduler knows which slots finish without asking the
 device; the only device sync is the runner's finite check of the finishing slots.
 """
@@ -13,25 +14,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class SampleJoin:
-    """One sample entering a slot, at its first iteration."""
-
-    slot: int
-    request_id: int
-    sample: int  # its index within the request (image k of num_images)
-    class_id: int
-    seed: int
-    sampler: str
-    steps: int
-    cfg_scale: float
-    guidance_interval: tuple[float, float] = (0.0, 1.0)  # guided iff lo <= t / 999 <= hi (model/samplers.py)
+from model.batch import Join
 
 
 @dataclass(frozen=True)
 class StepPlan:
-    joins: tuple[SampleJoin, ...] = ()
+    joins: tuple[Join, ...] = ()
     leaves: tuple[int, ...] = ()  # slots freed before the step (cancelled, timed out, failed requests)
     subset: tuple[int, ...] | None = None  # step only these slots (out-of-memory fallback); None = all
     finish: tuple[int, ...] = ()  # slots whose last iteration is this step: check, decode and free them

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 
 from model import SAMPLERS, Join, Pipeline
+from model.samplers import Sampling
 
 from ..settings import Settings
-from .contract import DecodeFailed, SampleJoin, StepPlan, StepResult
+from .contract import DecodeFailed, StepPlan, StepResult
 from .faults import FaultInjector
 
 log = logging.getLogger(__name__)
@@ -37,10 +38,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return _DTYPES[name]
-
-
-def _join(j: SampleJoin) -> Join:
-    return Join(j.slot, j.class_id, j.seed, j.sampler, j.steps, j.cfg_scale, guidance_interval=j.guidance_interval)
 
 
 class ModelRunner:
@@ -84,7 +81,7 @@ class ModelRunner:
         if plan.leaves:
             batch.leave(plan.leaves)
         if plan.joins:
-            batch.join([_join(j) for j in plan.joins])
+            batch.join(plan.joins)
         if not plan.steps_nothing:
             if self.faults is not None:
                 self.faults.before_step()
@@ -127,8 +124,7 @@ class ModelRunner:
     def warmup(self) -> float:
         """One short guided generation through every sampler, along the server's own path (plans)."""
         t0 = time.monotonic()
-        joins = tuple(SampleJoin(slot, -1, slot, 0, slot, sampler, 2, 2.0)
-                      for slot, sampler in enumerate(SAMPLERS))
+        joins = tuple(Join(slot, 0, slot, Sampling(sampler, 2, 2.0)) for slot, sampler in enumerate(SAMPLERS))
         slots = tuple(j.slot for j in joins)
         first = self.execute(StepPlan(joins=joins, previews=slots))  # latent models fit their preview map here
         result = self.execute(StepPlan(finish=slots))

@@ -1,12 +1,13 @@
-"""An engine replica: one Ray Serve replica = one engine (scheduler + model runner) = one device.
+"""An engine replica: one Ray Serve replica = one engine (engine core + model runner) = one device.
 
 The constructor loads the model and warms up, so Serve routes nothing to a replica before it can
 serve (Serve sends requests once the constructor has returned). Each request is one call of `run`,
-whose answer is a stream: updates while it waits and runs, previews, then its pixels or its error.
-The step loop runs on the engine's own thread; this replica's event loop only relays, and the HTTP
-load lands on the front-end's process, not here. Every second the replica reports its load and its
-metrics to the front-end (`Report`). Serve's health check calls `check_health`, which fails once the
-device is unusable or the engine thread has ended, and Serve then replaces the replica.
+whose answer is a stream of the engine's RequestOutputs for it (progress, previews, then its end), pushed
+by the engine thread as each step ends. The step loop runs on the engine's own thread; this replica's
+event loop only relays, and the HTTP load lands on the front-end's process, not here. Every second the
+replica reports its load and its metrics to the front-end (`Report`). Serve's health check calls
+`check_health`, which fails once the device is unusable or the engine thread has ended, and Serve then
+replaces the replica.
 """
 
 from __future__ import annotations
@@ -17,22 +18,19 @@ import os
 import time
 from collections.abc import AsyncIterator
 
-import numpy as np
 from prometheus_client import generate_latest
 from ray import serve
 
-from ..admission import Admission
-from ..contracts import Job, OutputSpec, SchedulerError
-from ..engine import messages as msg
-from ..engine.client import LocalEngine
-from ..logs import setup_logging
-from ..metrics import EngineMetrics
-from ..settings import Settings
-from .messages import REPORT_SECONDS, Finished, Report, Request, Update, to_age
+from ...engine.admission import Admission
+from ...engine.metrics import EngineMetrics
+from ...engine.request import EngineRequest, FinishReason, RequestError, RequestOutput, RequestStatus
+from ...logs import setup_logging
+from ...settings import Settings
+from ..local import LocalEngine
+from ..messages import EngineInfo
+from .messages import REPORT_SECONDS, Report
 
 log = logging.getLogger(__name__)
-
-UPDATE_SECONDS = 0.05  # how often a request's stream looks at its progress (as the SSE stream does)
 
 
 class EngineReplica:
@@ -43,9 +41,11 @@ class EngineReplica:
         self.settings = settings
         self.metrics = EngineMetrics()  # this replica's own registry, reported to the front-end
         self.engine = LocalEngine(settings, self, self.metrics)
-        self.info: msg.EngineInfo | None = None
+        self.info: EngineInfo | None = None
         self.failed: str | None = None
         self.fatal: str | None = None
+        self._streams: dict[str, asyncio.Queue] = {}  # request id -> its outputs, for its call
+        self._loop = asyncio.get_running_loop()
         # Each replica also checks its own exact queue and deadline (the front-end's check is fleet-wide).
         self.admission = Admission(settings.max_queue, None, settings.deadline_admission)
         await asyncio.to_thread(self.engine.boot, self.name)
@@ -59,7 +59,7 @@ class EngineReplica:
     def on_status(self, text: str) -> None:
         log.info("engine replica: %s", text)
 
-    def on_started(self, info: msg.EngineInfo) -> None:
+    def on_started(self, info: EngineInfo) -> None:
         self.info = info
 
     def on_start_failed(self, reason: str) -> None:
@@ -74,51 +74,38 @@ class EngineReplica:
     def on_capacity(self, serving: bool, status: str) -> None:  # EngineEvents; only a fleet's front-end's
         pass
 
-    def deliver(self, job: Job, pixels: np.ndarray) -> None:
-        job.future.set_result(pixels)  # the job's stream sends them (the future holds them until then)
+    def on_output(self, output: RequestOutput) -> None:
+        self._loop.call_soon_threadsafe(self._route, output)
+
+    def _route(self, output: RequestOutput) -> None:
+        stream = self._streams.get(output.id)
+        if stream is not None:
+            stream.put_nowait(output)
 
     # ---- called through deployment handles -----------------------------------------------------------
-    async def run(self, request: Request) -> AsyncIterator:
-        """One request: Update whenever its progress changes, Preview, then Finished or Failed."""
-        now = time.monotonic()
-        job = Job(request.spec, OutputSpec(), deadline=now + request.seconds_left, owner=request.owner)
-        job.timings.arrival = now - request.age
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(_resolve, done))
+    async def run(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
+        """One request: its outputs as the engine's steps produce them, until its end."""
+        stream = self._streams[request.id] = asyncio.Queue()
         try:
-            self.admission.check(job, self.engine.load(), 0, now)
-            self.engine.submit(job)
-        except SchedulerError as e:
-            yield msg.Failed.of(0, e, None)
-            return
-        last, shown = None, None
-        try:
+            try:
+                self.admission.check(request, self.engine.load(), 0, time.time())
+                self.engine.submit(request)
+            except RequestError as e:
+                yield RequestOutput(request.id, RequestStatus.FINISHED, 0, error=e, replica=self.name)
+                return
             while True:
-                state = (job.progress, job.queue_position, job.timings.admitted)
-                if state != last:
-                    last = state
-                    admitted = to_age(job.timings.admitted, time.monotonic())
-                    yield Update(self.name, job.progress, job.queue_position, admitted)
-                if job.preview is not None and job.preview is not shown:
-                    shown = job.preview
-                    yield msg.Preview(0, *shown)
-                if done.done():
-                    break
-                await asyncio.wait((done,), timeout=UPDATE_SECONDS)  # no task per wait, only a timer
+                output = await stream.get()
+                yield output
+                if output.ended:
+                    return
         except (asyncio.CancelledError, GeneratorExit):
-            job.cancel()  # the front-end cancelled the call: the client went away or the deadline passed
+            # the front-end cancelled the call: the client went away or the deadline passed
+            self.engine.cancel(request.id, FinishReason.CANCELLED)
             raise
-        yield self._outcome(job)
+        finally:
+            self._streams.pop(request.id, None)
 
-    def _outcome(self, job: Job):
-        error = job.future.exception()
-        if error is not None:
-            return msg.Failed.of(0, error, None)
-        t, now = job.timings, time.monotonic()
-        return Finished(job.future.result(), to_age(t.admitted, now), to_age(t.denoised, now), to_age(t.decoded, now))
-
-    def describe(self) -> tuple[msg.EngineInfo, int]:
+    def describe(self) -> tuple[EngineInfo, int]:
         """The model facts, and this replica's process id (tests kill it by that)."""
         return self.info, os.getpid()
 
@@ -126,7 +113,7 @@ class EngineReplica:
         self.engine.arm_fault(kind, count)
 
     def check_health(self) -> None:
-        problem = self.fatal or self.engine.scheduler.problem()
+        problem = self.fatal or self.engine.problem()
         if problem:
             raise RuntimeError(f"engine replica {self.name} cannot serve: {problem}")
 
@@ -148,8 +135,3 @@ class EngineReplica:
         if getattr(self, "_reporter", None) is not None:  # Serve may stop a replica before it has started
             self._reporter.cancel()
         await asyncio.to_thread(self.engine.stop, self.settings.request_timeout)
-
-
-def _resolve(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_result(None)

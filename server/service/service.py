@@ -1,11 +1,13 @@
 """The server's life cycle and its one door into the engine.
 
-Start-up: the engine (its own process by default, `--engine thread` for the in-process reference)
-loads the model and warms up; the service reports ready when it says so. Every request goes in through
-`submit`: admission at the front door (server/admission.py), then the engine. Results come back as
-pixels and are encoded here on a thread pool, off the engine. Shutdown: stop admitting at once, let the
-engine finish what it accepted. If the engine process dies, its requests answer 503, readiness turns
-off at once and the server exits non-zero (`on_exit_failure`), so that an orchestrator restarts it.
+Start-up: the engine (its own process by default, `--engine thread` for the in-process reference, or a
+Ray fleet) loads the model and warms up; the service reports ready when it says so. Every request goes
+in through `submit`: admission at the front door (server/engine/admission.py), then the engine. The
+engine's outputs come back pushed, on the transport's thread: each updates its job (progress, preview),
+and an end is encoded here on a thread pool, off the engine, then resolves the job. Shutdown: stop
+admitting at once, let the engine finish what it accepted. If the engine process dies, its requests
+answer 503, readiness turns off at once and the server exits non-zero (`on_exit_failure`), so that an
+orchestrator restarts it.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from prometheus_client import generate_latest
 
-from .admission import Admission
-from .contracts import FinishReason, GenerationFailed, GenerationResult, Job, NotReady, SchedulerError
+from ..engine.admission import Admission
+from ..engine.metrics import EngineMetrics
+from ..engine.request import ErrorKind, FinishReason, RequestError, RequestOutput, RequestStatus
+from ..settings import Settings
+from ..transport.local import LocalEngine
+from ..transport.messages import EngineInfo
+from ..transport.process import EngineProcess
 from .encoding import encode
-from .engine.client import EngineProcess, LocalEngine
-from .engine.messages import EngineInfo
-from .metrics import EngineMetrics, Metrics
+from .job import Job
+from .metrics import Metrics
 from .priority import lower_priority
-from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +42,7 @@ EXIT_DELAY_SECONDS = 3.0  # between the engine's death and the server's exit
 class Service:
     def __init__(self, settings: Settings, engine: Callable[[Service], object] | None = None):
         """engine: makes the engine handle from the service (its events), e.g. a Ray fleet's
-        (server/fleet/); by default the engine process, or a thread with `--engine thread`."""
+        (server/transport/ray/); by default the engine process, or a thread with `--engine thread`."""
         self.settings = settings
         self.metrics = Metrics()
         if engine is not None:
@@ -52,8 +57,9 @@ class Service:
         self._ready = threading.Event()
         self._stopping = False
         self._started = False
-        self._owned: Counter[str | None] = Counter()  # requests in the engine per API key hash
-        self._owned_lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}  # jobs in the engine, by id
+        self._owned: Counter[str | None] = Counter()  # jobs in the engine per API key hash
+        self._lock = threading.Lock()  # _jobs, _owned
         self._encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
         # Called with the reason when the server cannot serve at all (the model cannot be loaded, the engine
         # died): the CLI then exits non-zero, so that an orchestrator sees it and restarts the server.
@@ -71,38 +77,36 @@ class Service:
 
     # ---- the way in ---------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
-        """Admit the job into the engine or raise the error to answer (429, 503...) at once."""
+        """Admit the job into the engine or raise the RequestError to answer (429, 503...) at once."""
+        request = job.request
         try:
             if not self.ready:
-                raise NotReady(f"not ready: {self.status}")
-            with self._owned_lock:
-                owned = self._owned[job.owner]
-            self.admission.check(job, self.engine.load(), owned, time.monotonic())
-            with self._owned_lock:
-                self._owned[job.owner] += 1
+                raise RequestError(ErrorKind.NOT_READY, f"not ready: {self.status}")
+            with self._lock:
+                owned = self._owned[request.owner]
+            self.admission.check(request, self.engine.load(), owned, time.time())
+            with self._lock:  # before the engine has it: its first output may come at once
+                self._owned[request.owner] += 1
+                self._jobs[request.id] = job
             job.replica = self.model.replica  # the engine's name (a fleet's names the replica that takes it)
+            job.on_cancel = lambda reason: self.engine.cancel(request.id, reason)
             try:
-                self.engine.submit(job)
+                self.engine.submit(request)
             except BaseException:
-                self._release(job)
+                self._forget(job)
                 raise
-        except SchedulerError as e:
+        except RequestError as e:
             self.metrics.requests_finished.labels(reason=e.reason.value).inc()
             raise
         self.metrics.admitted.inc()
-        job.future.add_done_callback(lambda _: self._ended(job))
 
-    def _ended(self, job: Job) -> None:
-        self._release(job)
-        error = job.future.exception()
-        reason = FinishReason.FINISHED if error is None else getattr(error, "reason", FinishReason.FAILED)
-        self.metrics.requests_finished.labels(reason=reason.value).inc()
-
-    def _release(self, job: Job) -> None:
-        with self._owned_lock:
-            self._owned[job.owner] -= 1
-            if self._owned[job.owner] <= 0:
-                del self._owned[job.owner]
+    def _forget(self, job: Job) -> None:
+        with self._lock:
+            if self._jobs.pop(job.id, None) is None:
+                return
+            self._owned[job.request.owner] -= 1
+            if self._owned[job.request.owner] <= 0:
+                del self._owned[job.request.owner]
 
     def arm_fault(self, kind: str, count: int) -> None:
         self.engine.arm_fault(kind, count)
@@ -111,6 +115,45 @@ class Service:
         return generate_latest(self.metrics.registry) + self.engine.metrics_text()
 
     # ---- what the engine tells us (EngineEvents; from its threads) ----------------------------------
+    def on_output(self, out: RequestOutput) -> None:
+        with self._lock:
+            job = self._jobs.get(out.id)
+        if job is None:
+            return
+        r = job.request
+        r.status, r.step, r.queue_position = out.status, out.step, out.queue_position
+        if out.replica is not None:
+            job.replica = out.replica
+        if out.preview is not None:
+            job.preview = (out.step, out.preview)  # one assignment: a stream reads a consistent pair
+        if out.ended:
+            self._forget(job)
+            job.timings.update(out.timings or {})
+            if out.error is not None:
+                self._ended(job, out.error)
+            else:
+                r.step = r.steps
+                self._encoder.submit(self._encode, job, out.pixels)
+        job.changed()
+
+    def _encode(self, job: Job, pixels: np.ndarray) -> None:
+        try:
+            t0 = time.time()
+            images = encode(pixels, job.request.seeds, job.output)
+            now = time.time()
+            self.metrics.encode_duration.observe(now - t0)
+            job.timings.update(encode=now - t0, total=now - job.request.arrival)
+            job.finish(images)
+            self.metrics.requests_finished.labels(reason=FinishReason.FINISHED.value).inc()
+        except Exception as e:
+            log.exception("encoding failed")
+            self._ended(job, RequestError(ErrorKind.GENERATION_FAILED, f"encoding failed: {type(e).__name__}: {e}"))
+
+    def _ended(self, job: Job, error: RequestError) -> None:
+        job.request.status = RequestStatus.FINISHED
+        job.fail(error)
+        self.metrics.requests_finished.labels(reason=error.reason.value).inc()
+
     def on_status(self, text: str) -> None:
         if not self._started:
             self.status = text
@@ -145,8 +188,8 @@ class Service:
             threading.Timer(EXIT_DELAY_SECONDS, self.on_exit_failure, args=(reason,)).start()
 
     def on_capacity(self, serving: bool, status: str) -> None:
-        """A fleet's engine replicas all gone, or one back (server/fleet/): readiness follows them, and
-        the front-end stays up (Ray restarts replicas; nothing here would restart faster)."""
+        """A fleet's engine replicas all gone, or one back (server/transport/ray/): readiness follows
+        them, and the front-end stays up (Ray restarts replicas; nothing here would restart faster)."""
         if self._stopping or not self._started:
             return
         self.metrics.engine_up.set(int(serving))
@@ -155,23 +198,7 @@ class Service:
         else:
             self._not_ready(status)
 
-    def deliver(self, job: Job, pixels: np.ndarray) -> None:
-        """A finished request's pixels: encode them on the pool (never on the engine's threads)."""
-        self._encoder.submit(self._encode, job, pixels)
-
-    def _encode(self, job: Job, pixels: np.ndarray) -> None:
-        try:
-            t0 = time.monotonic()
-            images = encode(pixels, job.spec.seeds, job.output)
-            job.timings.encoded = time.monotonic()
-            self.metrics.encode_duration.observe(job.timings.encoded - t0)
-            if not job.future.done():
-                job.future.set_result(GenerationResult(images, job.timings.durations(), job.replica))
-        except Exception as e:
-            log.exception("encoding failed")
-            job.fail(GenerationFailed(f"encoding failed: {type(e).__name__}: {e}"))
-
-    # ---- stopping -----------------------------------------------------------------------------------
+    # ---- readiness and stopping ---------------------------------------------------------------------
     def _now_ready(self) -> None:
         self.status = "ready"
         self._ready.set()
@@ -196,4 +223,4 @@ class Service:
         t0 = time.monotonic()
         self.engine.stop(timeout=self.settings.drain_timeout)
         self._encoder.shutdown(wait=True)
-        log.info("scheduler drained in %.2f s", time.monotonic() - t0)
+        log.info("engine drained in %.2f s", time.monotonic() - t0)

@@ -1,19 +1,18 @@
 """The front-end's handle on a fleet of engine replicas (Ray Serve): the calls of EngineProcess
-(start, submit, load, metrics_text, stop...), made through a deployment handle.
+(start, submit, cancel, load, metrics_text, stop...), made through a deployment handle.
 
 Each request is one streaming call to whichever replica Serve's router picks (the one with the shorter
-queue of two); its items update the job here. Cancelling a job cancels the call, and the replica drops
-the request at its next step. A replica that dies with requests in it fails them with 503
-`engine_died`; a request it had not taken yet goes to another replica (once). Replicas report every
-second (load, metrics); one silent for STALE_SECONDS counts as gone, and with none left the front-end reports
-not ready until Serve has brought one back.
+queue of two); its items are the engine's RequestOutputs, forwarded as they come. Cancelling a request
+cancels the call, and the replica drops the request at its next step. A replica that dies with requests
+in it fails them with 503 `engine_died`; a request it had not taken yet goes to another replica (once).
+Replicas report every second (load, metrics); one silent for STALE_SECONDS counts as gone, and with none
+left the front-end reports not ready until Serve has brought one back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import threading
 import time
 from concurrent.futures import Future
@@ -22,11 +21,11 @@ from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
 
-from ..contracts import DeadlineExceeded, EngineDied, GenerationFailed, Job, NotReady, QueueFull
-from ..engine import messages as msg
-from ..engine.client import IDLE, EngineEvents, set_preview
-from ..settings import Settings
-from .messages import STALE_SECONDS, Finished, Report, Request, Update, to_clock
+from ...engine.backlog import Load
+from ...engine.request import EngineOutputs, EngineRequest, ErrorKind, FinishReason, RequestError
+from ...settings import Settings
+from ..handle import EngineEvents, EngineHandle
+from .messages import STALE_SECONDS, Report
 from .metrics import fleet_exposition
 
 log = logging.getLogger(__name__)
@@ -35,15 +34,17 @@ RETRIES = 1  # a request whose replica died before taking it goes to another rep
 TARGET_SECONDS = 5.0  # how often to ask Serve how many engine replicas it keeps
 
 
-class FleetEngine:
+class FleetEngine(EngineHandle):
     def __init__(self, settings: Settings, events: EngineEvents, handle, app: str, deployment: str):
-        self.settings, self.events, self.handle = settings, events, handle
-        self.streams = handle.options(stream=True)  # each request's answer is a stream of items
+        super().__init__(settings, events)
+        self.handle = handle
+        self.streams = handle.options(stream=True)  # each request's answer is a stream of outputs
         self.app, self.deployment = app, deployment  # the engine deployment's names in Serve
         self._target: int | None = None  # engine replicas Serve keeps (running or starting)
         self._reports: dict[str, tuple[float, Report]] = {}  # replica -> (when heard, its last report)
-        self._inflight: dict[Job, None] = {}  # jobs sent to the replicas and not answered yet
-        self._lock = threading.Lock()  # _reports, _inflight
+        self._calls: dict[str, Future] = {}  # request id -> its call, until it has ended
+        self._cancels: dict[str, FinishReason] = {}  # why a call was cancelled
+        self._lock = threading.Lock()  # _reports, _calls
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._started_at: float | None = None
@@ -120,87 +121,82 @@ class FleetEngine:
             return [report for _, report in self._reports.values()]
 
     # ---- requests --------------------------------------------------------------------------------------
-    def submit(self, job: Job) -> None:
+    def submit(self, request: EngineRequest) -> None:
         if self._stopping:
-            raise NotReady("the server is shutting down and takes no new work")
+            raise RequestError(ErrorKind.NOT_READY, "the server is shutting down and takes no new work")
+        self._submitted(request)
+        future = asyncio.run_coroutine_threadsafe(self._run(request), self._loop)
         with self._lock:
-            self._inflight[job] = None
-        future = asyncio.run_coroutine_threadsafe(self._run(job), self._loop)
-        future.add_done_callback(lambda f: self._ended(job, f))
-        job.on_cancel = lambda _, reason: future.cancel()
+            self._calls[request.id] = future
+        future.add_done_callback(lambda f: self._ended(request, f))
 
-    def _ended(self, job: Job, future: Future) -> None:
-        """However the call ended (even cancelled before it started, or by a bug), the job is answered."""
+    def cancel(self, request_id: str, reason: FinishReason) -> None:
         with self._lock:
-            self._inflight.pop(job, None)
+            future = self._calls.get(request_id)
+            self._cancels[request_id] = reason
+        if future is not None:
+            future.cancel()
+
+    def _ended(self, request: EngineRequest, future: Future) -> None:
+        """However the call ended (even cancelled before it started, or by a bug), the request ends."""
+        with self._lock:
+            self._calls.pop(request.id, None)
+            reason = self._cancels.pop(request.id, FinishReason.CANCELLED)
         if future.cancelled():
-            job.fail(job.ended_error())
+            if reason == FinishReason.TIMED_OUT:
+                self._end(request.id, RequestError(ErrorKind.DEADLINE_EXCEEDED, "no result within the request timeout"))
+            else:
+                self._end(request.id, RequestError(ErrorKind.CANCELLED, "the client cancelled the request"))
         elif future.exception() is not None:
             log.error("a request to the engine replicas failed", exc_info=future.exception())
-            job.fail(GenerationFailed(f"{type(future.exception()).__name__}: {future.exception()}"))
+            self._end(request.id, RequestError.of(future.exception()))
+        else:
+            self._end(request.id, RequestError(ErrorKind.GENERATION_FAILED, "the engine replica ended the "
+                                               "request without an answer"))  # a no-op once it has ended
 
-    async def _run(self, job: Job) -> None:
+    async def _run(self, request: EngineRequest) -> None:
         for attempt in range(1 + RETRIES):
-            if await self._attempt(job, last=attempt == RETRIES):
+            if await self._attempt(request, last=attempt == RETRIES):
                 return
 
-    async def _attempt(self, job: Job, last: bool) -> bool:
+    async def _attempt(self, request: EngineRequest, last: bool) -> bool:
         """One call to a replica. False when the request may go to another replica: the one it reached died
-        or refused it (queue full, broken) before taking it."""
-        now = time.monotonic()
-        job.replica = None
-        taken = False  # the replica's engine holds the request (it sent an Update)
-        stream = self.streams.run.remote(Request(job.spec, job.deadline - now, job.owner, now - job.timings.arrival))
+        or refused it (queue full, busy, broken) before taking it."""
+        taken, replica = False, None  # taken: the replica's engine holds the request (it said so)
+        stream = self.streams.run.remote(request)
         try:
-            async with asyncio.timeout(job.deadline - now):  # the router's wait counts against the deadline too
-                async for item in stream:
-                    if isinstance(item, msg.Failed) and not taken and not last and item.retry_elsewhere:
-                        log.info("engine replica refused a request (%s); sending it to another", item.kind)
+            async with asyncio.timeout(request.deadline - time.time()):  # the router's wait counts too
+                async for output in stream:
+                    error = output.error
+                    if error is not None and not taken and not last and error.kind.retry_elsewhere:
+                        log.info("engine replica refused a request (%s); sending it to another", error.kind)
                         return False
-                    taken = taken or isinstance(item, Update)
-                    self._apply(job, item)
+                    taken, replica = True, output.replica
+                    self._heard(replica)
+                    self._forward(EngineOutputs((output,)))
         except asyncio.CancelledError:
             stream.cancel()  # the replica drops it at its next step
-            raise  # _ended answers it with the job's own reason
+            raise  # _ended answers it with the cancel's own reason
         except TimeoutError:
             stream.cancel()
-            job.fail(job.ended_error() if job.cancelled else DeadlineExceeded(
-                "no result within the request timeout; ask for fewer steps or images, or try again later"))
+            self._end(request.id, RequestError(ErrorKind.DEADLINE_EXCEEDED, "no result within the request timeout; "
+                                               "ask for fewer steps or images, or try again later"))
         except BackPressureError:
-            job.fail(QueueFull("every engine replica's queue is full; try again later",
-                               retry_after=self.load().retry_after()))
+            self._end(request.id, RequestError(ErrorKind.QUEUE_FULL, "every engine replica's queue is full; try "
+                                               "again later", retry_after=self.load().retry_after()))
         except RayActorError as e:
             stream.cancel()  # it may only be unreachable for now: let it drop the request if it still runs
             if not taken and not last:
                 log.warning("an engine replica died before it took a request; sending it to another: %s", e)
                 return False
-            log.error("engine replica %s died with a request in it: %s", job.replica, e)
-            job.fail(EngineDied(f"the engine replica {job.replica or '(not known)'} stopped while it held this "
-                                "request; try again (Ray Serve is replacing it)"))
+            log.error("engine replica %s died with a request in it: %s", replica, e)
+            self._end(request.id, RequestError(ErrorKind.ENGINE_DIED, f"the engine replica {replica or '(not known)'} "
+                                               "stopped while it held this request; try again (Ray Serve is "
+                                               "replacing it)"))
         except RayTaskError as e:
-            log.error("engine replica %s failed a request: %s", job.replica, e)
-            job.fail(GenerationFailed(f"the engine replica failed: {e.cause!r}"))
-        if not job.future.done() and job.progress < job.spec.steps:
-            job.fail(GenerationFailed("the engine replica ended the request without an answer"))
+            log.error("engine replica %s failed a request: %s", replica, e)
+            self._end(request.id, RequestError(ErrorKind.GENERATION_FAILED, f"the engine replica failed: {e.cause!r}"))
         return True
-
-    def _apply(self, job: Job, item) -> None:
-        if isinstance(item, Update):
-            job.replica = item.replica
-            self._heard(item.replica)
-            job.progress, job.queue_position = item.progress, item.queue_position
-            job.timings.admitted = to_clock(item.admitted_age)
-        elif isinstance(item, msg.Preview):
-            set_preview(job, item.step, item.pixels)
-        elif isinstance(item, Finished):
-            now = time.monotonic()
-            t = job.timings
-            t.admitted, t.denoised, t.decoded = (to_clock(a, now) for a in
-                                                 (item.admitted_age, item.denoised_age, item.decoded_age))
-            job.progress, job.queue_position = job.spec.steps, None
-            self.events.deliver(job, item.pixels)
-        elif isinstance(item, msg.Failed):
-            job.fail(item.error())
 
     def arm_fault(self, kind: str, count: int) -> None:
         """Arms whichever replica the router picks (tests run one replica when they use faults)."""
@@ -209,26 +205,16 @@ class FleetEngine:
         self.handle.arm_fault.remote(kind, count).result(timeout_s=30)
 
     # ---- admission and metrics ---------------------------------------------------------------------------
-    def load(self) -> msg.Load:
-        """The load of an average replica: the requests this front-end has in the fleet, spread over the
-        replicas that report, at the step times they measured. Exact counts, not the 1 s old reports: a
-        burst must not overcommit between two reports. (Each replica checks its own queue again.)"""
+    def load(self) -> Load:
+        """The load of an average replica: the requests this front-end has in the fleet (exact, not the 1 s
+        old reports: a burst must not overcommit between two reports), spread over the replicas that
+        report, at the step times they measured. (Each replica checks its own queue again.)"""
         live = self._live()
-        if not live:
-            return IDLE
-        with self._lock:
-            jobs = list(self._inflight)
-        waiting = sum(1 for job in jobs if job.timings.admitted is None)
-        work = sum(job.spec.row_steps * (job.spec.steps - job.progress) // job.spec.steps for job in jobs)
-        n = len(live)
-        measured = [r for r in live if r.load.measured]  # a replica that just started knows no step time yet
-        running = [job for job in jobs if job.progress < job.spec.steps]  # not those only being encoded
-        rows = sum(job.spec.mean_rows for job in running)
-        return msg.Load(waiting=math.ceil(waiting / n), work=math.ceil(work / n), rows=rows / n,
-                        requests=math.ceil(len(running) / n), one_at_a_time=self.settings.policy == "none",
-                        step_fixed=sum(r.load.step_fixed for r in measured) / max(1, len(measured)),
-                        step_per_row=sum(r.load.step_per_row for r in measured) / max(1, len(measured)),
-                        max_rows=min(r.load.max_rows for r in live))
+        measured = [r.load for r in live if r.load.measured]  # a replica that just started knows no step time yet
+        n = max(1, len(measured))
+        estimate = (sum(m.step_fixed for m in measured) / n, sum(m.step_per_row for m in measured) / n)
+        return self.backlog.load(share=max(1, len(live)), estimate=estimate,
+                                 max_rows=min((r.load.max_rows for r in live), default=self.settings.max_batch_rows))
 
     def metrics_text(self) -> bytes:
         return fleet_exposition(self._live(), self._target)
@@ -241,8 +227,5 @@ class FleetEngine:
         """Let the requests in the fleet finish (the replicas keep serving; Serve stops them)."""
         self._stopping = True
         deadline = time.monotonic() + (timeout or 0)
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._inflight:
-                    return
+        while time.monotonic() < deadline and len(self.backlog):
             time.sleep(0.1)

@@ -12,10 +12,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from model.pipeline import ModelInfo
-from model.samplers import Sampling
-
-from .contracts import EncodedImage, ImageFormat, OutputSpec
+from .job import EncodedImage, ImageFormat, OutputSpec
 
 MEDIA_TYPES = {f: f"image/{f}" for f in get_args(ImageFormat)}  # "png" -> "image/png", ...
 GRID_PADDING = 2  # pixels between grid cells, as torchvision's save_image (the reference's sample.py)
@@ -49,14 +46,7 @@ def _encode_one(pixels: np.ndarray, output: OutputSpec, seeds: tuple[int, ...]) 
         image.save(buf, format="JPEG", quality=95)
     else:
         image.save(buf, format="WEBP", lossless=True)
-    return EncodedImage(buf.getvalue(), MEDIA_TYPES[output.format], seeds)
-
-
-def parameters(model: ModelInfo, class_id: int, s: Sampling) -> dict:
-    """An image's generation parameters, as its PNG `parameters` chunk and a JSON answer carry them."""
-    return {"model": model.name, "class_id": class_id, "class_name": model.class_names[class_id],
-            "cfg_scale": s.cfg_scale, "steps": s.steps, "sampler": s.sampler,
-            "guidance_interval": list(s.guidance_interval)}
+    return EncodedImage(buf.getvalue(), MEDIA_TYPES[output.format])
 
 
 def encode(images: np.ndarray, seeds: tuple[int, ...], output: OutputSpec) -> list[EncodedImage]:

@@ -1,4 +1,5 @@
-"""The one error shape of the API, `{"error": {"code", "message", "field", "errors"}}`, and its handlers.
+"""The one error shape of the API, `{"error": {"code", "message", "field", "errors"}}`, its handlers, and
+the one table that maps the engine's error kinds to HTTP statuses (`STATUS`).
 
 Invalid requests teach: every problem is listed (the first also in `field`), broken JSON says where,
 a JSON body without `Content-Type: application/json` says so, and names from other libraries
@@ -17,7 +18,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .contracts import SchedulerError
+from ..engine.request import ErrorKind, RequestError
+from ..service.requests import class_choice_problems
 
 # What people coming from diffusers, A1111 or Replicate send, and what this API calls it.
 FAMILIAR_NAMES = {
@@ -73,7 +75,12 @@ def error_responses(*statuses: int) -> dict[int, dict]:
     return {s: {"model": ErrorBody, "description": ERROR_STATUSES[s]} for s in statuses}
 
 
-ERROR_RESPONSES = error_responses(*ERROR_STATUSES)
+# The HTTP status of each error kind the engine and the service end a request with.
+STATUS = {
+    ErrorKind.QUEUE_FULL: 429, ErrorKind.OVERLOADED: 429, ErrorKind.KEY_QUOTA_EXCEEDED: 429,
+    ErrorKind.NOT_READY: 503, ErrorKind.ENGINE_DIED: 503, ErrorKind.INVALID_REQUEST: 422,
+    ErrorKind.DEADLINE_EXCEEDED: 504, ErrorKind.CANCELLED: 409, ErrorKind.GENERATION_FAILED: 500,
+}
 
 
 class ApiError(Exception):
@@ -84,8 +91,9 @@ class ApiError(Exception):
         self.errors = errors
 
     @classmethod
-    def from_scheduler(cls, e: SchedulerError) -> ApiError:
-        return cls(e.status, e.code, str(e), retry_after=e.retry_after)
+    def of(cls, e: RequestError) -> ApiError:
+        """The answer to a request that ended in `e` (or was refused with it)."""
+        return cls(STATUS[e.kind], e.kind.value, e.message, retry_after=e.retry_after)
 
     @classmethod
     def invalid(cls, problems: list[tuple[str | None, str]]) -> ApiError:
@@ -139,16 +147,6 @@ def unknown_field_message(field: str, known: list[str]) -> str:
     return f"unknown field {field!r}: {suggestion}"
 
 
-def class_choice_problems(body: Mapping) -> list[tuple[str, str]]:
-    """The request must name its class exactly once: by `class_id` or by `class_name`."""
-    has_id, has_name = body.get("class_id") is not None, body.get("class_name") is not None
-    if has_id and has_name:
-        return [("class_id", "class_id and class_name were both given; send only one of them")]
-    if not has_id and not has_name:
-        return [("class_id", "a class is required: send class_id (see GET /classes) or class_name")]
-    return []
-
-
 _SOURCES = ("body", "query", "path", "header")
 
 
@@ -178,7 +176,8 @@ def validation_error(e: RequestValidationError, content_type: str | None, known_
             message = f"{field}: {err.get('msg', 'invalid')}" if field else err.get("msg", "invalid request")
         problems.append((field, message))
     if isinstance(e.body, Mapping):
-        problems += [p for p in class_choice_problems(e.body) if p[0] not in {f for f, _ in problems}]
+        choice = class_choice_problems(e.body.get("class_id"), e.body.get("class_name"))
+        problems += [p for p in choice if p[0] not in {f for f, _ in problems}]
     return ApiError.invalid(problems)
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import hashlib
 import hmac
 
+from ..settings import Settings
 from .errors import ApiError, error_response
-from .settings import Settings
 
 
 def api_keys(settings: Settings) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from ..settings import Settings
+from ...settings import Settings
 
 # Settings that belong to the single-server process, not to a Ray deployment: Serve's HTTP proxy owns the
 # address and port (`http_options` in the Serve config), and an engine replica is its own process already.

@@ -11,8 +11,8 @@ import time
 import uuid
 from collections.abc import Callable
 
+from ..logs import request_id_var
 from .errors import ApiError, error_response
-from .logs import request_id_var
 
 access_log = logging.getLogger("server.access")
 _SANE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from .contracts import Job
+from ..service.job import Job
 from .errors import ApiError
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,9 @@ class Webhooks:
                          "add it (webhooks may only call hosts the operator trusts)")
         return url
 
-    def deliver_when_done(self, job: Job, job_id: str, url: str, payload: Callable[[], dict]) -> None:
-        """Once the job's future resolves (on whatever thread), deliver `payload()` from the event loop."""
+    def deliver_when_done(self, job: Job, url: str, payload: Callable[[], dict]) -> None:
+        """Once the job ends (on whatever thread), deliver `payload()` from the event loop."""
+        job_id = job.id
         loop = asyncio.get_running_loop()
 
         def on_done(_) -> None:  # runs on the thread that resolved the future: hand over and return
@@ -87,7 +88,7 @@ class Webhooks:
             except RuntimeError:  # the loop has closed: the process is exiting
                 log.error("webhook undelivered: job %s ended after shutdown", job_id)
 
-        job.future.add_done_callback(on_done)
+        job.done.add_done_callback(on_done)
 
     def _start(self, job_id: str, url: str, payload: Callable[[], dict]) -> None:
         if self._closed:

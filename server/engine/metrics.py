@@ -1,4 +1,5 @@
-"""Prometheus metrics, one registry per app (documented in the README's metrics table)."""
+"""The engine's Prometheus metrics: queue, batch, step and decode; registered where the engine runs (the
+engine process, a Ray replica, or the front-end's registry with `--engine thread`)."""
 
 from __future__ import annotations
 
@@ -29,33 +30,6 @@ class _CudaMemoryCollector:
         reserved.add_metric([], torch.cuda.memory_reserved(self.device))
         peak.add_metric([], torch.cuda.max_memory_allocated(self.device))
         return [allocated, reserved, peak]
-
-
-class Metrics:
-    """The front-end's metrics: HTTP answers, readiness, encoding, finish reasons. With `--engine thread`
-    the engine's metrics (EngineMetrics) share this registry; with an engine process /metrics appends
-    the engine's own exposition (the families do not overlap)."""
-
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.requests = Counter("dit_requests", "HTTP generation requests answered, by status code", ["code"],
-                                registry=r)
-        self.request_duration = Histogram("dit_request_duration_seconds", "arrival to answer of /generate",
-                                          buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_capacity = Gauge("dit_queue_capacity", "requests the queue holds at most (--max-queue)",
-                                    registry=r)
-        self.ready = Gauge("dit_ready", "1 once the model is loaded and warmed up, 0 before and while stopping",
-                           registry=r)
-        self.encode_duration = Histogram("dit_encode_duration_seconds", "encoding one request's images",
-                                         buckets=STAGE_BUCKETS, registry=r)
-        self.requests_finished = Counter(
-            "dit_requests_finished", "requests ended, by reason: finished, cancelled (by the client), timed_out, "
-            "rejected (queue full, overloaded, over the key's quota, not ready, invalid) or failed", ["reason"],
-            registry=r)
-        self.admitted = Counter("dit_requests_admitted", "requests accepted into the engine (not rejected at once)",
-                                registry=r)
-        self.images = Counter("dit_images_generated", "images returned to clients", registry=r)
-        self.engine_up = Gauge("dit_engine_up", "1 while the engine (process) is serving", registry=r)
 
 
 class EngineMetrics:

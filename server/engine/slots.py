@@ -1,0 +1,78 @@
+"""Slot bookkeeping and the rows timeline: which sample holds which slot, when each finishes, and how
+many forward rows every future step holds. No tensors (the runner keeps each slot's on the device).
+
+Steps are numbered by `tick` (steps run so far). A sample that joins before step T with n steps runs
+in steps T .. T + n - 1 and finishes in the last; its rows at each of those steps (2 where guided, 1
+elsewhere: its timeline) are added to the timeline when it joins and the rest refunded if it leaves
+early, so that admission can check every future step against the row budget.
+"""
+
+from __future__ import annotations
+
+from .request import EngineRequest
+
+
+class SlotTable:
+    def __init__(self) -> None:
+        self.tick = 0  # steps run so far
+        self.owner: dict[int, tuple[EngineRequest, int]] = {}  # slot -> (request, sample index)
+        self._finish_at: dict[int, set[int]] = {}  # step -> slots whose last iteration it is
+        self._slot_finish: dict[int, int] = {}  # slot -> its finishing step
+        self._free: list[int] = []
+        self._next = 0
+        self.ahead: dict[int, int] = {}  # step -> forward rows of the admitted samples in it
+
+    def __len__(self) -> int:
+        return len(self.owner)
+
+    def rows(self, tick: int) -> int:
+        return self.ahead.get(tick, 0)
+
+    def fits(self, timeline: tuple[int, ...], budget: int, samples: int = 1) -> bool:
+        """Whether `samples` samples with this timeline, joining before the next step, keep every future
+        step within `budget` rows."""
+        start, ahead = self.tick + 1, self.ahead
+        return all(ahead.get(start + i, 0) + samples * rows <= budget for i, rows in enumerate(timeline))
+
+    def take(self, request: EngineRequest, sample: int) -> int:
+        """A free slot for the request's sample, which first runs in the next step."""
+        slot = self._free.pop() if self._free else self._new()
+        timeline = request.timeline
+        finish = self.tick + len(timeline)
+        self.owner[slot] = (request, sample)
+        self._finish_at.setdefault(finish, set()).add(slot)
+        self._slot_finish[slot] = finish
+        for i, rows in enumerate(timeline, start=self.tick + 1):
+            self.ahead[i] = self.ahead.get(i, 0) + rows
+        return slot
+
+    def release(self, slot: int) -> tuple[EngineRequest, int]:
+        """Free the slot; the steps its sample will not take give their rows back."""
+        request, sample = self.owner.pop(slot)
+        finish = self._slot_finish.pop(slot, None)
+        if finish is not None:
+            self._finish_at[finish].discard(slot)
+            timeline = request.timeline
+            start = finish - len(timeline) + 1  # the step it first ran in
+            for tick in range(self.tick + 1, finish + 1):
+                self.ahead[tick] -= timeline[tick - start]
+                if not self.ahead[tick]:
+                    del self.ahead[tick]
+        self._free.append(slot)
+        return request, sample
+
+    def advance(self) -> tuple[tuple[int, ...], int]:
+        """Start the next step: (the slots whose last iteration it is, its forward rows)."""
+        self.tick += 1
+        finish = tuple(sorted(self._finish_at.pop(self.tick, ())))
+        for slot in finish:
+            del self._slot_finish[slot]
+        return finish, self.ahead.get(self.tick, 0)
+
+    def past(self) -> None:
+        """The current step is over (run or failed): its rows leave the timeline."""
+        self.ahead.pop(self.tick, None)
+
+    def _new(self) -> int:
+        self._next += 1
+        return self._next - 1

@@ -1,0 +1,125 @@
+"""The async job API for long generations: submit, list, poll, fetch, cancel.
+
+    POST /jobs            same body as /generate (+ webhook_url, tag) -> 202 the job's status, Location
+    GET /jobs             the caller's jobs, newest first (?limit=, at most 100)
+    GET /jobs/{id}        {"status": queued|running|encoding|done|failed|cancelled|timed_out, "step", ...}
+    GET /jobs/{id}/result the image (or JSON, if the job was submitted with Accept: application/json)
+    DELETE /jobs/{id}     cancel: its samples are dropped at the next denoising step
+
+A job's id is its engine request's id. With API keys on, a job belongs to the key that created it: with
+any other key it is 404, as if it did not exist (server/service/job_store.py keeps them).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import JSONResponse, Response
+
+from ...engine.request import ErrorKind, FinishReason, RequestError
+from ...service.job import Job
+from ...service.job_store import JobStore, StoreFull
+from .. import answers
+from ..door import AnyService, make_job, owner
+from ..errors import ApiError, error_responses
+from ..schemas import JobList, JobRequest, JobStatus
+
+FULL_RETRY_SECONDS = 10  # Retry-After when --max-jobs are held: finished ones expire, clients fetch theirs
+POLL_SECONDS = 2  # Retry-After of a result asked for before the job is done
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+not_found = error_responses(401, 404)
+
+
+def store(request: Request) -> JobStore:
+    return request.app.state.jobs
+
+
+Jobs = Annotated[JobStore, Depends(store)]
+
+
+def status(job: Job) -> dict:
+    """The job's status JSON (GET /jobs/{id}, the webhook body)."""
+    r, state = job.request, job.status
+    error = _error(job)
+    return {"id": job.id, "status": state, "step": r.step, "steps": r.steps,
+            "queue_position": r.queue_position if state == "queued" else None, "num_images": r.num_images,
+            "seeds": list(r.seeds), "class_id": r.class_id, "class_name": job.output.metadata["class_name"],
+            "tag": job.tag, "created": job.created, "status_url": f"/jobs/{job.id}",
+            "result_url": f"/jobs/{job.id}/result", "error": error.body()["error"] if error is not None else None}
+
+
+def _error(job: Job) -> ApiError | None:
+    """Why the job has no result (None while it may still get one, and once it has one)."""
+    if job.images is not None:
+        return None  # done, even if a cancel came too late
+    if job.cancel_reason is not None:  # this side's words: the engine only knows the samples were dropped
+        if job.cancel_reason == FinishReason.TIMED_OUT:
+            return ApiError.of(RequestError(ErrorKind.DEADLINE_EXCEEDED, f"job {job.id} ran past --job-timeout"))
+        return ApiError.of(RequestError(ErrorKind.CANCELLED, f"job {job.id} was cancelled (DELETE /jobs/{job.id}); "
+                                        "it has no result"))
+    return ApiError.of(job.error) if job.error is not None else None
+
+
+def _find(jobs: JobStore, job_id: str, request: Request) -> Job:
+    job = jobs.get(job_id, owner(request))
+    if job is None:
+        raise ApiError(404, "unknown_job", f"no job {job_id!r}: never submitted (with this API key), or expired "
+                       f"{jobs.ttl:g} s after it ended", "id")
+    return job
+
+
+@router.post("", status_code=202, response_model=JobStatus,
+             responses=error_responses(401, 408, 413, 415, 422, 429, 503),
+             summary="submit a long generation; poll it, fetch its result or cancel it")
+async def create(body: JobRequest, request: Request, svc: AnyService, jobs: Jobs):
+    webhooks = request.app.state.webhooks
+    url = webhooks.check(body.webhook_url) if body.webhook_url is not None else None
+    want_json = "application/json" in request.headers.get("accept", "")
+    job = make_job(svc, body, request, separate=want_json, timeout=svc.settings.job_timeout, tag=body.tag)
+    try:
+        jobs.add(job)
+    except StoreFull as e:
+        raise ApiError(429, "too_many_jobs", f"{e}; fetch or cancel some, or try again later",
+                       retry_after=FULL_RETRY_SECONDS) from e
+    try:
+        answers.submit(svc, job)
+    except ApiError:
+        jobs.remove(job.id)
+        raise
+    if url is not None:
+        webhooks.deliver_when_done(job, url, lambda: status(job))
+    return JSONResponse(status(job), status_code=202, headers={"Location": f"/jobs/{job.id}"})
+
+
+@router.get("", response_model=JobList, responses=error_responses(401, 422), summary="the caller's jobs, newest first")
+async def listing(request: Request, jobs: Jobs,
+                  limit: int = Query(50, ge=1, le=100, description="at most this many")):
+    return {"jobs": [status(job) for job in jobs.of(owner(request), limit)]}
+
+
+@router.get("/{job_id}", response_model=JobStatus, responses=not_found, summary="status and progress of a job")
+async def get_status(job_id: str, request: Request, jobs: Jobs):
+    return status(_find(jobs, job_id, request))
+
+
+@router.get("/{job_id}/result", response_class=Response, summary="the result of a finished job",
+            responses=error_responses(401, 404, 409, 500, 503, 504))
+async def result(job_id: str, request: Request, svc: AnyService, jobs: Jobs):
+    job = _find(jobs, job_id, request)
+    error = _error(job)
+    if error is not None:
+        raise error
+    if job.images is None:
+        raise ApiError(409, "not_finished", f"job {job_id} is {job.status} (step {job.request.step} of "
+                       f"{job.request.steps}); poll /jobs/{job_id}", retry_after=POLL_SECONDS)
+    return answers.render(svc, job)
+
+
+@router.delete("/{job_id}", response_model=JobStatus, responses=not_found,
+               summary="cancel a job (its samples are dropped at the next step)")
+async def cancel(job_id: str, request: Request, jobs: Jobs):
+    job = _find(jobs, job_id, request)
+    job.cancel(FinishReason.CANCELLED)
+    return status(job)

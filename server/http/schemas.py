@@ -1,0 +1,112 @@
+"""Request and response bodies of the HTTP API (pydantic); the error shape is in server/http/errors.py."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+
+from model import SAMPLERS
+from model.samplers import check_interval
+
+from ..service.job import ImageFormat
+from ..service.requests import MAX_SEED
+from .errors import ErrorDetail
+
+SamplerName = Literal[SAMPLERS]  # the names model/samplers.py defines
+# [lo, hi] with 0 <= lo < hi <= 1 (a list, so that a wrong length is an error of the field, not of an item)
+GuidanceInterval = Annotated[list[float], Field(min_length=2, max_length=2), AfterValidator(check_interval)]
+
+
+class GenerateRequest(BaseModel):
+    """The /generate body. Unknown fields are rejected (422), so a typo such as "cfg" does not silently take
+    the default. What depends on this server (--max-steps, --max-images, the cfg_scale range) and on its
+    model (class_id's maximum) is checked at the door (server/service/requests.py) and written into the
+    OpenAPI schema once the model is loaded (server/http/docs.py), so /docs shows the real bounds."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["class_id"]}, {"required": ["class_name"]}]})
+
+    class_id: StrictInt | None = Field(None, ge=0, description="class index, 0..num_classes-1 (see GET /classes); "
+                                       "give class_id or class_name")
+    class_name: StrictStr | None = Field(None, min_length=1, max_length=200, description="a class by name, instead "
+                                         "of class_id: any of its names, case-insensitive, or a prefix only one "
+                                         "class has (e.g. \"ankle\")")
+    cfg_scale: float | None = Field(None, ge=1.0, allow_inf_nan=False, description="guidance scale; 1 = no guidance")
+    steps: StrictInt | None = Field(None, ge=1, le=1000, description="denoising steps")
+    seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="random (below 2^53) when absent; image k "
+                                   "of num_images uses seed + k")
+    sampler: SamplerName | None = Field(None, description="ddpm (the paper's), ddim (eta 0) or dpm-solver++")
+    guidance_interval: GuidanceInterval | None = Field(None, description="[lo, hi], 0 <= lo < hi <= 1: guide only "
+                                                       "the steps whose timestep t has lo <= t/999 <= hi (fewer "
+                                                       "forward rows); [0, 1] guides every step")
+    num_images: StrictInt = Field(1, ge=1, description="images; > 1 gives a grid")
+    format: ImageFormat = Field("png", description="image encoding; when absent, an Accept: image/jpeg or "
+                                "image/webp header picks it")
+    previews: StrictBool = Field(False, description="with Accept: text/event-stream, also send `preview` events: "
+                                 "small images of the predicted clean image while it forms")
+
+
+class JobRequest(GenerateRequest):
+    """The POST /jobs body: a GenerateRequest plus a webhook and a client tag."""
+
+    webhook_url: StrictStr | None = Field(None, max_length=2048, description="POSTed the job's status JSON when it "
+                                          "ends (signed; needs --webhook-secret and a host in --webhook-allow-hosts)")
+    tag: StrictStr | None = Field(None, max_length=256, description="any client text, echoed in the job's status, "
+                                  "result metadata and webhook")
+
+
+class ImageOut(BaseModel):
+    seed: int
+    media_type: str
+    data: str = Field(description="base64 of the encoded image")
+
+
+class GenerateResponse(BaseModel):
+    """The answer to `Accept: application/json`."""
+
+    model: str
+    class_id: int
+    class_name: str
+    cfg_scale: float
+    steps: int
+    sampler: str
+    guidance_interval: tuple[float, float] = Field(description="[lo, hi]: the steps with lo <= t/999 <= hi "
+                                                   "were guided")
+    tag: str | None = Field(None, description="the job's tag (async jobs submitted with one)")
+    images: list[ImageOut]
+    timings: dict[str, float] = Field(description="seconds per stage: queue, denoise, decode, encode, total")
+    replica: str = Field(description="the engine that generated the images (as the X-Replica header): host:pid, "
+                         "or the Ray Serve replica")
+
+
+class JobStatus(BaseModel):
+    """GET /jobs/{id}; also the body of the job's webhook."""
+
+    id: str
+    status: Literal["queued", "running", "encoding", "done", "failed", "cancelled", "timed_out"]
+    step: int = Field(description="denoising steps done (by the job's slowest image)")
+    steps: int
+    queue_position: int | None = Field(None, description="while queued: 1 = next to be admitted")
+    num_images: int
+    seeds: list[int]
+    class_id: int
+    class_name: str
+    tag: str | None = None
+    created: float = Field(description="submission time, unix seconds")
+    status_url: str
+    result_url: str
+    error: ErrorDetail | None = Field(None, description="why it failed, was cancelled or timed out")
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatus] = Field(description="the caller's jobs, newest first")
+
+
+class ClassOut(BaseModel):
+    id: int
+    name: str
+
+
+class ClassesResponse(BaseModel):
+    classes: list[ClassOut]

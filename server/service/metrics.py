@@ -1,0 +1,35 @@
+"""The front-end's Prometheus metrics (documented in the README's metrics table); the engine's are in
+server/engine/metrics.py."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from ..engine.metrics import LATENCY_BUCKETS, STAGE_BUCKETS
+
+
+class Metrics:
+    """The front-end's metrics: HTTP answers, readiness, encoding, finish reasons. With `--engine thread`
+    the engine's metrics (EngineMetrics) share this registry; with an engine process /metrics appends
+    the engine's own exposition (the families do not overlap)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("dit_requests", "HTTP generation requests answered, by status code", ["code"],
+                                registry=r)
+        self.request_duration = Histogram("dit_request_duration_seconds", "arrival to answer of /generate",
+                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_capacity = Gauge("dit_queue_capacity", "requests the queue holds at most (--max-queue)",
+                                    registry=r)
+        self.ready = Gauge("dit_ready", "1 once the model is loaded and warmed up, 0 before and while stopping",
+                           registry=r)
+        self.encode_duration = Histogram("dit_encode_duration_seconds", "encoding one request's images",
+                                         buckets=STAGE_BUCKETS, registry=r)
+        self.requests_finished = Counter(
+            "dit_requests_finished", "requests ended, by reason: finished, cancelled (by the client), timed_out, "
+            "rejected (queue full, overloaded, over the key's quota, not ready, invalid) or failed", ["reason"],
+            registry=r)
+        self.admitted = Counter("dit_requests_admitted", "requests accepted into the engine (not rejected at once)",
+                                registry=r)
+        self.images = Counter("dit_images_generated", "images returned to clients", registry=r)
+        self.engine_up = Gauge("dit_engine_up", "1 while the engine (process) is serving", registry=r)

@@ -1,0 +1,58 @@
+"""What every transport shares: the events it reports to the service, and the backlog of what it
+submitted, moved by the outputs it forwards (server/engine/backlog.py).
+
+A transport (engine process, engine thread, Ray fleet) takes submit / cancel / stop and forwards every
+RequestOutput to `EngineEvents.on_output` as it arrives: nothing is polled.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..engine.backlog import Backlog, Load
+from ..engine.request import EngineOutputs, EngineRequest, RequestError, RequestOutput, RequestStatus
+from ..settings import Settings
+from .messages import EngineInfo
+
+
+class EngineEvents(Protocol):
+    """What the engine tells the service, from the transport's threads; none may block."""
+
+    def on_status(self, text: str) -> None: ...
+    def on_started(self, info: EngineInfo) -> None: ...
+    def on_start_failed(self, reason: str) -> None: ...
+    def on_fatal(self, reason: str) -> None: ...  # the device is unusable; the engine still answers
+    def on_died(self, reason: str) -> None: ...  # the engine process is gone
+    def on_capacity(self, serving: bool, status: str) -> None: ...  # a fleet's replicas all gone, or one back
+    def on_output(self, output: RequestOutput) -> None: ...
+
+
+class EngineHandle:
+    def __init__(self, settings: Settings, events: EngineEvents):
+        self.settings, self.events = settings, events
+        self.backlog = Backlog(settings.max_batch_rows, one_at_a_time=settings.policy == "none")
+
+    def load(self) -> Load:
+        return self.backlog.load()
+
+    def _submitted(self, request: EngineRequest) -> None:
+        """Count the request in the backlog at once; until the engine says, its place is the last."""
+        request.queue_position = self.backlog.add(request)
+
+    def _forward(self, outputs: EngineOutputs) -> None:
+        self.backlog.apply(outputs)
+        for output in outputs.outputs:
+            self.events.on_output(output)
+
+    def _end(self, request_id: str, error: RequestError, replica: str | None = None) -> None:
+        """End a request on this side (its engine died, its call failed), unless it has ended already."""
+        request = self.backlog.remove(request_id)
+        if request is not None:
+            self.events.on_output(RequestOutput(request_id, RequestStatus.FINISHED, request.step, error=error,
+                                                replica=replica))
+
+    def _end_all(self, error: RequestError) -> int:
+        requests = self.backlog.requests()
+        for request in requests:
+            self._end(request.id, error)
+        return len(requests)
