@@ -1,5 +1,5 @@
 """What live previews cost: engine steps/s with 32 samples in flight, every request asking for previews
-vs none, in one run (the embedded model, or --model; the scheduler and model runner in-process).
+vs none, in one run (the embedded model, or --model; the engine core and model runner in-process).
 
     python bench/preview_cost.py [--model PATH] [--steps 200] [--repeats 3]
 
@@ -15,26 +15,28 @@ import time
 
 import torch
 
-from server.contracts import GenerationSpec, Job, OutputSpec
+from model.samplers import Sampling
+from server.engine.core import EngineCore
+from server.engine.metrics import EngineMetrics
+from server.engine.request import EngineRequest
 from server.engine.runner import ModelRunner
-from server.engine.scheduler import Scheduler
-from server.metrics import EngineMetrics
 from server.settings import EMBEDDED_MODEL, Settings
 
 SAMPLES = 32
 
 
 def one_pass(runner: ModelRunner, settings: Settings, steps: int, previews: bool) -> tuple[float, int]:
-    shown = []
-    scheduler = Scheduler(runner, settings, EngineMetrics(), deliver=lambda job, px: None,
-                          on_preview=lambda job, step, px: shown.append(step))
+    core = EngineCore(runner, settings.policy, settings.max_batch_rows, EngineMetrics())
     for k in range(SAMPLES):
-        spec = GenerationSpec(k % runner.num_classes, 2.0, steps, "dpm-solver++", (k,), previews=previews)
-        scheduler.submit(Job(spec, OutputSpec(), deadline=time.monotonic() + 3600))
-    t0, n = time.process_time(), 0
-    while scheduler.run_once():
-        n += 1
-    return n / (time.process_time() - t0), len(shown)
+        now = time.time()
+        core.add(EngineRequest(str(k), k % runner.num_classes, (k,), Sampling("dpm-solver++", steps, 2.0), now,
+                               now + 3600, previews=previews))
+    t0, n, shown = time.process_time(), 0, 0
+    while core.has_work:
+        outputs = core.step()
+        n += outputs.cycle is not None
+        shown += sum(o.preview is not None for o in outputs.outputs)
+    return n / (time.process_time() - t0), shown
 
 
 def main() -> None:

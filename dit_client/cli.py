@@ -1,6 +1,7 @@
 """dit-generate CLASS [options]: generate images from a running server (default) or locally (--local).
 
-CLASS is a class id or (part of) a class name; `dit-generate --list-classes` lists them. Shows a progress
+CLASS is a class id or a class name, matched by the server's rule: any of its names, case-insensitive, or a
+prefix only one class has ("ankle"); `dit-generate --list-classes` lists them. Shows a progress
 bar (and the queue position while waiting), retries 429 answers after their Retry-After, and exits
 non-zero with a message on errors.
 
@@ -48,21 +49,19 @@ def _valid_classes(text: str, names: list[str]) -> str:
 
 
 def resolve_class(text: str, names: list[str]) -> int:
+    """An id, or a name by the server's own rule (server/service/class_names.py), so that a name the CLI
+    takes is one the server takes."""
+    from server.service.class_names import ClassNameError, class_index
+
     if text.isdigit():
         if int(text) >= len(names):
             raise CliError(f"class {text} does not exist: the model has {len(names)} classes (0..{len(names) - 1}); "
                            + _valid_classes(text, names))
         return int(text)
-    t = text.lower()
-    exact = [i for i, n in enumerate(names) if n.lower() == t]
-    matches = exact or [i for i, n in enumerate(names) if t in n.lower()]
-    if not matches:
-        raise CliError(f"no class is called {text!r}: {_valid_classes(text, names)}")
-    if len(matches) > 1:
-        more = f" and {len(matches) - 8} more" if len(matches) > 8 else ""
-        raise CliError(f"class {text!r} matches {len(matches)} classes ({_listing(matches[:8], names)}{more}); "
-                       "give an id or a longer name")
-    return matches[0]
+    try:
+        return class_index(tuple(names)).resolve(text)
+    except ClassNameError as e:
+        raise CliError(f"{e}; {_valid_classes(text, names)}") from e
 
 
 def is_folder(out: str) -> bool:
@@ -161,30 +160,30 @@ def _read_stream(r: httpx.Response, class_name: str, quiet: bool) -> tuple[str, 
     raise CliError("the server closed the stream without a result")
 
 
-def locally(args, body: dict) -> tuple[str, list[tuple[int, bytes]]]:
+def locally(args, body: dict, output_format: str) -> tuple[str, list[tuple[int, bytes]]]:
     """The server's answer, computed in this process: the same defaults, seeds, pipeline and encoding."""
     from model import Pipeline
-    from model.samplers import SettingError
-    from server.contracts import OutputSpec
-    from server.encoding import encode, parameters
-    from server.schemas import image_seeds
+    from server.service.encoding import encode
+    from server.service.job import OutputSpec
+    from server.service.requests import InvalidSettings, new_request
+    from server.settings import Settings
 
     pipe = Pipeline.from_pretrained(args.model, vae=args.vae)
     info = pipe.info
     class_id = resolve_class(args.class_, info.class_names)
+    # The server's door, with a default server's limits (but no cap on the steps or images asked for).
+    limits = Settings(model=args.model, max_steps=1000, max_images=args.count)
     try:
-        s = info.defaults.resolve(sampler=body.get("sampler"), steps=body.get("steps"),
-                                  cfg_scale=body.get("cfg_scale"), guidance_interval=body.get("guidance_interval"))
-    except SettingError as e:
-        raise CliError(str(e)) from e
-    seeds = image_seeds(body.get("seed"), args.count)
+        request, params = new_request(info, limits, class_id=class_id, num_images=args.count, **body)
+    except InvalidSettings as e:
+        raise CliError("; ".join(message for _, message in e.problems)) from e
+    s = request.sampling
     with tqdm(total=s.steps, desc=info.class_names[class_id], unit="step", disable=args.quiet) as bar:
-        pixels = pipe.generate([class_id] * len(seeds), seeds, sampler=s.sampler, steps=s.steps,
+        pixels = pipe.generate([class_id] * request.num_images, request.seeds, sampler=s.sampler, steps=s.steps,
                                cfg_scale=s.cfg_scale, guidance_interval=s.guidance_interval,
                                on_step=lambda _: bar.update()).numpy()
-    output = OutputSpec(format=body["format"], separate=True, metadata=parameters(info, class_id, s))
-    images = encode(pixels, seeds, output)
-    return info.class_names[class_id], [(im.seeds[0], im.data) for im in images]
+    images = encode(pixels, request.seeds, OutputSpec(format=output_format, separate=True, metadata=params))
+    return info.class_names[class_id], list(zip(request.seeds, (im.data for im in images), strict=True))
 
 
 def list_classes(args) -> int:
@@ -201,7 +200,8 @@ def list_classes(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="dit-generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("class_", metavar="CLASS", nargs="?", help="class id or (part of) its name")
+    p.add_argument("class_", metavar="CLASS", nargs="?", help="class id or name (any of its names, or a prefix "
+                   "only one class has)")
     p.add_argument("--list-classes", action="store_true", help="list the model's class ids and names, then exit")
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server to ask (default %(default)s)")
     p.add_argument("--api-key", default=os.environ.get("DIT_API_KEY"),
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     if args.class_ is None and not args.list_classes:
-        p.error("give a CLASS (an id or part of a name), or --list-classes to see them")
+        p.error("give a CLASS (an id or a name), or --list-classes to see them")
     if args.count < 1:
         p.error("--count must be at least 1")
     if args.guidance_interval is not None and not 0 <= args.guidance_interval[0] < args.guidance_interval[1] <= 1:
@@ -240,11 +240,10 @@ def main(argv: list[str] | None = None) -> int:
         body = {k: v for k, v in (("cfg_scale", args.cfg_scale), ("steps", args.steps), ("sampler", args.sampler),
                                   ("seed", args.seed), ("guidance_interval", args.guidance_interval))
                 if v is not None}
-        body["format"] = output_format(args.out)
         if args.local:
-            class_name, images = locally(args, body)
+            class_name, images = locally(args, body, output_format(args.out))
         else:
-            class_name, images = from_server(args, dict(body, num_images=args.count))
+            class_name, images = from_server(args, dict(body, num_images=args.count, format=output_format(args.out)))
     except CliError as e:
         print(f"dit-generate: {e}", file=sys.stderr)
         return 1

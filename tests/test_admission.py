@@ -1,20 +1,26 @@
-"""Admission at the front door, with plain numbers: no server, no clock."""
+"""Admission at the front door and the backlog it reads, with plain numbers: no server, no clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from server.admission import HEADROOM, Admission, seconds_to_finish
-from server.contracts import GenerationSpec, Job, KeyQuotaExceeded, OutputSpec, Overloaded, QueueFull
-from server.engine.messages import Load
+from model.samplers import Sampling
+from server.engine.admission import HEADROOM, Admission, seconds_to_finish
+from server.engine.backlog import Backlog, Load
+from server.engine.request import EngineOutputs, EngineRequest, ErrorKind, RequestError, RequestOutput
 from server.engine.step_cost import StepCost
 
 NOW = 100.0
 
 
-def job(steps=10, images=1, cfg=1.0, timeout=5.0, owner=None) -> Job:
-    return Job(GenerationSpec(1, cfg, steps, "ddim", tuple(range(images))), OutputSpec(), deadline=NOW + timeout,
-               owner=owner)
+def job(steps=10, images=1, cfg=1.0, timeout=5.0, owner=None, id="r") -> EngineRequest:
+    return EngineRequest(id, 1, tuple(range(images)), Sampling("ddim", steps, cfg), arrival=NOW,
+                         deadline=NOW + timeout, owner=owner)
+
+
+def refusal(kind: ErrorKind):
+    """pytest.raises for a RequestError of this kind."""
+    return pytest.raises(RequestError, match=".", check=lambda e: e.kind == kind)
 
 
 def load(waiting=0, work=0, step=0.02, max_rows=32, flat=False, rows=None, requests=8, one_at_a_time=False) -> Load:
@@ -37,16 +43,15 @@ def test_nothing_is_estimated_before_a_step_was_measured():
 
 def test_a_request_that_cannot_meet_its_deadline_is_refused_with_an_honest_retry_after():
     # 64 000 row-steps ahead: 2000 steps of 32 rows at 20 ms each, about 40 s > 5 s.
-    with pytest.raises(Overloaded) as e:
+    with refusal(ErrorKind.OVERLOADED) as e:
         Admission(256, None).check(job(timeout=5.0), load(work=64_000), 0, NOW)
-    assert e.value.status == 429 and e.value.code == "overloaded"
     estimate = seconds_to_finish(job(), load(work=64_000))
     assert e.value.retry_after == pytest.approx(estimate - 5.0 * HEADROOM, abs=1.0)  # when it would fit
 
 
 def test_its_own_steps_alone_can_exceed_the_deadline():
     busy = load(work=10, step=0.02, flat=True)
-    with pytest.raises(Overloaded):
+    with refusal(ErrorKind.OVERLOADED):
         Admission(256, None).check(job(steps=500, timeout=5.0), busy, 0, NOW)  # 500 x 20 ms = 10 s
     Admission(256, None, deadline_aware=False).check(job(steps=500, timeout=5.0), busy, 0, NOW)
 
@@ -56,12 +61,11 @@ def test_an_idle_engine_admits_anything_so_a_stale_estimate_cannot_lock_it_out()
 
 
 def test_queue_full_and_the_key_quota():
-    with pytest.raises(QueueFull) as e:
+    with refusal(ErrorKind.QUEUE_FULL) as e:
         Admission(8, None).check(job(), load(waiting=8), 0, NOW)
-    assert e.value.code == "queue_full" and e.value.retry_after >= 1
-    with pytest.raises(KeyQuotaExceeded) as e:
+    assert e.value.retry_after >= 1 and e.value.reason == "rejected"
+    with refusal(ErrorKind.KEY_QUOTA_EXCEEDED):
         Admission(8, 2).check(job(owner="k"), load(), 2, NOW)
-    assert e.value.code == "key_quota_exceeded"
     Admission(8, 2).check(job(owner="k"), load(), 1, NOW)
     Admission(8, 2).check(job(owner=None), load(), 5, NOW)  # no keys configured: no quota
 
@@ -138,3 +142,34 @@ def test_a_burst_at_a_quiet_engine_is_estimated_at_the_width_it_will_run():
                 step_per_row=per_row, max_rows=32)
     assert seconds_to_finish(burst[-1], busy) == pytest.approx(1600 / 32 * (0.050 + 0.002 * 32))  # 5.7 s
     Admission(64, None).check(burst[-1], busy, 0, NOW)  # (at 3 rows a step: 533 steps, 30 s: refused)
+
+
+def test_the_backlog_counts_each_request_once_from_submission_to_its_end():
+    """What admission drains at (Load.rows): queued requests at their mean width, running ones at their
+    next step's rows; work is the row-steps still ahead, from each request's outputs."""
+    backlog = Backlog(max_rows=8, one_at_a_time=False)
+    guided = [job(id=str(k), images=3, steps=4, cfg=2.0) for k in range(5)]  # 2 rows a sample at every step
+    positions = [backlog.add(r) for r in guided]
+    assert positions == [1, 2, 3, 4, 5]
+    load = backlog.load()
+    assert (load.waiting, load.rows, load.requests, load.work) == (5, 30.0, 5, 5 * 3 * 4 * 2)
+    running = RequestOutput("0", "running", 1)  # request 0 admitted whole, one step done
+    backlog.apply(EngineOutputs((running,), cycle=(6, 0.03), max_rows=8))
+    load = backlog.load()
+    assert (load.waiting, load.rows, load.work) == (4, 4 * 6 + 6.0, 4 * 24 + 3 * 3 * 2)
+    backlog.apply(EngineOutputs((RequestOutput("0", "running", 4),)))  # all its steps done: only decoding
+    assert backlog.load().requests == 4 and backlog.load().rows == 24.0
+    backlog.apply(EngineOutputs(tuple(RequestOutput(str(k), "finished", 4) for k in range(5))))
+    load = backlog.load()
+    assert (load.waiting, load.work, load.rows, load.requests) == (0, 0, 0.0, 0) and len(backlog) == 0
+
+
+def test_the_backlog_spreads_over_a_fleet_and_follows_the_engine_s_budget():
+    backlog = Backlog(max_rows=8, one_at_a_time=True)
+    for k in range(3):
+        backlog.add(job(id=str(k), steps=10))
+    spread = backlog.load(share=2, estimate=(0.01, 0.001), max_rows=4)
+    assert (spread.waiting, spread.work, spread.rows, spread.requests) == (2, 15, 1.5, 2)
+    assert spread.one_at_a_time and (spread.step_fixed, spread.step_per_row, spread.max_rows) == (0.01, 0.001, 4)
+    backlog.apply(EngineOutputs((), max_rows=2))  # the engine halved its budget after an out-of-memory step
+    assert backlog.load().max_rows == 2 and backlog.remove("1").id == "1" and backlog.remove("1") is None

@@ -74,10 +74,12 @@ def test_guidance_interval_from_the_server_and_locally(keyed, tmp_path):
 
 def test_errors_exit_non_zero_with_a_message(keyed, tmp_path):
     unknown = dit_generate("spaceship", "--url", keyed.url)
-    assert unknown.returncode == 1 and "no class is called 'spaceship'" in unknown.stderr
+    assert unknown.returncode == 1 and "no class is named 'spaceship'" in unknown.stderr
     assert "0: T-shirt/top" in unknown.stderr and "9: Ankle boot" in unknown.stderr  # the valid ones
     ambiguous = dit_generate("s", "--url", keyed.url)
-    assert ambiguous.returncode == 1 and "matches" in ambiguous.stderr and "longer name" in ambiguous.stderr
+    assert ambiguous.returncode == 1 and "names 3 classes" in ambiguous.stderr and "type more" in ambiguous.stderr
+    boot = dit_generate("boot", "--url", keyed.url)  # the server's rule: a prefix, not any part of a name
+    assert boot.returncode == 1 and "no class is named 'boot'" in boot.stderr and "Ankle boot" in boot.stderr
     listed = dit_generate("--list-classes", "--url", keyed.url)
     assert listed.returncode == 0 and listed.stdout.splitlines()[7] == "7\tSneaker"
     no_key = dit_generate("0", "--url", keyed.url, key=None)

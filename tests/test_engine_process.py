@@ -30,7 +30,7 @@ def alive(pid: int) -> bool:
 
 
 def test_the_front_end_runs_below_the_engine(tmp_path):
-    """The HTTP process's event loop at SCHED_IDLE and nice 19 (server/priority.py); the engine process at
+    """The HTTP process's event loop at SCHED_IDLE and nice 19 (server/service/priority.py); the engine process at
     the priority it was started with."""
     base = os.getpriority(os.PRIO_PROCESS, 0)
     with run_server(tmp_path) as s:
@@ -43,7 +43,7 @@ def test_the_front_end_runs_below_the_engine(tmp_path):
 
 
 def test_where_sched_idle_is_forbidden_the_front_end_keeps_nice_and_says_so(monkeypatch, caplog):
-    from server import priority
+    from server.service import priority
 
     def forbidden(*args):
         raise PermissionError("sched_setscheduler: operation not permitted")

@@ -55,7 +55,7 @@ def _schema_problems(node, schema: dict, where: str) -> list[str]:
 # ---- the checker ----------------------------------------------------------------------------------------
 def manifest_problems(doc: dict) -> list[str]:
     """Everything wrong with a RayService document for dit-serve, one line each (empty: none found)."""
-    from server.fleet.args import parse_args
+    from server.transport.ray.args import parse_args
 
     problems = _structure(doc)
     if problems:

@@ -18,7 +18,7 @@ import yaml
 from conftest import require_installed
 from server_harness import ROOT, free_port, run_server, wait_until
 
-from server.metrics import EngineMetrics
+from server.engine.metrics import EngineMetrics
 
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "dit-serve.json"

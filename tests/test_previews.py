@@ -1,11 +1,11 @@
-"""x0 previews: the latent-to-RGB map fitted from a VAE, and the scheduler's preview cadence."""
+"""x0 previews: the latent-to-RGB map fitted from a VAE, and the engine's preview cadence."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from conftest import FIXTURES
-from test_scheduler import Harness
+from test_engine_core import Harness
 
 from model import Pipeline
 from model.previews import fit_latent_rgb, latent_rgb
@@ -44,23 +44,17 @@ def test_the_fixture_vae_preview_beats_a_flat_colour():
 def test_previews_every_tenth_of_the_steps_never_the_last_and_only_when_asked():
     h = Harness()
     h.runner.step_seconds = 0.3  # past the 250 ms limit between two previews at every step
-    shown = []
-    h.scheduler.on_preview = lambda job, step, pixels: shown.append((job, step, pixels.shape))
-    wants, plain = h.job(class_id=3, steps=20, images=2), h.job(class_id=4, steps=20)
-    wants = type(wants)(wants.spec.__class__(**{**wants.spec.__dict__, "previews": True}), wants.output,
-                        deadline=wants.deadline)
+    wants, plain = h.request(class_id=3, steps=20, images=2, previews=True), h.request(class_id=4, steps=20)
     h.submit(wants, plain)
     h.run()
-    assert [step for job, step, _ in shown] == [2, 4, 6, 8, 10, 12, 14, 16, 18]
-    assert all(job is wants and shape == (2, 2, 2, 3) for job, _, shape in shown)
+    shown = [(o.id, o.step, o.preview.shape) for o in h.outputs if o.preview is not None]
+    assert [step for _, step, _ in shown] == [2, 4, 6, 8, 10, 12, 14, 16, 18]
+    assert all(id_ == wants.id and shape == (2, 2, 2, 3) for id_, _, shape in shown)
 
 
 def test_previews_at_most_every_quarter_second():
     h = Harness()  # 10 ms per step
-    shown = []
-    h.scheduler.on_preview = lambda job, step, pixels: shown.append(step)
-    job = h.job(steps=100)
-    job = type(job)(job.spec.__class__(**{**job.spec.__dict__, "previews": True}), job.output, deadline=job.deadline)
-    h.submit(job)
+    r = h.request(steps=100, previews=True)
+    h.submit(r)
     h.run()
-    assert shown == [10, 40, 70]  # every 10 steps, but 250 ms apart
+    assert [o.step for o in h.outputs if o.preview is not None] == [10, 40, 70]  # every 10 steps, 250 ms apart

@@ -113,4 +113,4 @@ def test_sigterm_under_load(tmp_path):
         # uvicorn re-raises SIGTERM once its graceful shutdown is done, so -SIGTERM is a clean exit too.
         assert s.proc.wait(30) in (0, -signal.SIGTERM) and time.monotonic() - t0 < 30
         logs = s.logs()
-        assert "readiness off" in logs and "scheduler drained" in logs and "Finished server process" in logs
+        assert "readiness off" in logs and "engine drained" in logs and "Finished server process" in logs

@@ -1,5 +1,5 @@
 """The backlog: the work submitted to an engine and not yet computed, kept as running sums, and `Load`,
-what admission reads from it (server/service/admission.py).
+what admission reads from it (server/engine/admission.py).
 
 One `Backlog` sits wherever outputs arrive: the front-end's handle on its engine (process or thread),
 a Ray engine replica (its own check), and the fleet's front-end. A request is added when it is

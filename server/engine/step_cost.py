@@ -3,7 +3,7 @@
 A step's cost is modelled as `fixed + per_row * rows`: on a CPU it grows with the rows, on a GPU below
 saturation it is nearly flat. Each sample is a step's cycle: from its start to the next step's start
 while the engine had work, so the time between steps (admitting, retiring, talking to the front-end) is
-part of the cost. Admission (server/admission.py, via `Load`) drains the backlog in steps as wide as its
+part of the cost. Admission (server/engine/admission.py, via `Load`) drains the backlog in steps as wide as its
 rows side by side (up to the row budget), at the fitted cost of that width.
 
 The fit is robust (Theil-Sen: the median of the slopes between pairs of steps, then the median

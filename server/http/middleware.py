@@ -1,5 +1,5 @@
 """ASGI middleware around every request: request ids, access logs and per-answer metrics; body size and
-time limits (API keys: server/auth.py). Pure ASGI (no BaseHTTPMiddleware): nothing here buffers
+time limits (API keys: server/http/auth.py). Pure ASGI (no BaseHTTPMiddleware): nothing here buffers
 responses."""
 
 from __future__ import annotations

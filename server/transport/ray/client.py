@@ -133,9 +133,10 @@ class FleetEngine(EngineHandle):
     def cancel(self, request_id: str, reason: FinishReason) -> None:
         with self._lock:
             future = self._calls.get(request_id)
+            if future is None:
+                return  # ended already (a cancel while its images are encoded): nothing to keep
             self._cancels[request_id] = reason
-        if future is not None:
-            future.cancel()
+        future.cancel()
 
     def _ended(self, request: EngineRequest, future: Future) -> None:
         """However the call ended (even cancelled before it started, or by a bug), the request ends."""
@@ -173,6 +174,8 @@ class FleetEngine(EngineHandle):
                         return False
                     taken, replica = True, output.replica
                     self._heard(replica)
+                    if output.ended and self.backlog.remove(request.id) is None:
+                        continue  # it ended here first (a cancel that crossed this output): it ends once
                     self._forward(EngineOutputs((output,)))
         except asyncio.CancelledError:
             stream.cancel()  # the replica drops it at its next step
