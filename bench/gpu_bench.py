@@ -46,10 +46,10 @@ import torch.nn.functional as F  # noqa: E402
 
 from model import DiT, DiTConfig, Join, Pipeline, preset  # noqa: E402
 from model.decoders import VAEDecoder  # noqa: E402
-from model.samplers import Sampling  # noqa: E402
 from model.diffusers_layout import to_diffusers  # noqa: E402
 from model.fp8 import Fp8Linear, Fp8Recipe, fp8_matmul_supported, quantize_rows  # noqa: E402
 from model.pipeline import Defaults, ModelInfo  # noqa: E402
+from model.samplers import Sampling  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DEV = "cuda"  # "cpu" in the dry run

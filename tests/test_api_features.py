@@ -24,8 +24,8 @@ import httpx
 import pytest
 from server_harness import ROOT, run_server, wait_until
 
-from server.service.class_names import ClassIndex, ClassNameError
 from server.http.webhooks import host_allowed
+from server.service.class_names import ClassIndex, ClassNameError
 
 ALICE, BOB = "alice-key", "bob-key"
 SECRET = "webhook-test-secret"

@@ -57,8 +57,8 @@ def test_bad_builder_arguments_fail_with_their_name(args, message):
 def test_the_builder_sizes_rays_limits_from_the_engines():
     """Serve's default of 5 requests per replica would starve the batcher: an engine takes its queue plus
     what can run. A fixed count has no autoscaler; a range gets one on the queue depth."""
-    from server.transport.ray.args import parse_args
     from server.ray_app import build, engine_options
+    from server.transport.ray.args import parse_args
 
     fixed = engine_options(*parse_args({"max_queue": 32, "max_batch_rows": 16, "min_replicas": 2, "max_replicas": 2,
                                         "request_timeout": 60}))
