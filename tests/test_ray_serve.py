@@ -174,7 +174,9 @@ def test_killing_a_replica_mid_load_gives_clean_answers_and_ray_brings_it_back(f
 
     with cf.ThreadPoolExecutor(8) as pool:
         first = [pool.submit(one, k) for k in range(16)]
-        time.sleep(1.0)  # requests in both replicas
+        # the victim has taken requests (a counter in its report: true once true, whenever it is read)
+        wait_until(lambda: _replica_counter(fleet, "dit_denoise_steps_total", victim) > 0, 30,
+                   "the replica to be killed to take requests")
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         later = [pool.submit(one, k) for k in range(16, 48)]
@@ -195,3 +197,11 @@ def test_killing_a_replica_mid_load_gives_clean_answers_and_ray_brings_it_back(f
     with httpx.Client(base_url=fleet, timeout=60) as c:
         assert c.get("/readyz").status_code == 200
         assert c.post("/generate", json={"class_id": 3, "steps": 5}).status_code == 200
+
+
+def _replica_counter(fleet: str, name: str, replica: str) -> float:
+    """One replica's series from the front-end's /metrics (0 when absent)."""
+    for line in httpx.get(fleet + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + "{") and f'replica="{replica}"' in line:
+            return float(line.split()[-1])
+    return 0.0

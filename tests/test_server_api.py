@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
-from server_harness import ROOT, run_server
+from server_harness import ROOT, run_server, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -87,11 +87,17 @@ def test_same_seed_within_one_grey_level_in_any_batch_mix(server):
                "cfg_scale": rng.choice([1.0, 1.5, 4.0]), "sampler": rng.choice(["ddpm", "ddim", "dpm-solver++"])}
               for _ in range(12)]
     with server.client() as c, cf.ThreadPoolExecutor(13) as pool:
+        # A long companion runs before the target is sent and still runs after it is answered: the engine
+        # steps every sample in flight in one batch, so each of the target's steps was one of its batches.
+        companion = c.post("/jobs", json={"class_id": 0, "steps": 250, "sampler": "ddim", "cfg_scale": 1.0}).json()
+        wait_until(lambda: c.get(companion["status_url"]).json()["step"] > 0, 60, "the companion to run")
         futures = [pool.submit(c.post, "/generate", json=o) for o in others[:6]]
         target = pool.submit(c.post, "/generate", json=req)
         futures += [pool.submit(c.post, "/generate", json=o) for o in others[6:]]
         assert all(f.result().status_code == 200 for f in futures)
         mixed = pixels(target.result().content)
+        after = c.delete(companion["status_url"]).json()
+    assert after["status"] == "cancelled" and after["step"] < 250  # it was still running: cancelled, not done
     assert np.abs(alone - mixed).max() <= 1
 
 

@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from server_harness import run_server
+from server_harness import run_server, wait_until
 
 SMALL = {"class_id": 2, "steps": 40, "cfg_scale": 2.0, "sampler": "ddim"}
 
@@ -101,7 +101,14 @@ def test_sigterm_under_load(tmp_path):
             t0 = time.monotonic()
             s.proc.send_signal(signal.SIGTERM)
             assert not any(f.done() for f in inflight)  # each has ~300 steps to go: the drain finishes them
-            time.sleep(0.3)
+
+            def refused():  # once the signal is handled: refused at the socket, or 503 while it is still open
+                try:
+                    return httpx.get(s.url + "/readyz", timeout=10).status_code == 503
+                except httpx.TransportError:
+                    return True
+
+            wait_until(refused, 10, "readiness to turn off")
             try:  # new work: refused at the socket, or 503 while it is still open
                 late = httpx.post(s.url + "/generate", json=SMALL, timeout=10).status_code
             except httpx.TransportError:

@@ -8,7 +8,7 @@ import time
 
 import httpx
 import pytest
-from server_harness import run_server
+from server_harness import run_server, wait_until
 
 GOOD = {"class_id": 1, "steps": 3}
 
@@ -43,10 +43,14 @@ def test_request_ids_and_json_logs(keyed):
     assert httpx.get(keyed.url + "/healthz", headers={"X-Request-ID": "abc-123"}).headers["x-request-id"] == "abc-123"
     odd = httpx.get(keyed.url + "/healthz", headers={"X-Request-ID": "bad id\twith spaces"}).headers["x-request-id"]
     assert odd != "bad id\twith spaces" and len(odd) == 32
-    time.sleep(0.2)
-    lines = [json.loads(line) for line in keyed.logs().splitlines() if line.startswith("{")]
-    access = [r for r in lines if r["logger"] == "server.access" and r["request_id"] == "abc-123"]
-    assert access and access[0]["path"] == "/healthz" and access[0]["status"] == 200
+
+    def access_lines():
+        lines = [json.loads(line) for line in keyed.logs().splitlines() if line.startswith("{")]
+        access = [r for r in lines if r["logger"] == "server.access" and r["request_id"] == "abc-123"]
+        return (lines, access) if access else None
+
+    lines, access = wait_until(access_lines, 10, "the access log line")  # the log is written after the answer
+    assert access[0]["path"] == "/healthz" and access[0]["status"] == 200
     assert all(set(r) >= {"time", "level", "logger", "message", "request_id"} for r in lines)
 
 
