@@ -164,7 +164,7 @@ def locally(args, body: dict, output_format: str) -> tuple[str, list[tuple[int, 
     """The server's answer, computed in this process: the same defaults, seeds, pipeline and encoding."""
     from model import Pipeline
     from server.service.encoding import encode
-    from server.service.job import OutputSpec
+    from server.service.job import Job
     from server.service.requests import InvalidSettings, new_request
     from server.settings import Settings
 
@@ -174,7 +174,7 @@ def locally(args, body: dict, output_format: str) -> tuple[str, list[tuple[int, 
     # The server's door, with a default server's limits (but no cap on the steps or images asked for).
     limits = Settings(model=args.model, max_steps=1000, max_images=args.count)
     try:
-        request, params = new_request(info, limits, class_id=class_id, num_images=args.count, **body)
+        request = new_request(info, limits, class_id=class_id, num_images=args.count, **body)
     except InvalidSettings as e:
         raise CliError("; ".join(message for _, message in e.problems)) from e
     s = request.sampling
@@ -182,8 +182,9 @@ def locally(args, body: dict, output_format: str) -> tuple[str, list[tuple[int, 
         pixels = pipe.generate([class_id] * request.num_images, request.seeds, sampler=s.sampler, steps=s.steps,
                                cfg_scale=s.cfg_scale, guidance_interval=s.guidance_interval,
                                on_step=lambda _: bar.update()).numpy()
-    images = encode(pixels, request.seeds, OutputSpec(format=output_format, separate=True, metadata=params))
-    return info.class_names[class_id], list(zip(request.seeds, (im.data for im in images), strict=True))
+    job = Job(request, info.name, info.class_names[class_id], format=output_format, separate=True)
+    images = encode(pixels, request.seeds, job.format, separate=True, parameters=job.parameters)
+    return info.class_names[class_id], list(zip(request.seeds, images, strict=True))
 
 
 def list_classes(args) -> int:

@@ -31,23 +31,11 @@ class DiTConfig:
         return self.in_channels * 2 if self.learn_sigma else self.in_channels
 
     @property
-    def num_patches(self) -> int:
-        return (self.input_size // self.patch_size) ** 2
-
-    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DiTConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown DiT config fields {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 # (depth, hidden, heads) per size, as in the paper's Table 1; the patch size is the suffix.

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ..engine.request import ErrorKind, FinishReason, RequestError
 from ..service.encoding import MEDIA_TYPES, encode, grid
-from ..service.job import Job, OutputSpec
+from ..service.job import Job
 from ..service.service import Service
 from .errors import ApiError
 
@@ -92,10 +92,10 @@ async def _disconnected(request: Request) -> None:
 
 
 def json_body(job: Job) -> dict:
-    seeds = job.request.seeds
-    images = [{"seed": seeds[k], "media_type": im.media_type, "data": base64.b64encode(im.data).decode()}
-              for k, im in enumerate(job.images)]
-    return dict(job.output.metadata, images=images, timings=job.timings, replica=job.replica)
+    seeds, media_type = job.request.seeds, MEDIA_TYPES[job.format]
+    images = [{"seed": seeds[k], "media_type": media_type, "data": base64.b64encode(data).decode()}
+              for k, data in enumerate(job.images)]
+    return dict(job.parameters, images=images, timings=job.timings, replica=job.replica)
 
 
 # The headers of an answer, in the order `headers` gives their values (CORS exposes them: server/http/app.py).
@@ -105,7 +105,7 @@ ANSWER_HEADERS = ("X-Seeds", "X-Class-Id", "X-Class-Name", "X-Steps", "X-Cfg-Sca
 
 def headers(job: Job) -> dict[str, str]:
     r, s = job.request, job.request.sampling
-    values = (",".join(map(str, r.seeds)), str(r.class_id), quote(job.output.metadata["class_name"]),
+    values = (",".join(map(str, r.seeds)), str(r.class_id), quote(job.class_name),
               str(s.steps), f"{s.cfg_scale:g}", s.sampler, "{:g},{:g}".format(*s.guidance_interval), job.replica,
               ", ".join(f"{k};dur={v * 1000:.1f}" for k, v in job.timings.items()))
     return dict(zip(ANSWER_HEADERS, values, strict=True))
@@ -114,10 +114,9 @@ def headers(job: Job) -> dict[str, str]:
 def render(service: Service, job: Job) -> Response:
     """The answer for a finished job: JSON (separate images) or the image / grid itself."""
     service.metrics.images.inc(job.request.num_images)
-    if job.output.separate:
+    if job.separate:
         return JSONResponse(json_body(job), headers=headers(job))
-    image = job.images[0]
-    return Response(image.data, media_type=image.media_type, headers=headers(job))
+    return Response(job.images[0], media_type=MEDIA_TYPES[job.format], headers=headers(job))
 
 
 def _event(name: str, data: dict) -> str:
@@ -127,9 +126,9 @@ def _event(name: str, data: dict) -> str:
 def preview_body(job: Job, step: int, pixels) -> dict:
     """A `preview` event: the request's images at this step as one small PNG grid, base64."""
     image = grid(pixels)  # (h, w, 3)
-    png = encode(image[None], job.request.seeds, OutputSpec(format="png"))[0]
-    return {"step": step, "steps": job.request.steps, "media_type": png.media_type,
-            "data": base64.b64encode(png.data).decode(), "width": image.shape[1], "height": image.shape[0]}
+    png = encode(image[None], job.request.seeds, "png")[0]
+    return {"step": step, "steps": job.request.steps, "media_type": MEDIA_TYPES["png"],
+            "data": base64.b64encode(png).decode(), "width": image.shape[1], "height": image.shape[0]}
 
 
 def progress(job: Job) -> dict:

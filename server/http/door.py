@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from ..engine.request import ErrorKind, RequestError
-from ..service.job import Job, OutputSpec
+from ..service.job import Job
 from ..service.requests import InvalidSettings, new_request
 from ..service.service import Service
 from .answers import image_format
@@ -44,14 +44,12 @@ def make_job(svc: Service, body, request: Request, *, separate: bool, timeout: f
     """A job for a validated request body; omitted fields take the model's defaults."""
     ready(svc)
     try:
-        engine_request, params = new_request(
+        engine_request = new_request(
             svc.model.info, svc.settings, class_id=body.class_id, class_name=body.class_name, sampler=body.sampler,
             steps=body.steps, cfg_scale=body.cfg_scale, guidance_interval=body.guidance_interval, seed=body.seed,
             num_images=body.num_images, previews=body.previews, owner=owner(request), timeout=timeout)
     except InvalidSettings as e:
         raise ApiError.invalid(e.problems) from e
-    if tag is not None:
-        params["tag"] = tag
-    output = OutputSpec(format=image_format(body, request.headers.get("accept", "")), separate=separate,
-                        metadata=params)
-    return Job(engine_request, output, tag=tag)
+    info = svc.model.info
+    return Job(engine_request, info.name, info.class_names[engine_request.class_id],
+               format=image_format(body, request.headers.get("accept", "")), separate=separate, tag=tag)

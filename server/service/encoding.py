@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from .job import EncodedImage, ImageFormat, OutputSpec
+from .job import ImageFormat
 
 MEDIA_TYPES = {f: f"image/{f}" for f in get_args(ImageFormat)}  # "png" -> "image/png", ...
 GRID_PADDING = 2  # pixels between grid cells, as torchvision's save_image (the reference's sample.py)
@@ -33,24 +33,25 @@ def grid(images: np.ndarray) -> np.ndarray:
     return out
 
 
-def _encode_one(pixels: np.ndarray, output: OutputSpec, seeds: tuple[int, ...]) -> EncodedImage:
+def _encode_one(pixels: np.ndarray, fmt: ImageFormat, parameters: dict, seeds: tuple[int, ...]) -> bytes:
     buf = io.BytesIO()
     image = Image.fromarray(pixels, mode="RGB")
-    if output.format == "png":
+    if fmt == "png":
         info = PngInfo()
-        params = dict(output.metadata, seeds=list(seeds))
-        info.add_itxt("parameters", json.dumps(params, ensure_ascii=False))
+        info.add_itxt("parameters", json.dumps(dict(parameters, seeds=list(seeds)), ensure_ascii=False))
         info.add_text("Software", "dit-serve")
         image.save(buf, format="PNG", pnginfo=info)
-    elif output.format == "jpeg":
+    elif fmt == "jpeg":
         image.save(buf, format="JPEG", quality=95)
     else:
         image.save(buf, format="WEBP", lossless=True)
-    return EncodedImage(buf.getvalue(), MEDIA_TYPES[output.format])
+    return buf.getvalue()
 
 
-def encode(images: np.ndarray, seeds: tuple[int, ...], output: OutputSpec) -> list[EncodedImage]:
-    """uint8 (N, H, W, 3) -> one grid image, or N images when output.separate."""
-    if output.separate:
-        return [_encode_one(images[k], output, (seeds[k],)) for k in range(len(seeds))]
-    return [_encode_one(grid(images), output, seeds)]
+def encode(images: np.ndarray, seeds: tuple[int, ...], fmt: ImageFormat, *, separate: bool = False,
+           parameters: dict | None = None) -> list[bytes]:
+    """uint8 (N, H, W, 3) -> one grid image, or N images when `separate`; PNGs carry the parameters."""
+    parameters = parameters or {}
+    if separate:
+        return [_encode_one(images[k], fmt, parameters, (seeds[k],)) for k in range(len(seeds))]
+    return [_encode_one(grid(images), fmt, parameters, seeds)]

@@ -1,6 +1,7 @@
 """The front-end's job: the engine request it wraps (the request's id is the job's id, end to end), how
-to answer it, and what the engine has said of it so far. The service updates it from the engine's
-outputs on the transport's thread; the HTTP side awaits it on the event loop (`done`, `listen`).
+to answer it (image format, one grid or separate images), and what the engine has said of it so far.
+The service updates it from the engine's outputs on the transport's thread; the HTTP side awaits it on
+the event loop (`done`, `listen`).
 """
 
 from __future__ import annotations
@@ -20,28 +21,18 @@ from ..engine.request import EngineRequest, FinishReason, RequestError, RequestS
 ImageFormat = Literal["png", "jpeg", "webp"]
 
 
-@dataclass(frozen=True)
-class OutputSpec:
-    format: ImageFormat = "png"
-    separate: bool = False  # one encoded image per sample (JSON answers) instead of one grid
-    metadata: dict = field(default_factory=dict)  # written into PNG text chunks
-
-
-@dataclass(frozen=True)
-class EncodedImage:
-    data: bytes
-    media_type: str
-
-
 @dataclass(eq=False)
 class Job:
     request: EngineRequest
-    output: OutputSpec
+    model: str  # the model's name and the request's class name, for the images' parameters
+    class_name: str
+    format: ImageFormat = "png"
+    separate: bool = False  # one encoded image per sample (JSON answers) instead of one grid
     tag: str | None = None
     created: float = field(default_factory=time.time)  # unix seconds, for clients
     replica: str | None = None  # the engine replica that generated it (the X-Replica header)
     preview: tuple[int, np.ndarray] | None = None  # (step, (N, h, w, 3) uint8): the latest x0 preview
-    images: list[EncodedImage] | None = None  # once done
+    images: list[bytes] | None = None  # once done: encoded in `format`
     error: RequestError | None = None  # once failed, cancelled or timed out
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (queue, denoise, ...)
     done: Future = field(default_factory=Future)  # resolves (to None) when the job has its images or its error
@@ -53,6 +44,15 @@ class Job:
     @property
     def id(self) -> str:
         return self.request.id
+
+    @property
+    def parameters(self) -> dict:
+        """The generation parameters its images carry (PNG `parameters` chunk, JSON answer, webhook)."""
+        s = self.request.sampling
+        out = {"model": self.model, "class_id": self.request.class_id, "class_name": self.class_name,
+               "cfg_scale": s.cfg_scale, "steps": s.steps, "sampler": s.sampler,
+               "guidance_interval": list(s.guidance_interval)}
+        return out if self.tag is None else dict(out, tag=self.tag)
 
     @property
     def status(self) -> str:
@@ -83,7 +83,7 @@ class Job:
             self.on_cancel(reason)
         self.changed()
 
-    def finish(self, images: list[EncodedImage]) -> None:
+    def finish(self, images: list[bytes]) -> None:
         with self._lock:
             if self.ended:
                 return

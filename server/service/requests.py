@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 from model.pipeline import ModelInfo
-from model.samplers import Sampling, SettingError
+from model.samplers import SettingError
 
 from ..engine.request import EngineRequest
 from ..settings import Settings
@@ -80,10 +80,8 @@ def limit_problems(settings: Settings, *, steps: int | None, num_images: int,
 def new_request(info: ModelInfo, settings: Settings, *, class_id: int | None = None, class_name: str | None = None,
                 sampler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
                 guidance_interval: Sequence[float] | None = None, seed: int | None = None, num_images: int = 1,
-                previews: bool = False, owner: str | None = None, timeout: float | None = None,
-                ) -> tuple[EngineRequest, dict]:
-    """(the request, its images' parameters); omitted settings take the model's defaults. Raises
-    InvalidSettings listing every problem."""
+                previews: bool = False, owner: str | None = None, timeout: float | None = None) -> EngineRequest:
+    """The request; omitted settings take the model's defaults. Raises InvalidSettings listing every problem."""
     problems: list[tuple[str | None, str]] = []
     try:
         label = resolve_class(info, class_id, class_name)
@@ -99,14 +97,6 @@ def new_request(info: ModelInfo, settings: Settings, *, class_id: int | None = N
     if problems:
         raise InvalidSettings(problems)
     now = time.time()
-    request = EngineRequest(id=secrets.token_urlsafe(12), class_id=label, seeds=image_seeds(seed, num_images),
-                            sampling=sampling, arrival=now, deadline=now + (timeout or settings.request_timeout),
-                            owner=owner, previews=previews)
-    return request, parameters(info, label, sampling)
-
-
-def parameters(info: ModelInfo, class_id: int, s: Sampling) -> dict:
-    """An image's generation parameters, as its PNG `parameters` chunk and a JSON answer carry them."""
-    return {"model": info.name, "class_id": class_id, "class_name": info.class_names[class_id],
-            "cfg_scale": s.cfg_scale, "steps": s.steps, "sampler": s.sampler,
-            "guidance_interval": list(s.guidance_interval)}
+    return EngineRequest(id=secrets.token_urlsafe(12), class_id=label, seeds=image_seeds(seed, num_images),
+                         sampling=sampling, arrival=now, deadline=now + (timeout or settings.request_timeout),
+                         owner=owner, previews=previews)

@@ -139,7 +139,7 @@ class Service:
     def _encode(self, job: Job, pixels: np.ndarray) -> None:
         try:
             t0 = time.time()
-            images = encode(pixels, job.request.seeds, job.output)
+            images = encode(pixels, job.request.seeds, job.format, separate=job.separate, parameters=job.parameters)
             now = time.time()
             self.metrics.encode_duration.observe(now - t0)
             job.timings.update(encode=now - t0, total=now - job.request.arrival)

@@ -45,7 +45,7 @@ def status(job: Job) -> dict:
     error = _error(job)
     return {"id": job.id, "status": state, "step": r.step, "steps": r.steps,
             "queue_position": r.queue_position if state == "queued" else None, "num_images": r.num_images,
-            "seeds": list(r.seeds), "class_id": r.class_id, "class_name": job.output.metadata["class_name"],
+            "seeds": list(r.seeds), "class_id": r.class_id, "class_name": job.class_name,
             "tag": job.tag, "created": job.created, "status_url": f"/jobs/{job.id}",
             "result_url": f"/jobs/{job.id}/result", "error": error.body()["error"] if error is not None else None}
 
