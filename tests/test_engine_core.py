@@ -423,3 +423,20 @@ def test_mixed_intervals_never_exceed_the_budget_and_the_accounting_returns_to_z
     assert len(h.order()) == 14
     load = h.backlog.load()
     assert (load.waiting, load.work, load.rows, load.requests) == (0, 0, 0.0, 0) and len(h.backlog) == 0
+
+
+def test_a_request_admitted_in_part_ends_once_and_leaves_the_queue():
+    """Two rows, a request for four images: two join, two wait. Its deadline passes: it ends once, its
+    admitted samples leave the batch and its waiting ones the queue; the next request runs."""
+    h = Harness(max_batch_rows=2)
+    part = h.request(steps=20, images=4, timeout=0.05)
+    h.submit(part)
+    h.step()
+    assert part.admitted == 2 and part in h.core.scheduler.queue and part.id in h.core.scheduler.running
+    h.run()
+    assert h.error(part).kind == ErrorKind.DEADLINE_EXCEEDED  # (end() asserts it ended once)
+    assert not h.core.scheduler.queue and not h.core.scheduler.running and h.runner.slots == {}
+    later = h.request(steps=2)
+    h.submit(later)
+    h.run()
+    assert h.order() == [later]

@@ -62,22 +62,19 @@ class Scheduler:
         self._cancels[request_id] = reason
 
     def abandoned(self, now: float) -> list[tuple[EngineRequest, FinishReason]]:
-        """Take out the requests that were cancelled or passed their deadline."""
+        """The requests that were cancelled or passed their deadline (the core retires them)."""
         out = []
-        for r in (*self.queue, *self.running.values()):
+        for r in self.everything():
             reason = self._cancels.pop(r.id, None) or (FinishReason.TIMED_OUT if now > r.deadline else None)
             if reason is not None:
                 out.append((r, reason))
         self._cancels.clear()  # cancels of requests that had already ended
-        for r, _ in out:
-            self.retire(r)
         return out
 
     def retire(self, r: EngineRequest) -> None:
         """Take a request out: its slots leave the batch at the next plan."""
-        if r.id in self.running:
-            del self.running[r.id]
-        elif r in self.queue:
+        self.running.pop(r.id, None)
+        if r.admitted < r.num_images and r in self.queue:  # still queued, or admitted in part
             self.queue.remove(r)
             self.queue_changed = True
         self._previewing.pop(r.id, None)
@@ -95,7 +92,8 @@ class Scheduler:
         return leaves
 
     def everything(self) -> list[EngineRequest]:
-        return [*self.queue, *self.running.values()]
+        """Every request in the engine, once (a request admitted in part is both queued and running)."""
+        return list({r.id: r for r in (*self.queue, *self.running.values())}.values())
 
     # ---- the next step ---------------------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan | None:
