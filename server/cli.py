@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any, get_args
@@ -115,7 +116,11 @@ def main(argv: list[str] | None = None) -> None:
         server.should_exit = True
 
     service.on_exit_failure = stop
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # uvicorn raises Ctrl-C's signal again once it has stopped: no traceback for that
+        if not failures:
+            sys.exit(128 + signal.SIGINT)
     if failures:
         log.error("exiting with status 1: the server could not start or lost its engine: %s", failures[0])
         sys.exit(1)

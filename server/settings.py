@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BeforeValidator, Field, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +133,13 @@ class Settings(BaseSettings):
         """Seconds a stopping server (or a Ray replica being removed) gives admitted requests to finish:
         the longest a request may take, and a margin for its decode and answer."""
         return self.request_timeout + 10
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _policy_none(cls, value: object) -> object:
+        """`--policy none` is the policy's name: the flag parser reads the word `none` as "no value"
+        (cli_parse_none_str, which lets `--vae none` unset a path)."""
+        return "none" if value is None else value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

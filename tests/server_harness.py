@@ -60,13 +60,17 @@ def _ready(url: str) -> bool:
 
 
 @contextlib.contextmanager
-def run_server(tmp_path: Path, *args: str, wait_ready: bool = True, env: dict | None = None, timeout: float = 120):
+def run_server(tmp_path: Path, *args: str, wait_ready: bool = True, env: dict | None = None, timeout: float = 120,
+               own_group: bool = False):
+    """The server on a free port; `own_group`: in a process group of its own, as a shell runs it (so that
+    a test can signal the group, as Ctrl-C does)."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
     cmd = [sys.executable, "-m", "server", "--port", str(port), "--host", "127.0.0.1", "--threads", "2", *args]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                                start_new_session=own_group)
     server = RunningServer(proc, f"http://127.0.0.1:{port}", log)
     try:
         if wait_ready:

@@ -317,6 +317,54 @@ def test_accept_picks_the_image_format_when_format_is_absent(alice):
     assert explicit.headers["content-type"] == "image/png"
 
 
+def test_every_error_has_the_one_shape(alice):
+    """Broken JSON, a wrong method, bytes that are not JSON text at all: the error shape, with `errors`
+    on every 422 and a code of its own for each status."""
+    broken = alice.post("/generate", content=b'{"class_id": 1,,}', headers={"Content-Type": "application/json"})
+    assert broken.status_code == 422 and broken.json()["error"]["errors"][0]["message"].startswith("the body is not")
+    wrong = alice.get("/generate")
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    assert "POST" in wrong.json()["error"]["message"] and wrong.headers["allow"] == "POST"
+    missing = alice.get("/no-such-path")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    for body, words in [(b'{"class_id": "\xff\xfe"}', "not UTF-8"), (b"[" * 20_000 + b"]" * 20_000, "too deep"),
+                        (b'{"class_id": ' + b"9" * 5000 + b"}", "digits")]:
+        answer = alice.post("/generate", content=body, headers={"Content-Type": "application/json"})
+        error = answer.json()["error"]
+        assert answer.status_code == 422 and error["code"] == "invalid_request" and error["errors"], error
+        assert words in error["message"], error
+
+
+def test_numbers_are_strict_everywhere_and_the_messages_are_ours(alice):
+    for field, value in [("cfg_scale", "4"), ("guidance_interval", ["0", "1"]), ("steps", "10"), ("seed", "5"),
+                         ("steps", 2.0), ("num_images", True)]:
+        answer = alice.post("/generate", json={"class_id": 1, field: value})
+        assert answer.status_code == 422 and answer.json()["error"]["field"].startswith(field), (field, value)
+    assert alice.post("/generate", json={"class_id": 1, "steps": 2, "cfg_scale": 4}).status_code == 200  # 4 is 4.0
+    named = alice.post("/generate", json={"class_id": "Sneaker"}).json()["error"]
+    assert named["field"] == "class_id" and "class_name: 'Sneaker'" in named["message"]
+    interval = alice.post("/generate", json={"class_id": 1, "guidance_interval": [0.7, 0.2]}).json()["error"]
+    assert interval["message"].startswith("guidance_interval: guidance_interval must satisfy"), interval
+
+
+def test_accept_q_zero_is_honoured_and_nothing_acceptable_is_406(alice):
+    body = {"class_id": 1, "steps": 2}
+    image = alice.post("/generate", json=body, headers={"Accept": "application/json;q=0, image/*"})
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    plain = alice.post("/generate", json=body, headers={"Accept": "text/event-stream;q=0, application/json"})
+    assert plain.headers["content-type"] == "application/json" and plain.json()["images"]
+    refused = alice.post("/generate", json=body, headers={"Accept": "application/json;q=0"})
+    assert refused.status_code == 406 and refused.json()["error"]["code"] == "not_acceptable"
+    assert alice.post("/generate", json=body, headers={"Accept": "text/html"}).status_code == 406
+
+
+def test_the_schema_documents_the_one_error_shape(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert "HTTPValidationError" not in json.dumps(schema)
+    answer = schema["paths"]["/jobs/{job_id}"]["get"]["responses"]["422"]["content"]["application/json"]
+    assert answer["schema"] == {"$ref": "#/components/schemas/ErrorBody"}
+
+
 # ---- 7. offline docs ------------------------------------------------------------------------------
 
 def test_docs_work_offline(server):

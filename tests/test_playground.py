@@ -138,6 +138,22 @@ def test_each_click_gets_a_new_seed_which_can_be_reused(page):
     assert "whole number from 0 to" in by_id(page, "status").text and body_data(page, "state") == "idle"
 
 
+def test_a_form_error_goes_away_once_its_field_is_fixed(page):
+    by_id(page, "class").send_keys("zzz")  # no class has it in its name
+    by_id(page, "generate").click()
+    assert by_id(page, "status").text.startswith("Pick a class from the list") and body_data(page, "state") == "idle"
+    fill(page, "seed", "3")  # another field: the class is still wrong, so the message stays
+    assert by_id(page, "status").text.startswith("Pick a class from the list")
+    fill(page, "class", "Bag")
+    assert by_id(page, "status").text == ""  # fixed: no stale message before the next Generate
+
+    fill(page, "seed", str(2**53))
+    by_id(page, "generate").click()
+    assert "whole number from 0 to" in by_id(page, "status").text
+    fill(page, "seed", "")  # empty: a random seed
+    assert by_id(page, "status").text == ""
+
+
 def test_the_guidance_interval_control(page, client):
     defaults = client.get("/info").json()["defaults"]
     shown = [float(by_id(page, f"interval-{end}").get_attribute("value")) for end in ("lo", "hi")]

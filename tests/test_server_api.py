@@ -178,7 +178,7 @@ def test_classes_info_docs_and_unknown_paths(server):
         schema = c.get("/openapi.json").json()
         assert schema["components"]["schemas"]["GenerateRequest"]["properties"]["steps"]["anyOf"][0]["maximum"] == 250
         missing = c.get("/nope")
-        assert missing.status_code == 404 and missing.json()["error"]["code"] == "http_error"
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
         assert c.get("/healthz").json() == {"status": "alive"}
 
 

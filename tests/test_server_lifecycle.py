@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import os
+import signal
 
 import httpx
 import pytest
@@ -79,3 +81,24 @@ def test_readiness_turns_200_after_warm_up(tmp_path):
         assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
         wait_until(lambda: httpx.get(s.url + "/readyz").status_code == 200, 120, "readiness")
         assert "warm-up took" in s.logs()
+
+
+@pytest.mark.parametrize("stop,args", [("SIGTERM", ("--policy", "none")), ("Ctrl-C", ())])
+def test_a_clean_stop_logs_no_error_and_no_traceback(tmp_path, stop, args):
+    """SIGTERM, or Ctrl-C on `make serve` (SIGINT to the whole process group, the engine process too): the
+    server drains, exits (0, or by the signal that uvicorn raises again once it has stopped), and logs no ERROR, no traceback and no kill. (`--policy none` is also the
+    flag's own word: the parser once read it as "no value".)"""
+    with run_server(tmp_path, *args, "--log-format", "text", own_group=True) as s:
+        assert httpx.get(s.url + "/info").json()["policy"] == (args[1] if args else "continuous")
+        assert httpx.post(s.url + "/generate", json={"class_id": 1, "steps": 3}, timeout=60).status_code == 200
+        if stop == "SIGTERM":
+            sent = signal.SIGTERM
+            s.proc.send_signal(sent)
+        else:
+            sent = signal.SIGINT
+            os.killpg(s.proc.pid, sent)
+        assert s.proc.wait(60) in (0, -sent, 128 + sent), s.logs()  # uvicorn raises the signal again at the end
+        logs = s.logs()
+    assert "engine drained" in logs and "Finished server process" in logs, logs
+    for bad in (" ERROR ", " CRITICAL ", "Traceback", "did not stop", "killing"):
+        assert bad not in logs, logs

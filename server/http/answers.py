@@ -19,20 +19,18 @@ from ..service.job import Job
 from ..service.service import Service
 from .errors import ApiError
 
-ACCEPTED_IMAGES = {media: fmt for fmt, media in MEDIA_TYPES.items()}  # what an Accept header may ask for
+STREAM, JSON = "text/event-stream", "application/json"
 
 
-def image_format(body, accept: str) -> str:
-    """`format` when the body gives one; else the image type the Accept header prefers; else PNG."""
-    if "format" in body.model_fields_set:
-        return body.format
-    best, best_q = "png", 0.0
+def _accepted(accept: str) -> list[tuple[str, float]]:
+    """(media range, q) of each entry of an Accept header; none at all accepts anything."""
+    ranges = []
     for part in accept.split(","):
         media, *params = (p.strip() for p in part.split(";"))
-        q = next((float(p[2:]) for p in params if p.startswith("q=") and _is_number(p[2:])), 1.0)
-        if media.lower() in ACCEPTED_IMAGES and q > best_q:
-            best, best_q = ACCEPTED_IMAGES[media.lower()], q
-    return best
+        if media:
+            q = next((float(p[2:]) for p in params if p.startswith("q=") and _is_number(p[2:])), 1.0)
+            ranges.append((media.lower(), q))
+    return ranges or [("*/*", 1.0)]
 
 
 def _is_number(text: str) -> bool:
@@ -41,6 +39,31 @@ def _is_number(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def quality(accept: str, media: str, *, explicit: bool = False) -> float:
+    """The q the Accept header gives `media`: its most specific matching range's (type/subtype, then
+    type/*, then */*); with `explicit`, only a range that names it counts."""
+    ranges = dict(_accepted(accept))
+    candidates = [media] if explicit else [media, media.split("/")[0] + "/*", "*/*"]
+    return next((ranges[c] for c in candidates if c in ranges), 0.0)
+
+
+def negotiate(body, accept: str) -> tuple[str, str]:
+    """(what to answer, image format): the answer is STREAM or JSON when the Accept header names it with
+    q > 0 (in that order), else an image: the body's `format` (an explicit ask), or the image type the
+    header prefers, PNG first among equals. 406 when the header accepts none of these."""
+    for answer in (STREAM, JSON):
+        if quality(accept, answer, explicit=True) > 0:
+            return answer, body.format
+    if "format" in body.model_fields_set:
+        return "image", body.format
+    best = sorted(MEDIA_TYPES, key=lambda f: (-quality(accept, MEDIA_TYPES[f]), f != "png"))[0]
+    if quality(accept, MEDIA_TYPES[best]) > 0:
+        return "image", best
+    offered = ", ".join([STREAM, JSON, *MEDIA_TYPES.values()])
+    raise ApiError(406, "not_acceptable", f"the Accept header ({accept!r}) accepts none of what this path answers: "
+                   f"{offered}")
 
 
 def submit(service: Service, job: Job) -> None:

@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 
 from ..service.service import Service
+from .errors import ERROR_STATUSES
 
 # Swagger UI and ReDoc ship inside a Python package and are served from here, not from a CDN, so that
 # /docs works on a host without internet access.
@@ -40,6 +41,7 @@ def install_docs(app: FastAPI, service: Service, keyed: bool) -> None:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = plain_openapi()
+        _one_error_shape(schema)
         if not service.ready:
             app.openapi_schema = None  # complete it once the model is loaded
             return schema
@@ -57,6 +59,22 @@ def install_docs(app: FastAPI, service: Service, keyed: bool) -> None:
         return schema
 
     app.openapi = openapi
+
+
+def _one_error_shape(schema: dict) -> None:
+    """FastAPI documents the 422 of every route with parameters as its own HTTPValidationError, a shape
+    this server never sends (server/http/errors.py answers every error as ErrorBody)."""
+    fastapi_422 = "#/components/schemas/HTTPValidationError"
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            answer = operation.get("responses", {}).get("422")
+            content = (answer or {}).get("content", {}).get("application/json", {})
+            if content.get("schema", {}).get("$ref") == fastapi_422:
+                content["schema"] = {"$ref": "#/components/schemas/ErrorBody"}
+                answer["description"] = ERROR_STATUSES[422]
+    components = schema.get("components", {}).get("schemas", {})
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
 
 
 def _bound(prop: dict | None, bound: dict) -> None:

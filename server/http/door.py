@@ -11,7 +11,6 @@ from ..engine.request import ErrorKind, RequestError
 from ..service.job import Job
 from ..service.requests import InvalidSettings, new_request
 from ..service.service import Service
-from .answers import image_format
 from .errors import ApiError
 
 
@@ -40,7 +39,8 @@ def owner(request: Request) -> str | None:
     return getattr(request.state, "owner", None)
 
 
-def make_job(svc: Service, body, request: Request, *, separate: bool, timeout: float, tag: str | None = None) -> Job:
+def make_job(svc: Service, body, request: Request, *, fmt: str, separate: bool, timeout: float,
+             tag: str | None = None) -> Job:
     """A job for a validated request body; omitted fields take the model's defaults."""
     ready(svc)
     try:
@@ -52,4 +52,4 @@ def make_job(svc: Service, body, request: Request, *, separate: bool, timeout: f
         raise ApiError.invalid(e.problems) from e
     info = svc.model.info
     return Job(engine_request, info.name, info.class_names[engine_request.class_id],
-               format=image_format(body, request.headers.get("accept", "")), separate=separate, tag=tag)
+               format=fmt, separate=separate, tag=tag)

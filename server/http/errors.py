@@ -55,7 +55,9 @@ class ErrorBody(BaseModel):
 # Every error status this API answers, and the codes it answers with (the body is always ErrorBody).
 ERROR_STATUSES = {
     401: "no valid API key (unauthorized; only with API keys on)",
-    404: "no such job, or not this API key's (unknown_job); no such path (http_error)",
+    404: "no such job, or not this API key's (unknown_job); no such path (not_found)",
+    405: "this path does not take this method (method_not_allowed; the Allow header lists those it takes)",
+    406: "the Accept header accepts none of the answers this path gives (not_acceptable)",
     408: "the body did not arrive within --body-timeout (body_timeout)",
     409: "the job was cancelled (cancelled), or has not finished yet (not_finished; see Retry-After)",
     413: "the body is larger than --max-body-bytes (body_too_large)",
@@ -157,7 +159,7 @@ def validation_error(e: RequestValidationError, content_type: str | None, known_
     if kind == "json_invalid":
         where = _where(e.body, loc[-1]) if isinstance(e.body, str) and isinstance(loc[-1], int) else "somewhere"
         detail = (first.get("ctx") or {}).get("error", "invalid JSON")
-        return ApiError(422, "invalid_request", f"the body is not valid JSON: {detail} at {where}")
+        return ApiError.invalid([(None, f"the body is not valid JSON: {detail} at {where}")])
     if isinstance(e.body, bytes | bytearray) and e.body and not _is_json(content_type):
         got = f"Content-Type: {content_type}" if content_type else "no Content-Type"
         return ApiError(415, "unsupported_media_type", f"the body must be JSON sent with Content-Type: "
@@ -172,8 +174,12 @@ def validation_error(e: RequestValidationError, content_type: str | None, known_
             message = "the body is empty (or null): send a JSON object, e.g. {\"class_id\": 3}"
         elif err.get("type") in ("model_attributes_type", "dict_type", "model_type") and field is None:
             message = "the body must be a JSON object, e.g. {\"class_id\": 3}"
+        elif field == "class_id" and isinstance(err.get("input"), str):
+            message = f"class_id: a class id is a number; to name a class, send class_name: {err['input']!r}"
         else:
-            message = f"{field}: {err.get('msg', 'invalid')}" if field else err.get("msg", "invalid request")
+            # pydantic prefixes what our validators raise with "Value error, ": the message is ours alone
+            msg = err.get("msg", "invalid").removeprefix("Value error, ")
+            message = f"{field}: {msg}" if field else msg
         problems.append((field, message))
     if isinstance(e.body, Mapping):
         choice = class_choice_problems(e.body.get("class_id"), e.body.get("class_name"))
@@ -194,4 +200,31 @@ def install_error_handlers(app: FastAPI, fields: dict[str, list[str]]) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return error_response(ApiError(e.status_code, "http_error", str(e.detail)))
+        return error_response(http_error(request, e), headers=e.headers)
+
+
+# FastAPI's own words when json.loads fails for another reason than bad syntax (it raises a 400 from it).
+_UNPARSABLE = "There was an error parsing the body"
+
+
+def http_error(request: Request, e: StarletteHTTPException) -> ApiError:
+    """Starlette's and FastAPI's own HTTP errors, in the API's shape with a code of their own."""
+    if e.status_code == 405:
+        allowed = (e.headers or {}).get("Allow", "")
+        return ApiError(405, "method_not_allowed", f"{request.method} {request.url.path} is not served; this path "
+                        f"takes {allowed or 'other methods'} (see /docs)")
+    if e.status_code == 404:
+        return ApiError(404, "not_found", f"no such path: {request.url.path} (see /docs for the API)")
+    if e.status_code == 400 and e.detail == _UNPARSABLE:
+        return ApiError.invalid([(None, f"the body is not valid JSON: {_why_unparsable(e.__cause__)}")])
+    return ApiError(e.status_code, "http_error", str(e.detail))
+
+
+def _why_unparsable(cause: BaseException | None) -> str:
+    if isinstance(cause, UnicodeDecodeError):
+        return f"it is not UTF-8 (byte {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "it is nested too deep"
+    if isinstance(cause, ValueError):  # e.g. Python's limit of 4,300 digits for an integer
+        return str(cause)
+    return "it could not be parsed"

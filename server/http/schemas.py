@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, Strict, StrictBool, StrictInt, StrictStr
 
 from model import SAMPLERS
 from model.samplers import check_interval
@@ -14,8 +14,11 @@ from ..service.requests import MAX_SEED
 from .errors import ErrorDetail
 
 SamplerName = Literal[SAMPLERS]  # the names model/samplers.py defines
+# Every number is strict, as JSON APIs usually are: a JSON number, never a string that holds one; a float
+# field takes an integer (4 is 4.0), an integer field no float (2.0 is refused).
+Number = Annotated[float, Strict()]
 # [lo, hi] with 0 <= lo < hi <= 1 (a list, so that a wrong length is an error of the field, not of an item)
-GuidanceInterval = Annotated[list[float], Field(min_length=2, max_length=2), AfterValidator(check_interval)]
+GuidanceInterval = Annotated[list[Number], Field(min_length=2, max_length=2), AfterValidator(check_interval)]
 
 
 class GenerateRequest(BaseModel):
@@ -32,7 +35,7 @@ class GenerateRequest(BaseModel):
     class_name: StrictStr | None = Field(None, min_length=1, max_length=200, description="a class by name, instead "
                                          "of class_id: any of its names, case-insensitive, or a prefix only one "
                                          "class has (e.g. \"ankle\")")
-    cfg_scale: float | None = Field(None, ge=1.0, allow_inf_nan=False, description="guidance scale; 1 = no guidance")
+    cfg_scale: Number | None = Field(None, ge=1.0, allow_inf_nan=False, description="guidance scale; 1 = no guidance")
     steps: StrictInt | None = Field(None, ge=1, le=1000, description="denoising steps")
     seed: StrictInt | None = Field(None, ge=0, le=MAX_SEED, description="random (below 2^53) when absent; image k "
                                    "of num_images uses seed + k")

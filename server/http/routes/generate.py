@@ -21,15 +21,13 @@ router = APIRouter()
                      "content": {**{media: {} for media in MEDIA_TYPES.values()}, "text/event-stream": {}},
                      "description": "the image; with Accept: application/json base64 images + metadata; "
                                     "with Accept: text/event-stream progress events, then the JSON result"},
-               **error_responses(401, 408, 413, 415, 422, 429, 500, 503, 504)},
+               **error_responses(401, 406, 408, 413, 415, 422, 429, 500, 503, 504)},
 )
 async def generate(body: GenerateRequest, request: Request, svc: AnyService) -> Response:
-    accept = request.headers.get("accept", "")
-    stream = "text/event-stream" in accept
-    job = make_job(svc, body, request, separate=stream or "application/json" in accept,
-                   timeout=svc.settings.request_timeout)
+    answer, fmt = answers.negotiate(body, request.headers.get("accept", ""))
+    job = make_job(svc, body, request, fmt=fmt, separate=answer != "image", timeout=svc.settings.request_timeout)
     answers.submit(svc, job)
-    if stream:
+    if answer == answers.STREAM:
         return StreamingResponse(answers.progress_events(svc, job), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     await answers.wait(job, request)

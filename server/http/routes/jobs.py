@@ -71,13 +71,15 @@ def _find(jobs: JobStore, job_id: str, request: Request) -> Job:
 
 
 @router.post("", status_code=202, response_model=JobStatus,
-             responses=error_responses(401, 408, 413, 415, 422, 429, 503),
+             responses=error_responses(401, 406, 408, 413, 415, 422, 429, 503),
              summary="submit a long generation; poll it, fetch its result or cancel it")
 async def create(body: JobRequest, request: Request, svc: AnyService, jobs: Jobs):
     webhooks = request.app.state.webhooks
     url = webhooks.check(body.webhook_url) if body.webhook_url is not None else None
-    want_json = "application/json" in request.headers.get("accept", "")
-    job = make_job(svc, body, request, separate=want_json, timeout=svc.settings.job_timeout, tag=body.tag)
+    # the result's form (the 202 itself is JSON): JSON when the Accept header names it, else the image
+    answer, fmt = answers.negotiate(body, request.headers.get("accept", ""))
+    job = make_job(svc, body, request, fmt=fmt, separate=answer == answers.JSON, timeout=svc.settings.job_timeout,
+                   tag=body.tag)
     try:
         jobs.add(job)
     except StoreFull as e:

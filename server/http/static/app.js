@@ -14,6 +14,7 @@ let classes = [];
 let info = null;
 let current = null;          // the generation in flight: {controller, body, step, steps, previews, finished}
 let previewsSupported = true; // until a server without preview events says "unknown field previews"
+let statusField = null;      // the form field the error shown is about: fixing that field clears it
 
 // ---- small helpers ----
 
@@ -21,9 +22,10 @@ function apiKey() { return localStorage.getItem(KEY_STORE) || ""; }
 function authHeaders() { return apiKey() ? { "X-API-Key": apiKey() } : {}; }
 function bump(name) { document.body.dataset[name] = String(Number(document.body.dataset[name] || 0) + 1); }
 
-function setStatus(text, isError = false) {
+function setStatus(text, isError = false, field = null) {
   $("status").textContent = text;
   $("status").className = isError ? "error" : "";
+  statusField = isError ? field : null;
 }
 
 function el(tag, props = {}, ...children) {
@@ -51,6 +53,22 @@ function readSeed(count) {
   if (typed === "") return randomSeed(count);
   if (!/^\d+$/.test(typed) || Number(typed) > SEED_END - count) return null;
   return Number(typed);
+}
+
+function readInterval() {
+  const interval = [Number($("interval-lo").value), Number($("interval-hi").value)];
+  return 0 <= interval[0] && interval[0] < interval[1] && interval[1] <= 1 ? interval : null;
+}
+
+// Whether each field an error can be about is now valid (what generate() checks before sending).
+const FIELD_OK = {
+  class: () => classId($("class").value) !== null,
+  seed: () => readSeed(Number($("num-images").value) || 1) !== null,
+  interval: () => readInterval() !== null,
+};
+
+function clearFixedError() {
+  if (statusField && FIELD_OK[statusField]()) setStatus("");
 }
 
 function classId(text) {
@@ -165,16 +183,16 @@ async function generate(ev) {
   ev.preventDefault();
   if (current) return;
   const id = classId($("class").value);
-  if (id === null) return setStatus("Pick a class from the list (type part of its name).", true);
+  if (id === null) return setStatus("Pick a class from the list (type part of its name).", true, "class");
   const count = Number($("num-images").value) || 1;
   const seed = readSeed(count);
   if (seed === null) {
     return setStatus(`The seed is a whole number from 0 to ${SEED_END - count}; leave it empty for a random one.`,
-                     true);
+                     true, "seed");
   }
-  const interval = [Number($("interval-lo").value), Number($("interval-hi").value)];
-  if (!(0 <= interval[0] && interval[0] < interval[1] && interval[1] <= 1)) {
-    return setStatus("The guidance interval needs 0 ≤ from < to ≤ 1 (0 to 1 guides every step).", true);
+  const interval = readInterval();
+  if (interval === null) {
+    return setStatus("The guidance interval needs 0 ≤ from < to ≤ 1 (0 to 1 guides every step).", true, "interval");
   }
   const body = { class_id: id, cfg_scale: Number($("cfg").value), steps: Number($("steps").value),
                  sampler: $("sampler").value, guidance_interval: interval, seed, num_images: count };
@@ -442,6 +460,9 @@ function clearHistory() {
 
 $("cfg").addEventListener("input", () => { $("cfg-value").textContent = $("cfg").value; });
 $("form").addEventListener("submit", generate);
+for (const id of ["class", "seed", "num-images", "interval-lo", "interval-hi"]) {
+  $(id).addEventListener("input", clearFixedError);
+}
 $("cancel").addEventListener("click", cancel);
 $("random-seed").addEventListener("click", () => { $("seed").value = ""; $("seed").focus(); });
 $("reuse-last-seed").addEventListener("click", () => reuseSeed($("last-seed-value").textContent));
