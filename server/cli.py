@@ -33,7 +33,7 @@ METAVARS = {
     "graph_batch_sizes": "N,N,...", "api_keys": "KEY,KEY,...", "open_paths": "PATH,PATH,...",
     "cors_origins": "ORIGIN,ORIGIN,...", "body_timeout": "SECONDS", "request_timeout": "SECONDS",
     "job_timeout": "SECONDS", "job_ttl": "SECONDS", "min_cfg_scale": "SCALE", "max_cfg_scale": "SCALE",
-    "webhook_secret": "SECRET", "webhook_allow_hosts": "HOST,HOST,...",
+    "webhook_secret": "SECRET", "webhook_allow_hosts": "HOST,HOST,...", "job_store": "URL",
 }
 TYPE_METAVARS = {Path: "PATH", int: "N", float: "NUMBER", str: "TEXT"}
 
@@ -101,8 +101,14 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
     setup_logging(settings.log_level, settings.log_format)
     from .http.app import create_app  # after logging is set up
+    from .service.job_store import StoreError
 
-    app = create_app(settings)
+    try:
+        app = create_app(settings)
+    except StoreError as e:
+        log.error("%s", e)
+        print(f"dit-serve: {e}", file=sys.stderr)
+        sys.exit(1)
     service = app.state.service
     # uvicorn logs through the root handler (log_config=None); our RequestContext writes the access log.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -8,6 +8,7 @@ so `DIT_VAE=` in a compose file means "no VAE", not the path "".
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -16,6 +17,8 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED_MODEL = PROJECT_ROOT / "weights" / "fashion_dit.safetensors"
+# Where data lives by default: $XDG_DATA_HOME/dit-serve (~/.local/share/dit-serve), never the source tree.
+DATA_DIR = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "dit-serve"
 
 
 def _list_from_text(value: object) -> object:
@@ -101,6 +104,11 @@ class Settings(BaseSettings):
     request_timeout: float = Field(120.0, gt=0, description="seconds from arrival to answer; beyond, 504")
     job_timeout: float = Field(3600.0, gt=0, description="seconds an async job (POST /jobs) may take")
     job_ttl: float = Field(600.0, gt=0, description="seconds a finished async job's result is kept")
+    data_dir: Path = Field(DATA_DIR, description="where the server keeps its data: the job store (jobs.db, SQLite) "
+                           "unless --job-store names another")
+    job_store: str | None = Field(None, repr=False, description="the async jobs' database: a SQLAlchemy URL, e.g. "
+                                  "postgresql+psycopg://user:password@host/db for a fleet; none = SQLite in "
+                                  "--data-dir")
     max_jobs: int = Field(1000, ge=1, description="async jobs held at once (queued, running or finished)")
     encode_threads: int = Field(2, ge=1, description="threads encoding images off the device thread")
     warmup: bool = Field(True, description="run a short generation before reporting ready")

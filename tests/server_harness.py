@@ -67,6 +67,8 @@ def run_server(tmp_path: Path, *args: str, wait_ready: bool = True, env: dict | 
     port = free_port()
     log = tmp_path / f"server-{port}.log"
     cmd = [sys.executable, "-m", "server", "--port", str(port), "--host", "127.0.0.1", "--threads", "2", *args]
+    if "--data-dir" not in args and "--job-store" not in args:  # each server its own job store
+        cmd += ["--data-dir", str(tmp_path / f"data-{port}")]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=full_env,

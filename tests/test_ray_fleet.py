@@ -62,7 +62,7 @@ def fleet_and_prometheus(tmp_path_factory):
     prom = need("prometheus", "prometheus")
     tmp = tmp_path_factory.mktemp("ray")
     with ray_cluster(tmp) as url:
-        deploy(url, AUTOSCALED)
+        deploy(url, dict(AUTOSCALED, data_dir=str(tmp / "data")))  # the front-end's job store: this test's own
         port = free_port()
         target = url.removeprefix("http://")
         (tmp / "prometheus.yml").write_text(

@@ -74,8 +74,9 @@ def test_the_builder_sizes_rays_limits_from_the_engines():
 # ---- a real cluster -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory):
-    with ray_cluster(tmp_path_factory.mktemp("ray")) as url:
-        deploy(url, FLEET)
+    tmp = tmp_path_factory.mktemp("ray")
+    with ray_cluster(tmp) as url:
+        deploy(url, dict(FLEET, data_dir=str(tmp / "data")))  # the front-end's job store: this test's own
         yield url
 
 

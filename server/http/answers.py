@@ -114,10 +114,10 @@ async def _disconnected(request: Request) -> None:
             return
 
 
-def json_body(job: Job) -> dict:
+def json_body(job: Job, images: list[bytes] | None = None) -> dict:
     seeds, media_type = job.request.seeds, MEDIA_TYPES[job.format]
     images = [{"seed": seeds[k], "media_type": media_type, "data": base64.b64encode(data).decode()}
-              for k, data in enumerate(job.images)]
+              for k, data in enumerate(job.images if images is None else images)]
     return dict(job.parameters, images=images, timings=job.timings, replica=job.replica)
 
 
@@ -134,12 +134,14 @@ def headers(job: Job) -> dict[str, str]:
     return dict(zip(ANSWER_HEADERS, values, strict=True))
 
 
-def render(service: Service, job: Job) -> Response:
-    """The answer for a finished job: JSON (separate images) or the image / grid itself."""
+def render(service: Service, job: Job, images: list[bytes] | None = None) -> Response:
+    """The answer for a finished job: JSON (separate images) or the image / grid itself. `images`: its
+    images, where the job holds none (one read back from the job store)."""
+    images = job.images if images is None else images
     service.metrics.images.inc(job.request.num_images)
     if job.separate:
-        return JSONResponse(json_body(job), headers=headers(job))
-    return Response(job.images[0], media_type=MEDIA_TYPES[job.format], headers=headers(job))
+        return JSONResponse(json_body(job, images), headers=headers(job))
+    return Response(images[0], media_type=MEDIA_TYPES[job.format], headers=headers(job))
 
 
 def _event(name: str, data: dict) -> str:

@@ -13,7 +13,6 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from ..service.job_store import JobStore
 from ..service.service import Service
 from ..settings import Settings
 from .answers import ANSWER_HEADERS
@@ -31,17 +30,22 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     service = Service(settings, engine)
     webhooks = Webhooks(settings.webhook_secret, settings.webhook_allow_hosts)
 
+    webhooks.on_result = service.jobs.delivered
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        ready, loop = asyncio.Event(), asyncio.get_running_loop()
+        service.on_ready = lambda: loop.call_soon_threadsafe(ready.set)
         service.start()  # loads and warms up on its own thread; /readyz says when it is done
+        resuming = asyncio.create_task(jobs.resume(app, ready))  # the job store's unfinished jobs, once ready
         yield
+        resuming.cancel()
         await asyncio.to_thread(service.shutdown)  # finishes admitted jobs, which hands over their webhooks
         await webhooks.close(grace=settings.request_timeout)
 
     app = FastAPI(title="dit-serve", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Class-conditional image generation with Diffusion Transformers (DiT).")
     app.state.service, app.state.webhooks = service, webhooks
-    app.state.jobs = JobStore(settings.job_ttl, settings.max_jobs)
     install_middleware(app, settings, service)
     install_error_handlers(app, {"/generate": list(GenerateRequest.model_fields),
                                  "/jobs": list(JobRequest.model_fields)})

@@ -56,6 +56,7 @@ class Webhooks:
         self._tasks: set[asyncio.Task] = set()
         self._client: httpx.AsyncClient | None = None
         self._closed = False
+        self.on_result: Callable[[str, bool], None] | None = None  # (job id, delivered), once it is known
 
     def check(self, url: str) -> str:
         """The URL, if this server may call it; else a 422 that says why."""
@@ -101,13 +102,15 @@ class Webhooks:
 
     async def _deliver(self, job_id: str, url: str, body: bytes) -> None:
         try:
-            await self._try(job_id, url, body)
-        except asyncio.CancelledError:
+            delivered = await self._try(job_id, url, body)
+            if self.on_result is not None:
+                await asyncio.to_thread(self.on_result, job_id, delivered)
+        except asyncio.CancelledError:  # left pending: a job store delivers it again after a restart
             log.error("webhook undelivered: job %s to %s was still pending at the end of the shutdown grace "
                       "period", job_id, urlsplit(url).hostname)
             raise
 
-    async def _try(self, job_id: str, url: str, body: bytes) -> None:
+    async def _try(self, job_id: str, url: str, body: bytes) -> bool:
         if self._client is None:
             self._client = httpx.AsyncClient(follow_redirects=False, timeout=TRY_TIMEOUT,
                                              headers={"User-Agent": "dit-serve-webhook"})
@@ -127,14 +130,15 @@ class Webhooks:
             code = answer.status_code
             if code < 300:
                 log.info("webhook delivered: job %s to %s (HTTP %d, try %d)", job_id, host, code, tries)
-                return
+                return True
             if code == 429 or code >= 500:
                 last = f"HTTP {code}"
                 continue
             why = "redirects are not followed; give the final URL" if code < 400 else "the receiver refused it"
             log.error("webhook undelivered: job %s to %s answered HTTP %d (%s)", job_id, host, code, why)
-            return
+            return False
         log.error("webhook undelivered: job %s to %s after %d tries (last: %s)", job_id, host, tries, last)
+        return False
 
     async def close(self, grace: float) -> None:
         """Shutdown: deliveries still pending get `grace` seconds, then are logged as undelivered."""

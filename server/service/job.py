@@ -32,7 +32,7 @@ class Job:
     created: float = field(default_factory=time.time)  # unix seconds, for clients
     replica: str | None = None  # the engine replica that generated it (the X-Replica header)
     preview: tuple[int, np.ndarray] | None = None  # (step, (N, h, w, 3) uint8): the latest x0 preview
-    images: list[bytes] | None = None  # once done: encoded in `format`
+    images: list[bytes] | None = None  # once done: encoded in `format` (a job read back from the store: None)
     error: RequestError | None = None  # once failed, cancelled or timed out
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (queue, denoise, ...)
     done: Future = field(default_factory=Future)  # resolves (to None) when the job has its images or its error
@@ -57,7 +57,7 @@ class Job:
     @property
     def status(self) -> str:
         """queued, running, encoding, done, failed, cancelled or timed_out."""
-        if self.images is not None:
+        if self.ended and self.error is None:
             return "done"
         if self.error is not None:
             reason = self.error.reason

@@ -1,54 +1,347 @@
-"""The async jobs a front-end holds (POST /jobs): in memory, a finished job kept `--job-ttl` seconds, at
-most `--max-jobs` at once. With API keys on, a job belongs to the key that created it."""
+"""The async jobs (POST /jobs) in a database, so that they outlive the process: SQLite by default (one file
+under --data-dir, WAL mode), PostgreSQL for fleets (--job-store postgresql://...).
+
+One schema and one code path for both through SQLAlchemy Core: its Table objects are the schema, its
+expressions write the dialect's SQL and parameter style (SQLite's `?` and psycopg's `%s`), and its pool
+reconnects after a database restart (pool_pre_ping); an ORM would add nothing here. A row holds what is
+needed to run the job again (the validated request: class, seeds, sampling, arrival and deadline on the
+wall clock, answer form), its owner's key hash, tag, webhook URL and delivery state, its status with the
+finish reason, timestamps, and, once done, its images (in the database: every front-end of a fleet reads
+them). A schema newer than this code is refused with a message.
+
+Jobs live in the database; those running in this process are also held in memory (`Job`, with their
+progress), and their end is written when it comes. A job still pending in the database when the server
+starts (queued or running when the last process stopped, or was killed) is submitted again, in order,
+with the same seeds: its images are those it would have had. `--job-timeout` counts from the job's
+arrival, the time the server was down included. `--job-ttl` after a job ended its row and images are
+deleted; at most `--max-jobs` rows are held.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
+from pathlib import Path
 
+from sqlalchemy import (
+    Column,
+    Float,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+    update,
+)
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+
+from model.samplers import Sampling
+
+from ..engine.request import EngineRequest, ErrorKind, RequestError, RequestStatus
 from .job import Job
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+PENDING = "pending"  # not ended: queued or running (in this process, or when the last one stopped)
+
+metadata = MetaData()
+meta_table = Table("dit_meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
+jobs_table = Table(
+    "dit_jobs", metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),  # submission order
+    Column("id", String(64), nullable=False, unique=True),
+    Column("owner", String(128), nullable=False),  # the API key's hash; "" without keys
+    Column("idempotency_key", String(256)),
+    Column("fingerprint", String(64)),  # of the request an Idempotency-Key was first used with
+    Column("request", Text, nullable=False),  # JSON: what it takes to run the job again
+    Column("status", String(16), nullable=False),  # pending, done, failed, cancelled, timed_out
+    Column("error", Text),  # JSON {kind, message, retry_after}
+    Column("step", Integer, nullable=False, default=0),
+    Column("timings", Text),
+    Column("replica", String(256)),
+    Column("tag", String(256)),
+    Column("webhook_url", String(2048)),
+    Column("webhook_state", String(16)),  # pending, delivered or undelivered (none without a webhook)
+    Column("created", Float, nullable=False),  # wall clock
+    Column("ended", Float),
+    UniqueConstraint("owner", "idempotency_key"),
+)
+images_table = Table(
+    "dit_images", metadata,
+    Column("job_id", String(64), primary_key=True), Column("k", Integer, primary_key=True),
+    Column("data", LargeBinary, nullable=False),
+)
+
+
+class StoreError(RuntimeError):
+    """The job store cannot be used; the message says which store and what to do."""
 
 
 class StoreFull(Exception):
     """`--max-jobs` jobs are held."""
 
 
-class JobStore:
-    def __init__(self, ttl: float, max_jobs: int):
-        self.ttl, self.max_jobs = ttl, max_jobs
-        self._jobs: dict[str, Job] = {}  # in submission order
-        self._finished: dict[str, float] = {}  # id -> when it ended (time.monotonic)
-        self._lock = threading.Lock()
+class IdempotencyConflict(Exception):
+    """An Idempotency-Key already used with another request."""
 
-    def add(self, job: Job) -> None:
+
+def store_url(job_store: str | None, data_dir: Path) -> str:
+    """The database: --job-store, or SQLite in --data-dir."""
+    return job_store or f"sqlite:///{Path(data_dir).resolve() / 'jobs.db'}"
+
+
+class JobStore:
+    def __init__(self, url: str, ttl: float, max_jobs: int):
+        self.url, self.ttl, self.max_jobs = url, ttl, max_jobs
+        self.where = url.split("@")[-1] if "://" in url else url  # no password in messages
+        self._live: dict[str, Job] = {}  # jobs of this process not yet written as ended
+        self._deferred: set[str] = set()  # left pending for the next start (shutdown)
+        self._lock = threading.Lock()
+        self.db = self._open(url)
+
+    # ---- opening ---------------------------------------------------------------------------------------
+    def _open(self, url: str):
+        sqlite = url.startswith("sqlite")
+        if sqlite:
+            path = Path(url.removeprefix("sqlite:///"))
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise StoreError(f"cannot create the data directory {path.parent}: {e}; give a writable "
+                                 "--data-dir (DIT_DATA_DIR)") from e
+        args = {"timeout": 10} if sqlite else {"connect_timeout": 5}
+        db = create_engine(url, connect_args=args, pool_pre_ping=True)
+        if sqlite:
+            event.listen(db, "connect", _sqlite_pragmas)
+        try:
+            with db.begin() as c:
+                metadata.create_all(c)
+                version = c.execute(select(meta_table.c.value).where(meta_table.c.key == "schema")).scalar()
+                if version is None:
+                    c.execute(insert(meta_table).values(key="schema", value=str(SCHEMA_VERSION)))
+                elif int(version) > SCHEMA_VERSION:
+                    raise StoreError(f"the job store {self.where} has schema version {version}, newer than this "
+                                     f"server's ({SCHEMA_VERSION}): run the newer server, or point --job-store / "
+                                     "--data-dir at another store")
+        except SQLAlchemyError as e:
+            hint = ("a corrupt or unwritable file: move it away (the jobs in it are lost) or give another "
+                    "--data-dir" if sqlite else "is the database up and reachable, and the URL right?")
+            raise StoreError(f"cannot open the job store {self.where}: {_reason(e)}; {hint}") from e
+        return db
+
+    # ---- jobs in -------------------------------------------------------------------------------------------
+    def add(self, job: Job, *, webhook_url: str | None = None, idempotency_key: str | None = None,
+            fingerprint: str | None = None) -> Job:
+        """Write a new job (or, for an Idempotency-Key already used with the same request, return that
+        job); the caller submits it next. Raises StoreFull, IdempotencyConflict or StoreError."""
+        r = job.request
+        row = dict(id=job.id, owner=r.owner or "", idempotency_key=idempotency_key, fingerprint=fingerprint,
+                   request=json.dumps(_request_record(job)), status=PENDING, step=0, tag=job.tag,
+                   webhook_url=webhook_url, webhook_state="pending" if webhook_url else None, created=job.created)
+        try:
+            with self.db.begin() as c:
+                self._expire(c)
+                if idempotency_key is not None:
+                    earlier = self._by_key(c, row["owner"], idempotency_key, fingerprint)
+                    if earlier is not None:
+                        return earlier
+                held = c.execute(select(func.count()).select_from(jobs_table)).scalar()
+                if held >= self.max_jobs:
+                    raise StoreFull(f"{held} jobs are held")
+                c.execute(insert(jobs_table).values(**row))
+        except IntegrityError:  # the same Idempotency-Key, written just now by a concurrent request
+            with self.db.begin() as c:
+                earlier = self._by_key(c, row["owner"], idempotency_key, fingerprint)
+            if earlier is None:
+                raise
+            return earlier
+        except SQLAlchemyError as e:
+            raise self._unavailable(e) from e
+        self.hold(job)
+        return job
+
+    def hold(self, job: Job) -> None:
+        """Follow a job of this process: its end is written when it comes."""
         with self._lock:
-            self._expire()
-            if len(self._jobs) >= self.max_jobs:
-                raise StoreFull(f"{len(self._jobs)} jobs are held")
-            self._jobs[job.id] = job
-        job.done.add_done_callback(lambda _: self._finished.setdefault(job.id, time.monotonic()))
+            self._live[job.id] = job
+        job.done.add_done_callback(lambda _: self._ended(job))
+
+    def _by_key(self, c, owner: str, key: str, fingerprint: str | None) -> Job | None:
+        row = c.execute(select(jobs_table).where(jobs_table.c.owner == owner,
+                                                 jobs_table.c.idempotency_key == key)).mappings().first()
+        if row is None:
+            return None
+        if row["fingerprint"] != fingerprint:
+            raise IdempotencyConflict(f"the Idempotency-Key {key!r} was used with another request (job "
+                                      f"{row['id']}); use a new key for a new request")
+        return self._live.get(row["id"]) or _job_from_row(row)
 
     def remove(self, job_id: str) -> None:
+        """Forget a job the engine refused at once (it never ran)."""
         with self._lock:
-            self._jobs.pop(job_id, None)
-            self._finished.pop(job_id, None)
+            self._live.pop(job_id, None)
+        with self.db.begin() as c:
+            c.execute(delete(jobs_table).where(jobs_table.c.id == job_id))
 
+    # ---- jobs out ------------------------------------------------------------------------------------------
     def get(self, job_id: str, owner: str | None) -> Job | None:
         """The job, if `owner` may see it; a job of another key is as unknown as one never submitted."""
-        with self._lock:
-            self._expire()
-            job = self._jobs.get(job_id)
-        return job if job is not None and job.request.owner == owner else None
+        live = self._live.get(job_id)
+        if live is not None:
+            return live if live.request.owner == owner else None
+        try:
+            with self.db.begin() as c:
+                self._expire(c)
+                row = c.execute(select(jobs_table).where(jobs_table.c.id == job_id,
+                                                         jobs_table.c.owner == (owner or ""))).mappings().first()
+        except SQLAlchemyError as e:
+            raise self._unavailable(e) from e
+        return None if row is None else _job_from_row(row)
+
+    def images(self, job: Job) -> list[bytes]:
+        if job.images is not None:
+            return job.images
+        try:
+            with self.db.begin() as c:
+                rows = c.execute(select(images_table.c.data).where(images_table.c.job_id == job.id)
+                                 .order_by(images_table.c.k)).scalars().all()
+        except SQLAlchemyError as e:
+            raise self._unavailable(e) from e
+        return list(rows)
 
     def of(self, owner: str | None, limit: int) -> list[Job]:
-        with self._lock:
-            self._expire()
-            mine = [job for job in reversed(self._jobs.values()) if job.request.owner == owner]
-        return mine[:limit]
+        """The owner's jobs, newest first."""
+        try:
+            with self.db.begin() as c:
+                self._expire(c)
+                rows = c.execute(select(jobs_table).where(jobs_table.c.owner == (owner or ""))
+                                 .order_by(jobs_table.c.seq.desc()).limit(limit)).mappings().all()
+        except SQLAlchemyError as e:
+            raise self._unavailable(e) from e
+        return [self._live.get(row["id"]) or _job_from_row(row) for row in rows]
 
-    def _expire(self) -> None:
-        now = time.monotonic()
-        for job_id, finished in list(self._finished.items()):
-            if now - finished > self.ttl:
-                self._jobs.pop(job_id, None)
-                del self._finished[job_id]
+    def pending(self) -> list[Job]:
+        """Jobs not ended when the last process stopped, in submission order (to submit again)."""
+        with self.db.begin() as c:
+            rows = c.execute(select(jobs_table).where(jobs_table.c.status == PENDING)
+                             .order_by(jobs_table.c.seq)).mappings().all()
+        return [_job_from_row(row) for row in rows if row["id"] not in self._live]
+
+    def webhook(self, job_id: str) -> tuple[str | None, str | None]:
+        with self.db.begin() as c:
+            row = c.execute(select(jobs_table.c.webhook_url, jobs_table.c.webhook_state)
+                            .where(jobs_table.c.id == job_id)).first()
+        return (row[0], row[1]) if row is not None else (None, None)
+
+    def undelivered(self) -> list[Job]:
+        """Ended jobs whose webhook was not delivered yet when the last process stopped."""
+        with self.db.begin() as c:
+            rows = c.execute(select(jobs_table).where(jobs_table.c.status != PENDING,
+                                                      jobs_table.c.webhook_state == "pending")).mappings().all()
+        return [_job_from_row(row) for row in rows]
+
+    def delivered(self, job_id: str, ok: bool) -> None:
+        self._write(job_id, webhook_state="delivered" if ok else "undelivered")
+
+    # ---- ends ----------------------------------------------------------------------------------------------
+    def defer(self, job: Job) -> bool:
+        """Shutdown: if it is an async job of this store, it leaves the engine but stays pending here, for
+        the next start (True); a blocking request is no job of the store (False)."""
+        with self._lock:
+            if job.id not in self._live:
+                return False
+            self._deferred.add(job.id)
+            return True
+
+    def deferred(self, job: Job) -> bool:
+        return job.id in self._deferred
+
+    def _ended(self, job: Job) -> None:
+        """Write a job's end (on the thread that ended it). An engine that died, or a stop that left the
+        job for later, is no end: the row stays pending and the next start runs the job again."""
+        with self._lock:
+            deferred = job.id in self._deferred
+            self._live.pop(job.id, None)
+        if deferred or (job.error is not None and job.error.kind == ErrorKind.ENGINE_DIED):
+            return
+        status = job.status if job.error is not None else "done"
+        error = None if job.error is None else json.dumps(
+            {"kind": job.error.kind.value, "message": job.error.message, "retry_after": job.error.retry_after})
+        try:
+            with self.db.begin() as c:
+                c.execute(update(jobs_table).where(jobs_table.c.id == job.id).values(
+                    status=status, error=error, step=job.request.step, timings=json.dumps(job.timings),
+                    replica=job.replica, ended=time.time()))
+                for k, data in enumerate(job.images or []):
+                    c.execute(insert(images_table).values(job_id=job.id, k=k, data=data))
+        except SQLAlchemyError as e:
+            log.error("could not write the end of job %s to the job store %s: %s", job.id, self.where, _reason(e))
+
+    def _write(self, job_id: str, **values) -> None:
+        try:
+            with self.db.begin() as c:
+                c.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(**values))
+        except SQLAlchemyError as e:
+            log.error("could not update job %s in the job store %s: %s", job_id, self.where, _reason(e))
+
+    def _expire(self, c) -> None:
+        old = select(jobs_table.c.id).where(jobs_table.c.ended < time.time() - self.ttl)
+        c.execute(delete(images_table).where(images_table.c.job_id.in_(old)))
+        c.execute(delete(jobs_table).where(jobs_table.c.ended < time.time() - self.ttl))
+
+    def _unavailable(self, e: Exception) -> StoreError:
+        log.error("the job store %s is unavailable: %s", self.where, _reason(e))
+        return StoreError(f"the job store is unavailable ({_reason(e)}); try again shortly")
+
+    def close(self) -> None:
+        self.db.dispose()
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+    cursor.execute("PRAGMA synchronous=NORMAL")  # durable at each checkpoint; WAL keeps it consistent
+    cursor.close()
+
+
+def _reason(e: Exception) -> str:
+    return str(getattr(e, "orig", None) or e).strip().splitlines()[0]
+
+
+def _request_record(job: Job) -> dict:
+    r, s = job.request, job.request.sampling
+    return {"class_id": r.class_id, "seeds": list(r.seeds), "sampler": s.sampler, "steps": s.steps,
+            "cfg_scale": s.cfg_scale, "guidance_interval": list(s.guidance_interval), "previews": r.previews,
+            "arrival": r.arrival, "deadline": r.deadline, "owner": r.owner, "model": job.model,
+            "class_name": job.class_name, "format": job.format, "separate": job.separate}
+
+
+def _job_from_row(row) -> Job:
+    """A job as the row holds it (ended ones with their outcome; their images are read when asked for)."""
+    d = json.loads(row["request"])
+    sampling = Sampling(d["sampler"], d["steps"], d["cfg_scale"], tuple(d["guidance_interval"]))
+    request = EngineRequest(row["id"], d["class_id"], tuple(d["seeds"]), sampling, d["arrival"], d["deadline"],
+                            d["owner"], d["previews"], step=row["step"])
+    job = Job(request, d["model"], d["class_name"], format=d["format"], separate=d["separate"], tag=row["tag"],
+              created=row["created"], replica=row["replica"], timings=json.loads(row["timings"] or "{}"))
+    if row["status"] == PENDING:
+        return job
+    request.status = RequestStatus.FINISHED
+    if row["error"] is not None:
+        e = json.loads(row["error"])
+        job.fail(RequestError(ErrorKind(e["kind"]), e["message"], e["retry_after"]))
+    else:
+        job.done.set_result(None)  # done: its images are in the store
+    return job
+

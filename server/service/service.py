@@ -31,6 +31,7 @@ from ..transport.messages import EngineInfo
 from ..transport.process import EngineProcess
 from .encoding import encode
 from .job import Job
+from .job_store import JobStore, store_url
 from .metrics import Metrics
 from .priority import lower_priority
 
@@ -52,6 +53,8 @@ class Service:
         else:
             self.engine = EngineProcess(settings, self)
         self.model: EngineInfo | None = None  # set once the engine has started
+        # Async jobs: opened here, so that a store that cannot be used stops the server before it listens.
+        self.jobs = JobStore(store_url(settings.job_store, settings.data_dir), settings.job_ttl, settings.max_jobs)
         self.admission = Admission(settings.max_queue, settings.max_requests_per_key, settings.deadline_admission)
         self.status = "starting"
         self._ready = threading.Event()
@@ -64,6 +67,7 @@ class Service:
         # Called with the reason when the server cannot serve at all (the model cannot be loaded, the engine
         # died): the CLI then exits non-zero, so that an orchestrator sees it and restarts the server.
         self.on_exit_failure: Callable[[str], None] | None = None
+        self.on_ready: Callable[[], None] | None = None  # called once, when the engine first reports ready
 
     @property
     def ready(self) -> bool:
@@ -85,20 +89,38 @@ class Service:
             with self._lock:
                 owned = self._owned[request.owner]
             self.admission.check(request, self.engine.load(), owned, time.time())
-            with self._lock:  # before the engine has it: its first output may come at once
-                self._owned[request.owner] += 1
-                self._jobs[request.id] = job
-            job.replica = self.model.replica  # the engine's name (a fleet's names the replica that takes it)
-            job.on_cancel = lambda reason: self.engine.cancel(request.id, reason)
-            try:
-                self.engine.submit(request)
-            except BaseException:
-                self._forget(job)
-                raise
+            self._enter(job)
         except RequestError as e:
             self.metrics.requests_finished.labels(reason=e.reason.value).inc()
             raise
         self.metrics.admitted.inc()
+
+    def _enter(self, job: Job) -> None:
+        request = job.request
+        with self._lock:  # before the engine has it: its first output may come at once
+            self._owned[request.owner] += 1
+            self._jobs[request.id] = job
+        job.replica = self.model.replica  # the engine's name (a fleet's names the replica that takes it)
+        job.on_cancel = lambda reason: self.engine.cancel(request.id, reason)
+        try:
+            self.engine.submit(request)
+        except BaseException:
+            self._forget(job)
+            raise
+
+    def resume(self) -> list[Job]:
+        """Once ready: submit again, in their order, the async jobs the store holds as not ended (the
+        last process stopped or died with them in). They were admitted once: no admission now."""
+        jobs = self.jobs.pending()
+        for job in jobs:
+            self.jobs.hold(job)
+            try:
+                self._enter(job)
+            except RequestError as e:
+                job.fail(e)
+        if jobs:
+            log.info("resumed %d async jobs from the job store %s", len(jobs), self.jobs.where)
+        return jobs
 
     def _forget(self, job: Job) -> None:
         with self._lock:
@@ -168,6 +190,8 @@ class Service:
         self._now_ready()
         log.info("ready: serving %s with %s batching (engine: %s)", info.info.name, self.settings.policy,
                  type(self.engine).__name__)
+        if self.on_ready is not None:
+            self.on_ready()
 
     def on_start_failed(self, reason: str) -> None:
         self.status = f"failed: {reason}"
@@ -210,11 +234,18 @@ class Service:
         self.status = status
 
     def begin_shutdown(self) -> None:
-        """On SIGTERM, before uvicorn drains connections: not ready at once, no new work admitted."""
+        """On SIGTERM, before uvicorn drains connections: not ready at once, no new work admitted; async
+        jobs still queued leave the engine and stay in the job store for the next start."""
         self._stopping = True
         self._not_ready("shutting down")
+        with self._lock:
+            queued = [job for job in self._jobs.values() if job.request.status == RequestStatus.QUEUED]
+        for job in queued:
+            if self.jobs.defer(job):
+                job.cancel(FinishReason.CANCELLED)
         self.engine.begin_stop()
-        log.info("shutting down: readiness off, finishing admitted requests")
+        log.info("shutting down: readiness off, finishing admitted requests (%d queued async jobs left for the "
+                 "next start)", sum(self.jobs.deferred(job) for job in queued))
 
     def shutdown(self) -> None:
         """Lifespan end (after uvicorn drained the connections): finish what was accepted."""
@@ -223,4 +254,5 @@ class Service:
         t0 = time.monotonic()
         self.engine.stop(timeout=self.settings.drain_timeout)
         self._encoder.shutdown(wait=True)
+        self.jobs.close()
         log.info("engine drained in %.2f s", time.monotonic() - t0)

@@ -6,12 +6,17 @@
     GET /jobs/{id}/result the image (or JSON, if the job was submitted with Accept: application/json)
     DELETE /jobs/{id}     cancel: its samples are dropped at the next denoising step
 
-A job's id is its engine request's id. With API keys on, a job belongs to the key that created it: with
-any other key it is 404, as if it did not exist (server/service/job_store.py keeps them).
+A job's id is its engine request's id. Jobs are kept in the job store (server/service/job_store.py), so
+they outlive the process: a job answered 202 ends once, with its result, across restarts. With API keys
+on, a job belongs to the key that created it: with any other key it is 404, as if it did not exist.
+`Idempotency-Key: K` on POST makes a retry with the same body return the same job (another body: 422).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import json
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -19,7 +24,7 @@ from fastapi.responses import JSONResponse, Response
 
 from ...engine.request import ErrorKind, FinishReason, RequestError
 from ...service.job import Job
-from ...service.job_store import JobStore, StoreFull
+from ...service.job_store import IdempotencyConflict, JobStore, StoreError, StoreFull
 from .. import answers
 from ..door import AnyService, make_job, owner
 from ..errors import ApiError, error_responses
@@ -33,7 +38,15 @@ not_found = error_responses(401, 404)
 
 
 def store(request: Request) -> JobStore:
-    return request.app.state.jobs
+    return request.app.state.service.jobs
+
+
+async def _stored(call, *args, **kwargs):
+    """A job store call, off the event loop (a database round trip); 503 when the store is unavailable."""
+    try:
+        return await asyncio.to_thread(call, *args, **kwargs)
+    except StoreError as e:
+        raise ApiError(503, "store_unavailable", str(e), retry_after=POLL_SECONDS) from e
 
 
 Jobs = Annotated[JobStore, Depends(store)]
@@ -52,7 +65,7 @@ def status(job: Job) -> dict:
 
 def _error(job: Job) -> ApiError | None:
     """Why the job has no result (None while it may still get one, and once it has one)."""
-    if job.images is not None:
+    if job.ended and job.error is None:
         return None  # done, even if a cancel came too late
     if job.cancel_reason is not None:  # this side's words: the engine only knows the samples were dropped
         if job.cancel_reason == FinishReason.TIMED_OUT:
@@ -62,8 +75,8 @@ def _error(job: Job) -> ApiError | None:
     return ApiError.of(job.error) if job.error is not None else None
 
 
-def _find(jobs: JobStore, job_id: str, request: Request) -> Job:
-    job = jobs.get(job_id, owner(request))
+async def _find(jobs: JobStore, job_id: str, request: Request) -> Job:
+    job = await _stored(jobs.get, job_id, owner(request))
     if job is None:
         raise ApiError(404, "unknown_job", f"no job {job_id!r}: never submitted (with this API key), or expired "
                        f"{jobs.ttl:g} s after it ended", "id")
@@ -80,15 +93,22 @@ async def create(body: JobRequest, request: Request, svc: AnyService, jobs: Jobs
     answer, fmt = answers.negotiate(body, request.headers.get("accept", ""))
     job = make_job(svc, body, request, fmt=fmt, separate=answer == answers.JSON, timeout=svc.settings.job_timeout,
                    tag=body.tag)
+    key = request.headers.get("idempotency-key")
+    fingerprint = hashlib.sha256(json.dumps([body.model_dump(mode="json"), fmt, answer], sort_keys=True).encode()
+                                 ).hexdigest() if key is not None else None
     try:
-        jobs.add(job)
+        stored = await _stored(jobs.add, job, webhook_url=url, idempotency_key=key, fingerprint=fingerprint)
     except StoreFull as e:
         raise ApiError(429, "too_many_jobs", f"{e}; fetch or cancel some, or try again later",
                        retry_after=FULL_RETRY_SECONDS) from e
+    except IdempotencyConflict as e:
+        raise ApiError.invalid([("idempotency-key", str(e))]) from e
+    if stored is not job:  # a retry of a request already taken: the same job
+        return JSONResponse(status(stored), status_code=202, headers={"Location": f"/jobs/{stored.id}"})
     try:
         answers.submit(svc, job)
     except ApiError:
-        jobs.remove(job.id)
+        await _stored(jobs.remove, job.id)
         raise
     if url is not None:
         webhooks.deliver_when_done(job, url, lambda: status(job))
@@ -98,30 +118,44 @@ async def create(body: JobRequest, request: Request, svc: AnyService, jobs: Jobs
 @router.get("", response_model=JobList, responses=error_responses(401, 422), summary="the caller's jobs, newest first")
 async def listing(request: Request, jobs: Jobs,
                   limit: int = Query(50, ge=1, le=100, description="at most this many")):
-    return {"jobs": [status(job) for job in jobs.of(owner(request), limit)]}
+    return {"jobs": [status(job) for job in await _stored(jobs.of, owner(request), limit)]}
 
 
 @router.get("/{job_id}", response_model=JobStatus, responses=not_found, summary="status and progress of a job")
 async def get_status(job_id: str, request: Request, jobs: Jobs):
-    return status(_find(jobs, job_id, request))
+    return status(await _find(jobs, job_id, request))
 
 
 @router.get("/{job_id}/result", response_class=Response, summary="the result of a finished job",
             responses=error_responses(401, 404, 409, 500, 503, 504))
 async def result(job_id: str, request: Request, svc: AnyService, jobs: Jobs):
-    job = _find(jobs, job_id, request)
+    job = await _find(jobs, job_id, request)
     error = _error(job)
     if error is not None:
         raise error
-    if job.images is None:
+    if not job.ended:
         raise ApiError(409, "not_finished", f"job {job_id} is {job.status} (step {job.request.step} of "
                        f"{job.request.steps}); poll /jobs/{job_id}", retry_after=POLL_SECONDS)
-    return answers.render(svc, job)
+    return answers.render(svc, job, await _stored(jobs.images, job))
 
 
 @router.delete("/{job_id}", response_model=JobStatus, responses=not_found,
                summary="cancel a job (its samples are dropped at the next step)")
 async def cancel(job_id: str, request: Request, jobs: Jobs):
-    job = _find(jobs, job_id, request)
+    job = await _find(jobs, job_id, request)
     job.cancel(FinishReason.CANCELLED)
     return status(job)
+
+
+async def resume(app, ready: asyncio.Event) -> None:
+    """Once the engine is ready: the jobs the store holds as not ended run again, their webhooks are
+    delivered when they end, and deliveries the last process left pending are made now."""
+    svc, webhooks = app.state.service, app.state.webhooks
+    await ready.wait()
+    for job in await asyncio.to_thread(svc.resume):
+        url, _ = await asyncio.to_thread(svc.jobs.webhook, job.id)
+        if url is not None:
+            webhooks.deliver_when_done(job, url, lambda job=job: status(job))
+    for job in await asyncio.to_thread(svc.jobs.undelivered):
+        url, _ = await asyncio.to_thread(svc.jobs.webhook, job.id)
+        webhooks.deliver_when_done(job, url, lambda job=job: status(job))

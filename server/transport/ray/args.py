@@ -60,7 +60,7 @@ def parse_args(args: dict[str, Any]) -> tuple[FleetArgs, Settings]:
         raise ValueError(_describe(e)) from None
     given = {name: value for name, value in parsed.model_dump(exclude_unset=True).items()
              if name in Settings.model_fields}
-    for name in ("model", "vae", "api_keys_file"):  # relative to where the builder runs (serve run's directory)
+    for name in ("model", "vae", "api_keys_file", "data_dir"):  # relative to where the builder runs (serve run's)
         if isinstance(given.get(name), Path):
             given[name] = given[name].resolve()
     try:
