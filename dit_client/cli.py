@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler", help="the sampler (default: the model's; a wrong name lists them)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
                    help="guide only the steps whose timestep t has LO <= t/999 <= HI, 0 <= LO < HI <= 1 "
-                   "(fewer forward rows; default: the model's, usually 0 1 = every step)")
+                   "(fewer forward rows; default: the model's, as GET /info shows it: 0 0.5 for the embedded model; "
+                   "0 1 guides every step)")
     p.add_argument("--seed", type=int, help="random when absent; image k uses seed + k")
     p.add_argument("--count", type=int, default=1, help="number of images (one file each)")
     p.add_argument("--out", help="output file: .png, .jpg or .webp; with --count > 1, OUT-<seed>.EXT "

@@ -86,8 +86,9 @@ def test_readiness_turns_200_after_warm_up(tmp_path):
 @pytest.mark.parametrize("stop,args", [("SIGTERM", ("--policy", "none")), ("Ctrl-C", ())])
 def test_a_clean_stop_logs_no_error_and_no_traceback(tmp_path, stop, args):
     """SIGTERM, or Ctrl-C on `make serve` (SIGINT to the whole process group, the engine process too): the
-    server drains, exits (0, or by the signal that uvicorn raises again once it has stopped), and logs no ERROR, no traceback and no kill. (`--policy none` is also the
-    flag's own word: the parser once read it as "no value".)"""
+    server drains and exits (0, or by the signal, which uvicorn raises again once it has stopped), and logs
+    no ERROR, no traceback and no kill. (`--policy none` is the flag's own word: the parser once read it as
+    "no value".)"""
     with run_server(tmp_path, *args, "--log-format", "text", own_group=True) as s:
         assert httpx.get(s.url + "/info").json()["policy"] == (args[1] if args else "continuous")
         assert httpx.post(s.url + "/generate", json={"class_id": 1, "steps": 3}, timeout=60).status_code == 200
