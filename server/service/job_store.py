@@ -126,14 +126,15 @@ class JobStore:
             event.listen(db, "connect", _sqlite_pragmas)
         try:
             with db.begin() as c:
-                metadata.create_all(c)
+                meta_table.create(c, checkfirst=True)
                 version = c.execute(select(meta_table.c.value).where(meta_table.c.key == "schema")).scalar()
-                if version is None:
-                    c.execute(insert(meta_table).values(key="schema", value=str(SCHEMA_VERSION)))
-                elif int(version) > SCHEMA_VERSION:
+                if version is not None and int(version) > SCHEMA_VERSION:
                     raise StoreError(f"the job store {self.where} has schema version {version}, newer than this "
                                      f"server's ({SCHEMA_VERSION}): run the newer server, or point --job-store / "
                                      "--data-dir at another store")
+                metadata.create_all(c)
+                if version is None:
+                    c.execute(insert(meta_table).values(key="schema", value=str(SCHEMA_VERSION)))
         except SQLAlchemyError as e:
             hint = ("a corrupt or unwritable file: move it away (the jobs in it are lost) or give another "
                     "--data-dir" if sqlite else "is the database up and reachable, and the URL right?")

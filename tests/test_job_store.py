@@ -1,0 +1,125 @@
+"""Async jobs that outlive the process: the job store in a real SQLite file (and, where Debian's
+postgresql package is installed, a real PostgreSQL server), through the real server, killed and stopped
+for real. A job answered 202 ends once, with its result, across a kill -9 and across a SIGTERM; a
+retry with the same Idempotency-Key is the same job; a store that cannot be used stops the server at
+once with a message; a store that goes away while serving answers 503 store_unavailable to job
+requests only, and the server recovers when it returns."""
+
+from __future__ import annotations
+
+import io
+import signal
+import sqlite3
+import subprocess
+import sys
+
+import httpx
+import numpy as np
+from PIL import Image
+from server_harness import ROOT, run_server, wait_until
+
+# 1 row: one job runs at a time, the others queue; 60 DDIM steps take a few seconds on the CPU.
+ARGS = ("--max-batch-rows", "1", "--max-steps", "1000", "--no-deadline-admission")
+JOB = {"steps": 60, "sampler": "ddim", "cfg_scale": 1.0}
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def submit_jobs(url: str, n: int) -> list[str]:
+    return [httpx.post(url + "/jobs", json=dict(JOB, class_id=k, seed=100 + k), timeout=30).json()["id"]
+            for k in range(n)]
+
+
+def statuses(url: str, ids: list[str]) -> list[str]:
+    return [httpx.get(f"{url}/jobs/{i}", timeout=30).json()["status"] for i in ids]
+
+
+def check_done_as_alone(url: str, ids: list[str]) -> None:
+    """Every job ends done, with the images of the same request run alone (within one grey level)."""
+    wait_until(lambda: all(s == "done" for s in statuses(url, ids)), 180, "every job to end done")
+    for k, job_id in enumerate(ids):
+        result = httpx.get(f"{url}/jobs/{job_id}/result", timeout=30)
+        alone = httpx.post(url + "/generate", json=dict(JOB, class_id=k, seed=100 + k), timeout=60)
+        assert result.status_code == alone.status_code == 200
+        assert np.abs(pixels(result.content) - pixels(alone.content)).max() <= 1, job_id
+
+
+def test_kill_9_loses_no_job(tmp_path):
+    data = ["--data-dir", str(tmp_path / "store")]
+    with run_server(tmp_path, *ARGS, *data) as s:
+        ids = submit_jobs(s.url, 4)
+        wait_until(lambda: statuses(s.url, ids)[0] == "running", 30, "the first job to run")
+        s.proc.kill()  # no drain, no goodbye
+        s.proc.wait(30)
+    with run_server(tmp_path, *ARGS, *data) as s:
+        assert "resumed 4 async jobs" in s.logs()
+        check_done_as_alone(s.url, ids)
+
+
+def test_sigterm_leaves_queued_jobs_for_the_next_start(tmp_path):
+    data = ["--data-dir", str(tmp_path / "store")]
+    with run_server(tmp_path, *ARGS, *data) as s:
+        ids = submit_jobs(s.url, 3)
+        wait_until(lambda: statuses(s.url, ids)[0] == "running", 30, "the first job to run")
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.proc.wait(60) in (0, -signal.SIGTERM)
+        logs = s.logs()
+    assert "2 queued async jobs left for the next start" in logs and "engine_died" not in logs, logs
+    with run_server(tmp_path, *ARGS, *data) as s:
+        check_done_as_alone(s.url, ids)  # the first finished in the drain; the other two run now
+
+
+def test_idempotency_key_returns_the_same_job_and_refuses_another_body(tmp_path):
+    with run_server(tmp_path, *ARGS) as s, s.client() as c:
+        first = c.post("/jobs", json=dict(JOB, class_id=1, seed=5), headers={"Idempotency-Key": "order-17"})
+        again = c.post("/jobs", json=dict(JOB, class_id=1, seed=5), headers={"Idempotency-Key": "order-17"})
+        assert first.status_code == again.status_code == 202 and first.json()["id"] == again.json()["id"]
+        other = c.post("/jobs", json=dict(JOB, class_id=2, seed=5), headers={"Idempotency-Key": "order-17"})
+        assert other.status_code == 422 and other.json()["error"]["field"] == "idempotency-key"
+        assert len(c.get("/jobs").json()["jobs"]) == 1
+
+
+def test_max_jobs_is_counted_in_the_store_across_restarts(tmp_path):
+    data = ["--data-dir", str(tmp_path / "store"), "--max-jobs", "2"]
+    with run_server(tmp_path, *ARGS, *data) as s:
+        submit_jobs(s.url, 2)
+    with run_server(tmp_path, *ARGS, *data) as s:
+        full = httpx.post(s.url + "/jobs", json=dict(JOB, class_id=3), timeout=30)
+        assert full.status_code == 429 and full.json()["error"]["code"] == "too_many_jobs"
+
+
+def test_finished_jobs_expire_with_their_images(tmp_path):
+    store = tmp_path / "store"
+    with run_server(tmp_path, *ARGS, "--data-dir", str(store), "--job-ttl", "1") as s:
+        job_id = httpx.post(s.url + "/jobs", json=dict(JOB, class_id=1, steps=3), timeout=30).json()["id"]
+        wait_until(lambda: statuses(s.url, [job_id]) == ["done"], 30, "the job to end")
+        wait_until(lambda: httpx.get(f"{s.url}/jobs/{job_id}").status_code == 404, 30, "the job to expire")
+    with sqlite3.connect(store / "jobs.db") as db:
+        assert db.execute("select count(*) from dit_jobs").fetchone()[0] == 0
+        assert db.execute("select count(*) from dit_images").fetchone()[0] == 0
+
+
+def _start(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "server", "--port", "0", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_store_that_cannot_be_used_stops_the_server_at_once(tmp_path):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "jobs.db").write_bytes(b"this is not a database" * 100)
+    out = _start(tmp_path, "--data-dir", str(corrupt))
+    assert out.returncode == 1 and "cannot open the job store" in out.stderr and "--data-dir" in out.stderr
+    newer = tmp_path / "newer"
+    newer.mkdir()
+    with sqlite3.connect(newer / "jobs.db") as db:
+        db.execute("create table dit_meta (key varchar(64) primary key, value text)")
+        db.execute("insert into dit_meta values ('schema', '99')")
+    out = _start(tmp_path, "--data-dir", str(newer))
+    assert out.returncode == 1 and "schema version 99, newer than this server's" in out.stderr
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the data directory should be")
+    out = _start(tmp_path, "--data-dir", str(blocked / "data"))
+    assert out.returncode == 1 and "cannot create the data directory" in out.stderr, out.stderr
