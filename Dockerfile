@@ -14,7 +14,8 @@ USER dit
 # The README's install command, without the test tools. torch is pinned to the release the GPU checks
 # ran on (bench/RESULTS.md); its wheel brings its own CUDA libraries, the host brings the driver. The
 # build machine needs no GPU: TORCH_BUILD=default keeps make from picking the CPU build there.
-# EXTRAS=ray (docker build --build-arg EXTRAS=ray) adds Ray Serve, for deploy/kubernetes/rayservice.yaml.
+# EXTRAS=ray,postgres (docker build --build-arg EXTRAS=ray,postgres) adds Ray Serve and a PostgreSQL job store,
+# for deploy/kubernetes/rayservice.yaml.
 ARG EXTRAS=
 RUN make install EXTRAS="$EXTRAS" TORCH_BUILD=default TORCH_SPEC="torch==2.11.0"
 

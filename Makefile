@@ -6,9 +6,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Optional dependencies to install: none for serving (the container image too), the test tools and Ray
-# (its tests are in the suite) for testing; `make serve EXTRAS=ray` adds Ray to a serving install.
+# (its tests are in the suite) and PostgreSQL's driver for testing; `make serve EXTRAS=ray,postgres` adds them to
+# a serving install.
 EXTRAS ?=
-TEST_EXTRAS := test,ray
+TEST_EXTRAS := test,ray,postgres
 # torch: a CUDA host (nvidia-smi on PATH) takes the default build; elsewhere the CPU build, from PyTorch's
 # CPU index when it answers (.ci/torch_index.py probes it once, 5 s at most), else from pip's configured
 # index (this team's machines hold the CPU wheel on disk). TORCH_BUILD=default or cpu overrides the
