@@ -15,6 +15,7 @@ import sys
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 from server_harness import ROOT, run_server, wait_until
 
@@ -123,3 +124,40 @@ def test_a_store_that_cannot_be_used_stops_the_server_at_once(tmp_path):
     blocked.write_text("a file where the data directory should be")
     out = _start(tmp_path, "--data-dir", str(blocked / "data"))
     assert out.returncode == 1 and "cannot create the data directory" in out.stderr, out.stderr
+
+
+# ---- PostgreSQL (the store of a fleet) ------------------------------------------------------------------
+
+@pytest.fixture
+def pg():
+    from postgres_harness import postgres_server
+
+    pytest.importorskip("psycopg", reason="psycopg is not installed: make test installs it (.[postgres])")
+    with postgres_server() as server:
+        yield server
+
+
+def test_postgresql_store_survives_a_kill_and_its_own_absence(tmp_path, pg):
+    store = ("--job-store", pg.url)
+    with run_server(tmp_path, *ARGS, *store) as s:
+        ids = submit_jobs(s.url, 3)
+        wait_until(lambda: statuses(s.url, ids)[0] == "running", 30, "the first job to run")
+        s.proc.kill()
+        s.proc.wait(30)
+    with run_server(tmp_path, *ARGS, *store) as s:
+        check_done_as_alone(s.url, ids)
+        pg.stop()  # the database goes away while the server runs
+        down = httpx.post(s.url + "/jobs", json=dict(JOB, class_id=1), timeout=60)
+        assert down.status_code == 503 and down.json()["error"]["code"] == "store_unavailable", down.text
+        assert httpx.post(s.url + "/generate", json=dict(JOB, class_id=1, steps=3), timeout=60).status_code == 200
+        pg.start()
+        back = httpx.post(s.url + "/jobs", json=dict(JOB, class_id=2, steps=3), timeout=60)
+        assert back.status_code == 202
+        wait_until(lambda: statuses(s.url, [back.json()["id"]]) == ["done"], 60, "a job after the store came back")
+
+
+def test_an_unreachable_postgresql_stops_the_server_at_once(tmp_path, pg):
+    pg.stop()
+    out = _start(tmp_path, "--job-store", pg.url)
+    assert out.returncode == 1 and "cannot open the job store 127.0.0.1" in out.stderr
+    assert "reachable" in out.stderr and "postgres@" not in out.stderr.split("job store")[1][:10]
