@@ -8,11 +8,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import http.server
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -161,7 +163,7 @@ def env_from_example(**changes: str) -> dict[str, str]:
 
 GOOD_PASSWORD = "a long and private passphrase"
 # What each server service sets itself, not from .env: the image fixes the address and port.
-FIXED = {"dit": {"host", "port"}, "dit-cpu": {"host", "port", "model", "vae", "device"}}
+FIXED = {"dit": {"host", "port", "data_dir"}, "dit-cpu": {"host", "port", "data_dir", "model", "vae", "device"}}
 
 
 @pytest.mark.parametrize("service", ["dit", "dit-cpu"])
@@ -188,6 +190,11 @@ def test_unset_settings_are_the_servers_defaults():
     given = {k: v for k, v in spec["environment"].items() if v not in ("", None)}
     assert given == {"DIT_API_KEYS_FILE": "/run/secrets/dit-api-keys", "DIT_DEVICE": "cpu"}
     assert "/dev/null:/run/secrets/dit-api-keys:ro" in spec["volumes"]  # no file: an empty one, no keys
+    # The job store's default folder is in the server user's home, which is a volume (the image's home, so
+    # that Docker gives the new volume that user's ownership).
+    assert "data:/home/dit" in spec["volumes"] and "data" in yaml.safe_load(COMPOSE_FILE.read_text())["volumes"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "useradd --create-home --uid 10001 dit" in dockerfile and "\nUSER dit\n" in dockerfile
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):
@@ -213,7 +220,7 @@ def test_keys_and_webhook_secret_in_env_reach_a_real_server(tmp_path):
     env = env_from_example(GRAFANA_ADMIN_PASSWORD=GOOD_PASSWORD, DIT_API_KEYS="key-inline", DIT_API_KEYS_FILE=str(keys),
                            DIT_WEBHOOK_SECRET="whsec-test", DIT_WEBHOOK_ALLOW_HOSTS="127.0.0.1")
     spec = compose(env)["services"]["dit-cpu"]
-    mounts = dict(volume.removesuffix(":ro").split(":")[::-1] for volume in spec["volumes"])  # target -> source
+    mounts = {v.removesuffix(":ro").split(":")[1]: v.split(":")[0] for v in spec["volumes"]}  # target -> source
     server_env = {k: ("" if v is None else str(v)) for k, v in spec["environment"].items()}
     server_env["DIT_API_KEYS_FILE"] = mounts[server_env["DIT_API_KEYS_FILE"]]
     body = {"class_id": 1, "steps": 2, "seed": 5}
@@ -338,7 +345,7 @@ def test_dit_generate_help_states_the_embedded_models_interval(server):
     cmd = [str(cli)] if cli.exists() else [sys.executable, "-m", "dit_client"]
     out = subprocess.run([*cmd, "--help"], env=dict(os.environ, COLUMNS="1000"), capture_output=True, text=True,
                          check=True, timeout=60).stdout
-    line = " ".join(out.split("--guidance-interval LO HI", 1)[1].split("--seed")[0].split())
+    line = " ".join(out.split("\n  --guidance-interval LO HI", 1)[1].split("\n  --seed")[0].split())
     lo, hi = httpx.get(server.url + "/info", timeout=10).json()["defaults"]["guidance_interval"]
     assert f"{lo:g} {hi:g} for the embedded model" in line and "usually" not in line, line
 
@@ -379,7 +386,7 @@ def listening(pids: set[int]) -> list[tuple[str, int, str]]:
         address, _, port = fields[3].rpartition(":")
         for name, pid in re.findall(r'\("([^"]*)",pid=(\d+)', line):
             if int(pid) in pids:
-                found.append((address.strip("[]"), int(port), name))
+                found.append((address.strip("[]").removeprefix("::ffff:"), int(port), name))  # v4-mapped
     return found
 
 
@@ -412,7 +419,8 @@ def test_serve_run_listens_where_the_readme_says(tmp_path):
     config = yaml.safe_load((ROOT / "deploy/ray/local.yaml").read_text())
     config["http_options"]["port"] = port
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
-    env = dict(os.environ, **variables, RAY_TMPDIR=str(tmp_path), RAY_DEDUP_LOGS="0")
+    ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
+    env = dict(os.environ, **variables, RAY_TMPDIR=ray_tmp, RAY_DEDUP_LOGS="0")
     serve = Path(sys.executable).parent / "serve"
     with open(tmp_path / "serve.log", "wb") as log:
         proc = subprocess.Popen([str(serve), "run", str(tmp_path / "serve.yaml")], cwd=ROOT, env=env, stdout=log,
@@ -427,6 +435,7 @@ def test_serve_run_listens_where_the_readme_says(tmp_path):
 
         wait_until(ready, 240, "`serve run deploy/ray/local.yaml` to answer ready", interval=1)
         sockets = listening(process_tree(proc.pid))
+        print(*sorted(sockets), sep="\n")
     finally:
         proc.send_signal(2)  # Ctrl-C, as the README says: serve run shuts Serve and its Ray instance down
         try:
@@ -434,6 +443,7 @@ def test_serve_run_listens_where_the_readme_says(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait(10)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     everywhere = {"*", "0.0.0.0", "::"}
     assert ("127.0.0.1", port) in {(a, p) for a, p, _ in sockets}, sockets  # the API, where the config says
     wide = [(a, p, name) for a, p, name in sockets if a in everywhere]
@@ -441,3 +451,31 @@ def test_serve_run_listens_where_the_readme_says(tmp_path):
     assert len(replicas) >= 3, sockets  # Frontend + 2 Engines, each with its inter-deployment gRPC server
     assert wide == replicas, f"not only the replicas listen on every interface: {wide}"
     assert {a for a, _, _ in sockets} - everywhere == {"127.0.0.1"}, sockets  # everything else on loopback
+
+
+def stream_statuses(url: str, body: dict) -> tuple[list[str], str]:
+    """The distinct statuses of a stream's progress events, in order, and the name of its last event."""
+    statuses, name = [], None
+    with httpx.stream("POST", url + "/generate", json=body, headers={"Accept": "text/event-stream"},
+                      timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: ") and name == "progress":
+                status = json.loads(line.removeprefix("data: "))["status"]
+                if not statuses or statuses[-1] != status:
+                    statuses.append(status)
+    return statuses, name
+
+
+def test_stream_statuses_come_in_the_readmes_order(server):
+    """queued, running, encoding, done, in that order, a stage skipped when the stream did not wake
+    during it (as the README says: `encoding` lasts milliseconds); always `done`, then the result."""
+    order = ["queued", "running", "encoding", "done"]
+    for k in range(12):
+        statuses, last = stream_statuses(server.url, {"class_id": k % 10, "steps": 5, "seed": k,
+                                                      "num_images": 1 + k % 4})
+        assert last == "result" and statuses[-1] == "done", statuses
+        assert statuses == sorted(statuses, key=order.index) and len(set(statuses)) == len(statuses), statuses
+    section = README.split("- **Progress streaming**", 1)[1].split("\n- **", 1)[0]
+    assert all(f"`{status}`" in section for status in order) and "can skip a" in section

@@ -269,12 +269,13 @@ class JobStore:
         return job.id in self._deferred
 
     def _ended(self, job: Job) -> None:
-        """Write a job's end (on the thread that ended it). An engine that died, or a stop that left the
-        job for later, is no end: the row stays pending and the next start runs the job again."""
+        """Write a job's end (on the thread that ended it). An engine that died or lost its device, or a
+        stop that left the job for later, is no end: the row stays pending and the next start (which an
+        orchestrator brings) runs the job again."""
         with self._lock:
             deferred = job.id in self._deferred
             self._live.pop(job.id, None)
-        if deferred or (job.error is not None and job.error.kind == ErrorKind.ENGINE_DIED):
+        if deferred or (job.error is not None and job.error.kind in (ErrorKind.ENGINE_DIED, ErrorKind.NOT_READY)):
             return
         status = job.status if job.error is not None else "done"
         error = None if job.error is None else json.dumps(
