@@ -7,7 +7,7 @@ ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv make curl \
  && rm -rf /var/lib/apt/lists/*
-RUN useradd --create-home --uid 10001 dit && mkdir -p /app /weights && chown dit:dit /app /weights
+RUN useradd --create-home --uid 10001 dit && mkdir -p /app /weights /data && chown dit:dit /app /weights /data
 WORKDIR /app
 COPY --chown=dit:dit . /app
 USER dit
@@ -19,9 +19,10 @@ USER dit
 ARG EXTRAS=
 RUN make install EXTRAS="$EXTRAS" TORCH_BUILD=default TORCH_SPEC="torch==2.11.0"
 
-ENV PATH=/app/.venv/bin:$PATH DIT_HOST=0.0.0.0 DIT_PORT=8000
+# /data: the server's data (the async jobs' store, SQLite), a volume so that jobs outlive the container
+ENV PATH=/app/.venv/bin:$PATH DIT_HOST=0.0.0.0 DIT_PORT=8000 DIT_DATA_DIR=/data
 EXPOSE 8000
-VOLUME ["/weights"]
+VOLUME ["/weights", "/data"]
 # Ready only after load, CUDA-graph capture and warm-up: allow a long start.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
   CMD curl -fsS http://127.0.0.1:8000/readyz || exit 1

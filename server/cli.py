@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from pydantic_settings import CliApp, CliSettingsSource, SettingsError
 
 from .logs import setup_logging
-from .settings import Settings
+from .settings import DATA_DIR, Settings
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,10 @@ def metavar(name: str) -> str | None:
 
 
 def show_default(value: Any) -> str:
-    """A default as one would write it in the environment: `none`, `a,b`, `true`."""
+    """A default as one would write it in the environment: `none`, `a,b`, `true`; the data directory as it
+    is found on any machine."""
+    if value == DATA_DIR:
+        return "~/.local/share/dit-serve (or $XDG_DATA_HOME/dit-serve)"
     if value is None or value == []:
         return "none"
     if isinstance(value, bool):

@@ -190,11 +190,12 @@ def test_unset_settings_are_the_servers_defaults():
     given = {k: v for k, v in spec["environment"].items() if v not in ("", None)}
     assert given == {"DIT_API_KEYS_FILE": "/run/secrets/dit-api-keys", "DIT_DEVICE": "cpu"}
     assert "/dev/null:/run/secrets/dit-api-keys:ro" in spec["volumes"]  # no file: an empty one, no keys
-    # The job store's default folder is in the server user's home, which is a volume (the image's home, so
-    # that Docker gives the new volume that user's ownership).
-    assert "data:/home/dit" in spec["volumes"] and "data" in yaml.safe_load(COMPOSE_FILE.read_text())["volumes"]
+    # The job store is in the image's /data (DIT_DATA_DIR), which belongs to the server's user, so that
+    # Docker gives a new volume there that user's ownership.
+    assert "data:/data" in spec["volumes"] and "data" in yaml.safe_load(COMPOSE_FILE.read_text())["volumes"]
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert "useradd --create-home --uid 10001 dit" in dockerfile and "\nUSER dit\n" in dockerfile
+    assert "chown dit:dit /app /weights /data" in dockerfile and "DIT_DATA_DIR=/data" in dockerfile
+    assert "\nUSER dit\n" in dockerfile
 
 
 class Receiver(http.server.BaseHTTPRequestHandler):
@@ -390,6 +391,9 @@ def listening(pids: set[int]) -> list[tuple[str, int, str]]:
     return found
 
 
+EVERYWHERE = {"*", "0.0.0.0", "::"}  # how `ss` writes an address that is every interface
+
+
 def process_tree(root: int) -> set[int]:
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -434,8 +438,10 @@ def test_serve_run_listens_where_the_readme_says(tmp_path):
                 return False
 
         wait_until(ready, 240, "`serve run deploy/ray/local.yaml` to answer ready", interval=1)
-        sockets = listening(process_tree(proc.pid))
-        print(*sorted(sockets), sep="\n")
+        # Ready once one engine reports; each replica opens its gRPC server when its constructor is done.
+        sockets = wait_until(lambda: (found := listening(process_tree(proc.pid))) and
+                             len([s for s in found if "ServeRepl" in s[2] and s[0] in EVERYWHERE]) >= 3 and found,
+                             120, "the front-end and both engine replicas to listen", interval=1)
     finally:
         proc.send_signal(2)  # Ctrl-C, as the README says: serve run shuts Serve and its Ray instance down
         try:
@@ -444,13 +450,13 @@ def test_serve_run_listens_where_the_readme_says(tmp_path):
             os.killpg(proc.pid, 9)
             proc.wait(10)
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    everywhere = {"*", "0.0.0.0", "::"}
     assert ("127.0.0.1", port) in {(a, p) for a, p, _ in sockets}, sockets  # the API, where the config says
-    wide = [(a, p, name) for a, p, name in sockets if a in everywhere]
-    replicas = [s for s in wide if "ServeRepl" in s[2]]
-    assert len(replicas) >= 3, sockets  # Frontend + 2 Engines, each with its inter-deployment gRPC server
-    assert wide == replicas, f"not only the replicas listen on every interface: {wide}"
-    assert {a for a, _, _ in sockets} - everywhere == {"127.0.0.1"}, sockets  # everything else on loopback
+    wide = [(a, p, name) for a, p, name in sockets if a in EVERYWHERE]
+    # Frontend + 2 Engines, each with its inter-deployment gRPC server on every interface, and nothing else
+    assert len(wide) == 3 and all("ServeRepl" in name for _, _, name in wide), wide
+    assert {a for a, _, _ in sockets} - EVERYWHERE == {"127.0.0.1"}, sockets  # everything else on loopback
+    names = {name for _, _, name in sockets}
+    assert {"gcs_server", "raylet"} <= names, names  # Ray's own services are among them
 
 
 def stream_statuses(url: str, body: dict) -> tuple[list[str], str]:

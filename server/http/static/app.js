@@ -461,7 +461,7 @@ function clearHistory() {
 $("cfg").addEventListener("input", () => { $("cfg-value").textContent = $("cfg").value; });
 $("form").addEventListener("submit", generate);
 for (const id of ["class", "seed", "num-images", "interval-lo", "interval-hi"]) {
-  $(id).addEventListener("input", clearFixedError);
+  for (const type of ["input", "change"]) $(id).addEventListener(type, clearFixedError);
 }
 $("cancel").addEventListener("click", cancel);
 $("random-seed").addEventListener("click", () => { $("seed").value = ""; $("seed").focus(); });
