@@ -55,7 +55,7 @@ def test_kill_9_loses_no_job(tmp_path):
         s.proc.kill()  # no drain, no goodbye
         s.proc.wait(30)
     with run_server(tmp_path, *ARGS, *data) as s:
-        assert "resumed 4 async jobs" in s.logs()
+        wait_until(lambda: "resumed 4 async jobs" in s.logs(), 30, "the jobs to be resumed")  # once ready
         check_done_as_alone(s.url, ids)
 
 
