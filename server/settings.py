@@ -110,6 +110,8 @@ class Settings(BaseSettings):
                                   "postgresql+psycopg://user:password@host/db for a fleet; none = SQLite in "
                                   "--data-dir")
     max_jobs: int = Field(1000, ge=1, description="async jobs held at once (queued, running or finished)")
+    max_jobs_per_key: int | None = Field(None, ge=1, description="async jobs one API key may hold at once (queued, "
+                                         "running or finished); none = only --max-jobs")
     encode_threads: int = Field(2, ge=1, description="threads encoding images off the device thread")
     warmup: bool = Field(True, description="run a short generation before reporting ready")
     engine: Literal["process", "thread"] = Field(

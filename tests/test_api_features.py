@@ -297,7 +297,8 @@ def test_errors_that_teach(alice):
     assert "line 2, column 13" in broken["message"] and broken["field"] is None
     several = alice.post("/generate", json={"class_id": 1, "steps": 0, "guidance_scale": 3,
                                             "num_inference_steps": 20, "class_labels": [1]}).json()["error"]
-    assert len(several["errors"]) == 4 and several["field"] == several["errors"][0]["field"]
+    assert len(several["errors"]) == 5 and several["field"] == several["errors"][0]["field"]
+    assert several["errors"][-1]["message"].startswith("the fields are: class_id, class_name")  # once
     hints = {e["field"]: e["message"] for e in several["errors"]}
     assert "did you mean `cfg_scale`?" in hints["guidance_scale"]
     assert "did you mean `steps`?" in hints["num_inference_steps"]
@@ -315,6 +316,22 @@ def test_accept_picks_the_image_format_when_format_is_absent(alice):
     explicit = alice.post("/generate", json={"class_id": 1, "steps": 2, "format": "png"},
                           headers={"Accept": "image/webp"})
     assert explicit.headers["content-type"] == "image/png"
+
+
+def test_thousands_of_unknown_fields_get_a_short_answer(alice):
+    names = [a + b + c for a in "xyz" for b in "abcdefghijklmnopqrstuvwxyz0123456789" for c in
+             "abcdefghijklmnopqrstuvwxyz0123456789"][:3800]  # 3,800 unknown keys in 31 KB of JSON
+    body = json.dumps({"class_id": 1, **dict.fromkeys(names, 0)}, separators=(",", ":"))
+    answer = alice.post("/generate", content=body, headers={"Content-Type": "application/json"})
+    error = answer.json()["error"]
+    assert answer.status_code == 422 and len(answer.content) <= 16 * 1024, len(answer.content)
+    assert len(error["errors"]) == 21 and error["errors"][-1]["message"].startswith("and 3780 more unknown fields")
+    assert error["errors"][-1]["message"].count("class_id") == 1  # the valid fields, once
+
+
+def test_a_webhook_url_the_client_would_refuse_is_refused_at_submission(alice):
+    answer = alice.post("/jobs", json={"class_id": 1, "webhook_url": "http://127.0.0.1\t:8301/tab"})
+    assert answer.status_code == 422 and answer.json()["error"]["field"] == "webhook_url"
 
 
 def test_every_error_has_the_one_shape(alice):

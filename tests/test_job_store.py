@@ -161,3 +161,20 @@ def test_an_unreachable_postgresql_stops_the_server_at_once(tmp_path, pg):
     out = _start(tmp_path, "--job-store", pg.url)
     assert out.returncode == 1 and "cannot open the job store 127.0.0.1" in out.stderr
     assert "reachable" in out.stderr and "postgres@" not in out.stderr.split("job store")[1][:10]
+
+
+def test_job_places_per_key_and_deleting_an_ended_job_frees_its_place(tmp_path):
+    keys = '["key-a", "key-b"]'
+    with run_server(tmp_path, *ARGS, "--max-jobs-per-key", "2", env={"DIT_API_KEYS": keys}) as s:
+        a, b = ({"X-API-Key": key} for key in ("key-a", "key-b"))
+        short = dict(JOB, class_id=1, steps=3)
+        mine = [httpx.post(s.url + "/jobs", json=short, headers=a, timeout=30).json()["id"] for _ in range(2)]
+        full = httpx.post(s.url + "/jobs", json=short, headers=a, timeout=30)
+        assert full.status_code == 429 and full.json()["error"]["code"] == "too_many_jobs"
+        assert "DELETE /jobs/{id} of an ended job frees its place at once" in full.json()["error"]["message"]
+        assert httpx.post(s.url + "/jobs", json=short, headers=b, timeout=30).status_code == 202  # b's own places
+        wait_until(lambda: httpx.get(f"{s.url}/jobs/{mine[0]}", headers=a).json()["status"] == "done", 60, "done")
+        deleted = httpx.delete(f"{s.url}/jobs/{mine[0]}", headers=a)
+        assert deleted.status_code == 200 and deleted.json()["status"] == "done"
+        assert httpx.get(f"{s.url}/jobs/{mine[0]}", headers=a).status_code == 404
+        assert httpx.post(s.url + "/jobs", json=short, headers=a, timeout=30).status_code == 202  # the place is free

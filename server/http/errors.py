@@ -139,17 +139,19 @@ JOB_ONLY_FIELDS = ("webhook_url", "tag")
 
 
 def unknown_field_message(field: str, known: list[str]) -> str:
+    """What to say of one unknown field: where it belongs, or the field it most likely meant (the list of
+    valid fields is said once for the whole body)."""
     if field in JOB_ONLY_FIELDS and field not in known:
         return f"{field} is for async jobs: POST /jobs takes it, /generate does not"
     hint = FAMILIAR_NAMES.get(field.lower())
     if hint is None or hint not in known:
         close = difflib.get_close_matches(field.lower(), known, n=1, cutoff=0.6)
         hint = close[0] if close else None
-    suggestion = f"did you mean `{hint}`?" if hint else f"the fields are: {', '.join(known)}"
-    return f"unknown field {field!r}: {suggestion}"
+    return f"unknown field {field!r}: did you mean `{hint}`?" if hint else f"unknown field {field!r}"
 
 
 _SOURCES = ("body", "query", "path", "header")
+UNKNOWN_FIELDS_SHOWN = 20  # a body of thousands of unknown keys gets a short answer, made in little time
 
 
 def validation_error(e: RequestValidationError, content_type: str | None, known_fields: list[str]) -> ApiError:
@@ -165,10 +167,14 @@ def validation_error(e: RequestValidationError, content_type: str | None, known_
         return ApiError(415, "unsupported_media_type", f"the body must be JSON sent with Content-Type: "
                         f"application/json (this request had {got})", "content-type")
     problems: list[tuple[str | None, str]] = []
+    unknown = 0
     for err in errors:
         loc = err.get("loc", ())
         field = ".".join(str(p) for p in loc[1 if loc and loc[0] in _SOURCES else 0:]) or None
         if err.get("type") == "extra_forbidden" and field is not None:
+            unknown += 1
+            if unknown > UNKNOWN_FIELDS_SHOWN:
+                continue
             message = unknown_field_message(field, known_fields)
         elif err.get("type") == "missing" and field is None:
             message = "the body is empty (or null): send a JSON object, e.g. {\"class_id\": 3}"
@@ -181,6 +187,9 @@ def validation_error(e: RequestValidationError, content_type: str | None, known_
             msg = err.get("msg", "invalid").removeprefix("Value error, ")
             message = f"{field}: {msg}" if field else msg
         problems.append((field, message))
+    if unknown:
+        more = f"and {unknown - UNKNOWN_FIELDS_SHOWN} more unknown fields; " if unknown > UNKNOWN_FIELDS_SHOWN else ""
+        problems.append((None, f"{more}the fields are: {', '.join(known_fields)}"))
     if isinstance(e.body, Mapping):
         choice = class_choice_problems(e.body.get("class_id"), e.body.get("class_name"))
         problems += [p for p in choice if p[0] not in {f for f, _ in problems}]

@@ -69,7 +69,8 @@ class Webhooks:
         try:
             parts = urlsplit(url)
             host, _ = parts.hostname, parts.port  # .port raises on a bad port
-        except ValueError as e:
+            httpx.URL(url)  # what the deliveries' client would refuse later, refused now
+        except (ValueError, httpx.InvalidURL) as e:
             raise refuse(f"not a URL: {e}") from e
         if parts.scheme not in ("http", "https") or not host:
             raise refuse("webhook_url must be an http:// or https:// URL with a host")

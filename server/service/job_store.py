@@ -102,8 +102,8 @@ def store_url(job_store: str | None, data_dir: Path) -> str:
 
 
 class JobStore:
-    def __init__(self, url: str, ttl: float, max_jobs: int):
-        self.url, self.ttl, self.max_jobs = url, ttl, max_jobs
+    def __init__(self, url: str, ttl: float, max_jobs: int, max_per_key: int | None = None):
+        self.url, self.ttl, self.max_jobs, self.max_per_key = url, ttl, max_jobs, max_per_key
         self.where = url.split("@")[-1] if "://" in url else url  # no password in messages
         self._live: dict[str, Job] = {}  # jobs of this process not yet written as ended
         self._deferred: set[str] = set()  # left pending for the next start (shutdown)
@@ -159,7 +159,12 @@ class JobStore:
                         return earlier
                 held = c.execute(select(func.count()).select_from(jobs_table)).scalar()
                 if held >= self.max_jobs:
-                    raise StoreFull(f"{held} jobs are held")
+                    raise StoreFull(f"{held} jobs are held (--max-jobs)")
+                if self.max_per_key is not None and r.owner is not None:
+                    mine = c.execute(select(func.count()).select_from(jobs_table)
+                                     .where(jobs_table.c.owner == row["owner"])).scalar()
+                    if mine >= self.max_per_key:
+                        raise StoreFull(f"this API key holds {mine} jobs (--max-jobs-per-key)")
                 c.execute(insert(jobs_table).values(**row))
         except IntegrityError:  # the same Idempotency-Key, written just now by a concurrent request
             with self.db.begin() as c:
@@ -189,11 +194,16 @@ class JobStore:
         return self._live.get(row["id"]) or _job_from_row(row)
 
     def remove(self, job_id: str) -> None:
-        """Forget a job the engine refused at once (it never ran)."""
+        """Forget a job, and its images: one the engine refused at once, or one its owner deleted once ended
+        (its place is free at once)."""
         with self._lock:
             self._live.pop(job_id, None)
-        with self.db.begin() as c:
-            c.execute(delete(jobs_table).where(jobs_table.c.id == job_id))
+        try:
+            with self.db.begin() as c:
+                c.execute(delete(images_table).where(images_table.c.job_id == job_id))
+                c.execute(delete(jobs_table).where(jobs_table.c.id == job_id))
+        except SQLAlchemyError as e:
+            raise self._unavailable(e) from e
 
     # ---- jobs out ------------------------------------------------------------------------------------------
     def get(self, job_id: str, owner: str | None) -> Job | None:

@@ -54,7 +54,8 @@ class Service:
             self.engine = EngineProcess(settings, self)
         self.model: EngineInfo | None = None  # set once the engine has started
         # Async jobs: opened here, so that a store that cannot be used stops the server before it listens.
-        self.jobs = JobStore(store_url(settings.job_store, settings.data_dir), settings.job_ttl, settings.max_jobs)
+        self.jobs = JobStore(store_url(settings.job_store, settings.data_dir), settings.job_ttl, settings.max_jobs,
+                             settings.max_jobs_per_key)
         self.admission = Admission(settings.max_queue, settings.max_requests_per_key, settings.deadline_admission)
         self.status = "starting"
         self._ready = threading.Event()

@@ -4,7 +4,8 @@
     GET /jobs             the caller's jobs, newest first (?limit=, at most 100)
     GET /jobs/{id}        {"status": queued|running|encoding|done|failed|cancelled|timed_out, "step", ...}
     GET /jobs/{id}/result the image (or JSON, if the job was submitted with Accept: application/json)
-    DELETE /jobs/{id}     cancel: its samples are dropped at the next denoising step
+    DELETE /jobs/{id}     cancel a queued or running job (its samples are dropped at the next step);
+                          remove an ended one (its place is free at once; 404 afterwards)
 
 A job's id is its engine request's id. Jobs are kept in the job store (server/service/job_store.py), so
 they outlive the process: a job answered 202 ends once, with its result, across restarts. With API keys
@@ -99,7 +100,9 @@ async def create(body: JobRequest, request: Request, svc: AnyService, jobs: Jobs
     try:
         stored = await _stored(jobs.add, job, webhook_url=url, idempotency_key=key, fingerprint=fingerprint)
     except StoreFull as e:
-        raise ApiError(429, "too_many_jobs", f"{e}; fetch or cancel some, or try again later",
+        raise ApiError(429, "too_many_jobs", f"{e}: DELETE /jobs/{{id}} of an ended job frees its place at once (an "
+                       f"unfinished one is cancelled by it, and frees its place when deleted again once it has "
+                       f"ended); ended jobs also leave {svc.settings.job_ttl:g} s after their end",
                        retry_after=FULL_RETRY_SECONDS) from e
     except IdempotencyConflict as e:
         raise ApiError.invalid([("idempotency-key", str(e))]) from e
@@ -140,9 +143,14 @@ async def result(job_id: str, request: Request, svc: AnyService, jobs: Jobs):
 
 
 @router.delete("/{job_id}", response_model=JobStatus, responses=not_found,
-               summary="cancel a job (its samples are dropped at the next step)")
+               summary="cancel a queued or running job (its samples are dropped at the next step); remove an "
+                       "ended one (its place is free at once, and it is 404 afterwards)")
 async def cancel(job_id: str, request: Request, jobs: Jobs):
     job = await _find(jobs, job_id, request)
+    if job.ended:
+        answer = status(job)
+        await _stored(jobs.remove, job_id)
+        return answer
     job.cancel(FinishReason.CANCELLED)
     return status(job)
 
