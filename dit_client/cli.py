@@ -172,7 +172,7 @@ def locally(args, body: dict, output_format: str) -> tuple[str, list[tuple[int, 
     info = pipe.info
     class_id = resolve_class(args.class_, info.class_names)
     # The server's door, with a default server's limits (but no cap on the steps or images asked for).
-    limits = Settings(model=args.model, max_steps=1000, max_images=args.count)
+    limits = Settings.model_construct(model=args.model, max_steps=1000, max_images=args.count)  # not the env's
     try:
         request = new_request(info, limits, class_id=class_id, num_images=args.count, **body)
     except InvalidSettings as e:

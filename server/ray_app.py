@@ -6,9 +6,10 @@
 
 The front-end is the dit-serve HTTP app (the same routes, validation, auth, jobs, encoding and metrics
 as a single server) with a fleet of engine replicas behind it instead of one engine. One replica: the
-async jobs and the per-key quotas live in its memory, so that a job created through one request can be
-polled, fetched and cancelled through any later one, whichever Serve proxy it came in by. It holds no
-model and no tensor; it validates, relays and encodes.
+async jobs it runs and the per-key quotas live in its memory (the jobs also in its job store, --data-dir or
+--job-store), so that a job created through one request can be polled, fetched and cancelled through any
+later one, whichever Serve proxy it came in by. It holds no model and no tensor; it validates, relays and
+encodes.
 
 The arguments are the dit-serve settings by name plus the fleet's (server/transport/ray/args.py). Ray's
 defaults changed here, and why:

@@ -440,3 +440,24 @@ def test_a_request_admitted_in_part_ends_once_and_leaves_the_queue():
     h.submit(later)
     h.run()
     assert h.order() == [later]
+
+
+def test_a_failure_outside_the_step_s_recovery_ends_every_request_and_breaks_the_engine():
+    h = Harness()
+    outputs: list[RequestOutput] = []
+    calls = []
+
+    def sink(step):  # a bug in what the outputs are handed to, once
+        calls.append(step)
+        if len(calls) == 1:
+            raise RuntimeError("a bug in the sink")
+        outputs.extend(step.outputs)
+
+    loop = EngineLoop(h.core, sink)
+    requests = [h.request(steps=50) for _ in range(2)]
+    for r in requests:
+        loop.submit(r)
+    loop.start()
+    loop.stop(timeout=30)
+    ends = {o.id: o.error.kind for o in outputs if o.ended}
+    assert ends == {r.id: ErrorKind.NOT_READY for r in requests} and "a bug in the sink" in loop.problem()

@@ -178,3 +178,59 @@ def test_job_places_per_key_and_deleting_an_ended_job_frees_its_place(tmp_path):
         assert deleted.status_code == 200 and deleted.json()["status"] == "done"
         assert httpx.get(f"{s.url}/jobs/{mine[0]}", headers=a).status_code == 404
         assert httpx.post(s.url + "/jobs", json=short, headers=a, timeout=30).status_code == 202  # the place is free
+
+
+# ---- the store in-process (no server) -------------------------------------------------------------------
+
+def _job(job_id: str, steps: int = 5):
+    import time as clock
+
+    from model.samplers import Sampling
+    from server.engine.request import EngineRequest
+    from server.service.job import Job
+
+    now = clock.time()
+    return Job(EngineRequest(job_id, 1, (7,), Sampling("ddim", steps, 1.0), now, now + 600), "fashion_dit", "Trouser")
+
+
+def _store(url: str):
+    from server.service.job_store import JobStore
+
+    return JobStore(url, ttl=600, max_jobs=100)
+
+
+def test_a_job_that_was_started_too_often_fails_and_a_cancel_reaches_a_job_not_held(tmp_path):
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    first = _store(url)
+    for job_id in ("crash", "cancel-me", "fine"):
+        first.add(_job(job_id))
+    first.close()  # the process goes away with three jobs pending
+    for _ in range(2):  # two more starts, each resuming the crashing job, which dies with the engine again
+        store = _store(url)
+        assert [j.id for j in store.pending()][:1] == ["crash"]
+        store.close()
+    store = _store(url)
+    held = store.get("cancel-me", None)
+    assert held.status == "queued" and not store.holds("cancel-me")
+    store.cancel(held)  # DELETE before the resume: in the store
+    assert store.pending() == []  # the crash job's third start: failed; the cancelled one: skipped
+    assert store.get("crash", None).status == "failed" and "3 times" in store.get("crash", None).error.message
+    assert store.get("cancel-me", None).status == "cancelled"
+    late = _store(url)
+    late.add(_job("new"))  # made after this process read what was left: not resumed as one of them
+    assert late.pending() == [] and late.holds("new")
+    late.close()
+    store.close()
+
+
+def test_an_end_is_written_once_the_store_is_back_and_is_read_from_memory_meanwhile(tmp_path, pg):
+    store = _store(pg.url)
+    job = _job("j1")
+    store.add(job)
+    pg.stop()
+    job.finish([b"png bytes"])  # the end comes while the database is away
+    assert store.holds("j1") and store.get("j1", None).status == "done"  # from memory
+    pg.start()
+    wait_until(lambda: not store.holds("j1"), 30, "the end to be written")
+    assert store.get("j1", None).status == "done" and store.images(store.get("j1", None)) == [b"png bytes"]
+    store.close()

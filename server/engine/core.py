@@ -127,6 +127,18 @@ class EngineCore:
         error = RequestError(ErrorKind.NOT_READY, self.broken)
         return [self._end(r, error) for r in self.scheduler.everything()]
 
+    def fail_everything(self, reason: str) -> EngineOutputs:
+        """After a failure outside any step's recovery: the engine is broken, every request it holds ends."""
+        self.broken = reason
+        error = RequestError(ErrorKind.NOT_READY, reason)
+        ended = []
+        for r in self.scheduler.everything():
+            try:
+                ended.append(self._end(r, error))
+            except Exception:  # its bookkeeping is what failed: it still ends
+                ended.append(RequestOutput(r.id, RequestStatus.FINISHED, r.step, error=error, replica=self.replica))
+        return EngineOutputs(tuple(ended))
+
     def _fail_finishing(self, slots: tuple[int, ...], message: str) -> list[RequestOutput]:
         """The runner already freed these slots; fail their requests (and free the rest of their slots)."""
         requests = {self.slots.owner[s][0] for s in slots if s in self.slots.owner}

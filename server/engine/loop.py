@@ -66,9 +66,13 @@ class EngineLoop:
             self._wake.clear()  # before draining: a submit after the drain sets it again
             self._drain()
             if self.core.has_work:
-                outputs = self.core.step()
-                if outputs.outputs or outputs.cycle is not None:
-                    self.sink(outputs)
+                try:
+                    outputs = self.core.step()
+                    if outputs.outputs or outputs.cycle is not None:
+                        self.sink(outputs)
+                except Exception as e:  # a bug: no request may wait forever on a thread that has ended
+                    log.exception("the engine loop failed")
+                    self.sink(self.core.fail_everything(f"the engine failed: {type(e).__name__}: {e}"))
                 if self.core.broken:
                     self.on_fatal(self.core.broken)
                 continue

@@ -23,6 +23,7 @@ from .faults import FaultInjector
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MEASURED_STEPS = 8  # per width at start-up (the step-cost fit estimates from 8 steps on: step_cost.MIN_STEPS)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,6 +45,7 @@ class ModelRunner:
     def __init__(self, settings: Settings):
         if settings.threads:
             torch.set_num_threads(settings.threads)
+        self.settings = settings
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
         t0 = time.monotonic()
@@ -70,9 +72,11 @@ class ModelRunner:
         runner = cls(settings)
         on_status("preparing the fast path")
         runner.prepare_fast_path()
+        runner.step_costs = []
         if settings.warmup:
             on_status("warming up")
             log.info("warm-up took %.2f s", runner.warmup())
+            runner.step_costs = runner.measure_steps()
         return runner
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -120,6 +124,23 @@ class ModelRunner:
                                                   graph_sizes=self.graph_sizes)
             log.info("fast path: fused kernels %s, CUDA graphs %s for rows %s (capture %.1f s)",
                      self.fused_kernels, self.cuda_graphs, self.graph_sizes if self.cuda_graphs else "-", seconds)
+
+    def measure_steps(self) -> list[tuple[int, float]]:
+        """(forward rows, wall seconds) of MEASURED_STEPS steps at each of two widths (one row, and the row
+        budget): admission's step-cost fit has figures from the first request on, so that a burst at a fresh
+        server is refused at once instead of admitted and timed out (the steps that follow replace them)."""
+        costs = []
+        for width in sorted({1, self.settings.max_batch_rows}):
+            slots = list(range(width))
+            sampling = Sampling("ddim", MEASURED_STEPS + 1, 1.0)  # unguided: one row a sample; none finishes
+            self.batch.join([Join(slot, 0, slot, sampling) for slot in slots])
+            for _ in range(MEASURED_STEPS):
+                t0 = time.monotonic()
+                self.batch.step()
+                self.synchronize()
+                costs.append((width, time.monotonic() - t0))
+            self.batch.leave(slots)
+        return costs
 
     def warmup(self) -> float:
         """One short guided generation through every sampler, along the server's own path (plans)."""

@@ -34,12 +34,11 @@ REGROW_AFTER_STEPS = 64  # clean steps after an out-of-memory halving before the
 
 
 class Scheduler:
-    def __init__(self, policy: str, max_rows: int, slots: SlotTable, *, previews: bool = True):
+    def __init__(self, policy: str, max_rows: int, slots: SlotTable):
         self.policy = policy
         self.budget = max_rows  # the configured row budget
         self.max_rows = max_rows  # the budget now
         self.slots = slots
-        self.previews_enabled = previews
         self.queue: deque[EngineRequest] = deque()  # requests with samples not yet admitted, in arrival order
         self.running: dict[str, EngineRequest] = {}  # requests with at least one admitted sample
         self.queue_changed = False
@@ -154,7 +153,7 @@ class Scheduler:
             r.status, r.queue_position, r.admitted_at = RequestStatus.RUNNING, None, now
             self.running[r.id] = r
             self.started.append(r)
-            if r.previews and self.previews_enabled:
+            if r.previews:
                 self._previewing[r.id] = r
         if r.admitted == r.num_images:
             self.queue.remove(r)

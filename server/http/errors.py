@@ -67,7 +67,8 @@ ERROR_STATUSES = {
          "(overloaded), this API key has --max-requests-per-key in flight (key_quota_exceeded), or too many "
          "async jobs are held (too_many_jobs); see Retry-After",
     500: "generation failed (generation_failed)",
-    503: "not ready, shutting down (not_ready), or the engine died and restarts (engine_died); see Retry-After",
+    503: "not ready, shutting down (not_ready), the engine died and restarts (engine_died), or the job store does "
+         "not answer (store_unavailable, job requests only); see Retry-After",
     504: "no result before the request's deadline (deadline_exceeded)",
 }
 

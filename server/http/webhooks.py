@@ -79,12 +79,17 @@ class Webhooks:
                          "add it (webhooks may only call hosts the operator trusts)")
         return url
 
-    def deliver_when_done(self, job: Job, url: str, payload: Callable[[], dict]) -> None:
-        """Once the job ends (on whatever thread), deliver `payload()` from the event loop."""
+    def deliver_when_done(self, job: Job, url: str, payload: Callable[[], dict],
+                          final: Callable[[], bool] = lambda: True) -> None:
+        """Once the job ends (on whatever thread), deliver `payload()` from the event loop, if `final()`
+        says the end is one (a job a job store runs again after a restart is delivered then)."""
         job_id = job.id
         loop = asyncio.get_running_loop()
 
         def on_done(_) -> None:  # runs on the thread that resolved the future: hand over and return
+            if not final():
+                log.info("webhook of job %s waits: the job runs again at the next start", job_id)
+                return
             try:
                 loop.call_soon_threadsafe(self._start, job_id, url, payload)
             except RuntimeError:  # the loop has closed: the process is exiting

@@ -88,7 +88,7 @@ class Job:
             if self.ended:
                 return
             self.images = images
-        self.done.set_result(None)
+            self.done.set_result(None)  # under the lock: two ends at once cannot both set it
         self.changed()
 
     def fail(self, error: RequestError) -> None:
@@ -96,7 +96,7 @@ class Job:
             if self.ended:
                 return
             self.error = error
-        self.done.set_result(None)
+            self.done.set_result(None)
         self.changed()
 
     # ---- push: whoever streams the job listens, and is woken by every change ----------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 from pathlib import Path
@@ -54,6 +55,8 @@ log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 PENDING = "pending"  # not ended: queued or running (in this process, or when the last one stopped)
+MAX_STARTS = 3  # a job that was running when the engine died this many times fails (it may be what kills it)
+RETRY_WRITE_SECONDS = 2.0  # a job's end that could not be written is tried again this often
 
 metadata = MetaData()
 meta_table = Table("dit_meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
@@ -73,6 +76,7 @@ jobs_table = Table(
     Column("tag", String(256)),
     Column("webhook_url", String(2048)),
     Column("webhook_state", String(16)),  # pending, delivered or undelivered (none without a webhook)
+    Column("starts", Integer, nullable=False, default=0),  # times a process has submitted it
     Column("created", Float, nullable=False),  # wall clock
     Column("ended", Float),
     UniqueConstraint("owner", "idempotency_key"),
@@ -109,6 +113,14 @@ class JobStore:
         self._deferred: set[str] = set()  # left pending for the next start (shutdown)
         self._lock = threading.Lock()
         self.db = self._open(url)
+        # What the last process left unfinished, read before this one takes new jobs (so that a job made
+        # between now and the resume is not taken for one of them).
+        self._left = self._pending_ids()
+        # Ends are written by one thread of their own: the threads that end jobs (the engine's outputs, the
+        # encoders, the event loop) never wait for the database, and a write that fails is tried again.
+        self._ends: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer_thread = threading.Thread(target=self._writer, name="job-store-writer", daemon=True)
+        self._writer_thread.start()
 
     # ---- opening ---------------------------------------------------------------------------------------
     def _open(self, url: str):
@@ -148,7 +160,7 @@ class JobStore:
         job); the caller submits it next. Raises StoreFull, IdempotencyConflict or StoreError."""
         r = job.request
         row = dict(id=job.id, owner=r.owner or "", idempotency_key=idempotency_key, fingerprint=fingerprint,
-                   request=json.dumps(_request_record(job)), status=PENDING, step=0, tag=job.tag,
+                   request=json.dumps(_request_record(job)), status=PENDING, step=0, starts=1, tag=job.tag,
                    webhook_url=webhook_url, webhook_state="pending" if webhook_url else None, created=job.created)
         try:
             with self.db.begin() as c:
@@ -176,6 +188,10 @@ class JobStore:
             raise self._unavailable(e) from e
         self.hold(job)
         return job
+
+    def holds(self, job_id: str) -> bool:
+        """Whether this process runs the job (else it is only in the store)."""
+        return job_id in self._live
 
     def hold(self, job: Job) -> None:
         """Follow a job of this process: its end is written when it comes."""
@@ -213,12 +229,23 @@ class JobStore:
             return live if live.request.owner == owner else None
         try:
             with self.db.begin() as c:
-                self._expire(c)
                 row = c.execute(select(jobs_table).where(jobs_table.c.id == job_id,
-                                                         jobs_table.c.owner == (owner or ""))).mappings().first()
+                                                         jobs_table.c.owner == (owner or ""),
+                                                         self._unexpired())).mappings().first()
         except SQLAlchemyError as e:
             raise self._unavailable(e) from e
         return None if row is None else _job_from_row(row)
+
+    def cancel(self, job: Job) -> None:
+        """Cancel a pending job that no engine of this process holds (left by the last process, not yet
+        resumed): it ends cancelled in the store, and the resume skips it."""
+        try:
+            with self.db.begin() as c:
+                c.execute(update(jobs_table).where(jobs_table.c.id == job.id, jobs_table.c.status == PENDING)
+                          .values(status="cancelled", ended=time.time(), error=json.dumps(
+                              {"kind": "cancelled", "message": f"job {job.id} was cancelled", "retry_after": None})))
+        except SQLAlchemyError as e:
+            raise self._unavailable(e) from e
 
     def images(self, job: Job) -> list[bytes]:
         if job.images is not None:
@@ -235,19 +262,37 @@ class JobStore:
         """The owner's jobs, newest first."""
         try:
             with self.db.begin() as c:
-                self._expire(c)
-                rows = c.execute(select(jobs_table).where(jobs_table.c.owner == (owner or ""))
+                rows = c.execute(select(jobs_table).where(jobs_table.c.owner == (owner or ""), self._unexpired())
                                  .order_by(jobs_table.c.seq.desc()).limit(limit)).mappings().all()
         except SQLAlchemyError as e:
             raise self._unavailable(e) from e
         return [self._live.get(row["id"]) or _job_from_row(row) for row in rows]
 
-    def pending(self) -> list[Job]:
-        """Jobs not ended when the last process stopped, in submission order (to submit again)."""
+    def _pending_ids(self) -> list[str]:
         with self.db.begin() as c:
-            rows = c.execute(select(jobs_table).where(jobs_table.c.status == PENDING)
-                             .order_by(jobs_table.c.seq)).mappings().all()
-        return [_job_from_row(row) for row in rows if row["id"] not in self._live]
+            return list(c.execute(select(jobs_table.c.id).where(jobs_table.c.status == PENDING)
+                                  .order_by(jobs_table.c.seq)).scalars())
+
+    def pending(self) -> list[Job]:
+        """The jobs the last process left unfinished and still pending, in submission order, to submit again
+        (each start counted: one that has been started MAX_STARTS times is written as failed instead)."""
+        left, self._left = self._left, []
+        jobs = []
+        with self.db.begin() as c:
+            for job_id in left:
+                row = c.execute(select(jobs_table).where(jobs_table.c.id == job_id, jobs_table.c.status == PENDING)
+                                ).mappings().first()
+                if row is None:
+                    continue  # cancelled meanwhile
+                if row["starts"] >= MAX_STARTS:
+                    c.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(
+                        status="failed", ended=time.time(), error=json.dumps(
+                            {"kind": "engine_died", "message": f"the engine stopped while running this job "
+                             f"{row['starts']} times; it is not run again", "retry_after": None})))
+                    continue
+                c.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(starts=row["starts"] + 1))
+                jobs.append(_job_from_row(row))
+        return jobs
 
     def webhook(self, job_id: str) -> tuple[str | None, str | None]:
         with self.db.begin() as c:
@@ -278,27 +323,50 @@ class JobStore:
     def deferred(self, job: Job) -> bool:
         return job.id in self._deferred
 
+    def left_pending(self, job: Job) -> bool:
+        """Whether the job's end is no end here: an engine that died or lost its device, or a stop that left
+        it for later; its row stays pending and the next start (which an orchestrator brings) runs it again."""
+        return job.id in self._deferred or (
+            job.error is not None and job.error.kind in (ErrorKind.ENGINE_DIED, ErrorKind.NOT_READY))
+
     def _ended(self, job: Job) -> None:
-        """Write a job's end (on the thread that ended it). An engine that died or lost its device, or a
-        stop that left the job for later, is no end: the row stays pending and the next start (which an
-        orchestrator brings) runs the job again."""
-        with self._lock:
-            deferred = job.id in self._deferred
-            self._live.pop(job.id, None)
-        if deferred or (job.error is not None and job.error.kind in (ErrorKind.ENGINE_DIED, ErrorKind.NOT_READY)):
-            return
+        """A job ended (on the thread that ended it): its end goes to the writer."""
+        self._ends.put(job)
+
+    def _writer(self) -> None:
+        while True:
+            job = self._ends.get()
+            if job is None:
+                return
+            while not self._write_end(job):
+                time.sleep(RETRY_WRITE_SECONDS)  # the store is away: the job stays held here meanwhile
+
+    def _write_end(self, job: Job) -> bool:
+        """Write the end and only then stop holding the job in memory (until then it is read from there)."""
+        if self.left_pending(job):
+            if job.id in self._deferred:  # a stop that left it for later: not a start that failed
+                self._write(job.id, starts=jobs_table.c.starts - 1)
+            with self._lock:
+                self._live.pop(job.id, None)
+            return True
         status = job.status if job.error is not None else "done"
         error = None if job.error is None else json.dumps(
             {"kind": job.error.kind.value, "message": job.error.message, "retry_after": job.error.retry_after})
         try:
             with self.db.begin() as c:
+                c.execute(delete(images_table).where(images_table.c.job_id == job.id))
                 c.execute(update(jobs_table).where(jobs_table.c.id == job.id).values(
                     status=status, error=error, step=job.request.step, timings=json.dumps(job.timings),
                     replica=job.replica, ended=time.time()))
                 for k, data in enumerate(job.images or []):
                     c.execute(insert(images_table).values(job_id=job.id, k=k, data=data))
         except SQLAlchemyError as e:
-            log.error("could not write the end of job %s to the job store %s: %s", job.id, self.where, _reason(e))
+            log.error("could not write the end of job %s to the job store %s (trying again): %s", job.id,
+                      self.where, _reason(e))
+            return False
+        with self._lock:
+            self._live.pop(job.id, None)
+        return True
 
     def _write(self, job_id: str, **values) -> None:
         try:
@@ -306,6 +374,9 @@ class JobStore:
                 c.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(**values))
         except SQLAlchemyError as e:
             log.error("could not update job %s in the job store %s: %s", job_id, self.where, _reason(e))
+
+    def _unexpired(self):
+        return jobs_table.c.ended.is_(None) | (jobs_table.c.ended >= time.time() - self.ttl)
 
     def _expire(self, c) -> None:
         old = select(jobs_table.c.id).where(jobs_table.c.ended < time.time() - self.ttl)
@@ -316,7 +387,11 @@ class JobStore:
         log.error("the job store %s is unavailable: %s", self.where, _reason(e))
         return StoreError(f"the job store is unavailable ({_reason(e)}); try again shortly")
 
-    def close(self) -> None:
+    def close(self, timeout: float = 10.0) -> None:
+        """After the engine stopped: the ends still queued are written (for `timeout` s at most), then the
+        connections close."""
+        self._ends.put(None)
+        self._writer_thread.join(timeout)
         self.db.dispose()
 
 

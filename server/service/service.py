@@ -114,14 +114,30 @@ class Service:
         last process stopped or died with them in). They were admitted once: no admission now."""
         jobs = self.jobs.pending()
         for job in jobs:
+            if self._stopping:  # SIGTERM while resuming: the rest stays in the store
+                break
             self.jobs.hold(job)
             try:
+                self._check_resumed(job)
                 self._enter(job)
             except RequestError as e:
                 job.fail(e)
         if jobs:
             log.info("resumed %d async jobs from the job store %s", len(jobs), self.jobs.where)
         return jobs
+
+    def _check_resumed(self, job: Job) -> None:
+        """A job made by an earlier process: the model and limits it was checked against may have changed."""
+        r, model = job.request, self.model
+        problem = None
+        if job.model != model.info.name:
+            problem = f"it was made for the model {job.model!r}; this server serves {model.info.name!r}"
+        elif not 0 <= r.class_id < model.num_classes:
+            problem = f"its class_id {r.class_id} is not below this model's {model.num_classes} classes"
+        elif r.steps > self.settings.max_steps or r.num_images > self.settings.max_images:
+            problem = "it asks for more steps or images than this server's --max-steps / --max-images"
+        if problem is not None:
+            raise RequestError(ErrorKind.INVALID_REQUEST, f"job {job.id} cannot run again here: {problem}")
 
     def _forget(self, job: Job) -> None:
         with self._lock:

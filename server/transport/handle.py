@@ -7,12 +7,15 @@ RequestOutput to `EngineEvents.on_output` as it arrives: nothing is polled.
 
 from __future__ import annotations
 
+import logging
 from typing import Protocol
 
 from ..engine.backlog import Backlog, Load
 from ..engine.request import EngineOutputs, EngineRequest, RequestError, RequestOutput, RequestStatus
 from ..settings import Settings
 from .messages import EngineInfo
+
+log = logging.getLogger(__name__)
 
 
 class EngineEvents(Protocol):
@@ -39,10 +42,19 @@ class EngineHandle:
         """Count the request in the backlog at once; until the engine says, its place is the last."""
         request.queue_position = self.backlog.add(request)
 
+    def _started(self, info: EngineInfo) -> None:
+        """The engine is up: the step costs it measured start the backlog's fit, then the service hears."""
+        for rows, seconds in info.step_costs:
+            self.backlog.cost.add(rows, seconds)
+        self.events.on_started(info)
+
     def _forward(self, outputs: EngineOutputs) -> None:
         self.backlog.apply(outputs)
         for output in outputs.outputs:
-            self.events.on_output(output)
+            try:
+                self.events.on_output(output)
+            except Exception:  # one bad output must not keep the step's others from their requests
+                log.exception("could not hand over the output of request %s", output.id)
 
     def _end(self, request_id: str, error: RequestError, replica: str | None = None) -> None:
         """End a request on this side (its engine died, its call failed), unless it has ended already."""

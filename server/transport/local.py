@@ -45,7 +45,7 @@ class LocalEngine(EngineHandle):
                           replica=info.replica)
         self.loop = EngineLoop(core, self._forward, on_fatal=self.events.on_fatal)
         self.loop.start()
-        self.events.on_started(info)
+        self._started(info)
 
     def submit(self, request: EngineRequest) -> None:
         if self.loop is None:

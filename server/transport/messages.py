@@ -26,11 +26,12 @@ class EngineInfo:
     device: str
     dtype: str
     replica: str  # names this engine in the X-Replica header: host:pid, or the Ray Serve replica
+    step_costs: tuple[tuple[int, float], ...] = ()  # (rows, seconds) of steps measured at start-up
 
     @classmethod
     def of(cls, runner, replica: str | None = None) -> EngineInfo:
         return cls(runner.info, runner.num_classes, str(runner.device), str(runner.dtype).removeprefix("torch."),
-                   replica or f"{socket.gethostname()}:{os.getpid()}")
+                   replica or f"{socket.gethostname()}:{os.getpid()}", tuple(getattr(runner, "step_costs", ())))
 
 
 @dataclass(frozen=True)

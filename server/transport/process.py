@@ -112,7 +112,7 @@ class EngineProcess(EngineHandle):
         elif isinstance(m, msg.Status):
             self.events.on_status(m.text)
         elif isinstance(m, msg.Started):
-            self.events.on_started(m.info)
+            self._started(m.info)
         elif isinstance(m, msg.StartFailed):
             self._stopping = True  # the engine exits next; that is not a death to report
             self.events.on_start_failed(m.reason)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -31,11 +32,13 @@ from ..door import AnyService, make_job, owner
 from ..errors import ApiError, error_responses
 from ..schemas import JobList, JobRequest, JobStatus
 
+log = logging.getLogger(__name__)
+
 FULL_RETRY_SECONDS = 10  # Retry-After when --max-jobs are held: finished ones expire, clients fetch theirs
 POLL_SECONDS = 2  # Retry-After of a result asked for before the job is done
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
-not_found = error_responses(401, 404)
+not_found = error_responses(401, 404, 503)
 
 
 def store(request: Request) -> JobStore:
@@ -114,11 +117,12 @@ async def create(body: JobRequest, request: Request, svc: AnyService, jobs: Jobs
         await _stored(jobs.remove, job.id)
         raise
     if url is not None:
-        webhooks.deliver_when_done(job, url, lambda: status(job))
+        webhooks.deliver_when_done(job, url, lambda: status(job), lambda: not jobs.left_pending(job))
     return JSONResponse(status(job), status_code=202, headers={"Location": f"/jobs/{job.id}"})
 
 
-@router.get("", response_model=JobList, responses=error_responses(401, 422), summary="the caller's jobs, newest first")
+@router.get("", response_model=JobList, responses=error_responses(401, 422, 503),
+            summary="the caller's jobs, newest first")
 async def listing(request: Request, jobs: Jobs,
                   limit: int = Query(50, ge=1, le=100, description="at most this many")):
     return {"jobs": [status(job) for job in await _stored(jobs.of, owner(request), limit)]}
@@ -151,6 +155,9 @@ async def cancel(job_id: str, request: Request, jobs: Jobs):
         answer = status(job)
         await _stored(jobs.remove, job_id)
         return answer
+    if not jobs.holds(job_id):  # left by the last process and not resumed yet: cancelled in the store
+        await _stored(jobs.cancel, job)
+        return status(await _find(jobs, job_id, request))
     job.cancel(FinishReason.CANCELLED)
     return status(job)
 
@@ -158,12 +165,16 @@ async def cancel(job_id: str, request: Request, jobs: Jobs):
 async def resume(app, ready: asyncio.Event) -> None:
     """Once the engine is ready: the jobs the store holds as not ended run again, their webhooks are
     delivered when they end, and deliveries the last process left pending are made now."""
-    svc, webhooks = app.state.service, app.state.webhooks
+    svc, webhooks, jobs = app.state.service, app.state.webhooks, app.state.service.jobs
     await ready.wait()
-    for job in await asyncio.to_thread(svc.resume):
-        url, _ = await asyncio.to_thread(svc.jobs.webhook, job.id)
-        if url is not None:
+    try:
+        for job in await asyncio.to_thread(svc.resume):
+            url, _ = await asyncio.to_thread(jobs.webhook, job.id)
+            if url is not None:
+                webhooks.deliver_when_done(job, url, lambda job=job: status(job),
+                                           lambda job=job: not jobs.left_pending(job))
+        for job in await asyncio.to_thread(jobs.undelivered):
+            url, _ = await asyncio.to_thread(jobs.webhook, job.id)
             webhooks.deliver_when_done(job, url, lambda job=job: status(job))
-    for job in await asyncio.to_thread(svc.jobs.undelivered):
-        url, _ = await asyncio.to_thread(svc.jobs.webhook, job.id)
-        webhooks.deliver_when_done(job, url, lambda job=job: status(job))
+    except Exception:  # the store away at this moment: they wait for the next start
+        log.exception("could not resume the job store's unfinished jobs")
