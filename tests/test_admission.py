@@ -173,3 +173,21 @@ def test_the_backlog_spreads_over_a_fleet_and_follows_the_engine_s_budget():
     assert spread.one_at_a_time and (spread.step_fixed, spread.step_per_row, spread.max_rows) == (0.01, 0.001, 4)
     backlog.apply(EngineOutputs((), max_rows=2))  # the engine halved its budget after an out-of-memory step
     assert backlog.load().max_rows == 2 and backlog.remove("1").id == "1" and backlog.remove("1") is None
+
+
+def test_the_steps_measured_at_start_up_let_admission_estimate_from_the_first_request():
+    """A fresh engine reports the steps it timed at start-up (one row and the row budget), and the backlog's
+    fit starts from them: a burst at a fresh server is estimated, not admitted blindly (and timed out)."""
+    from server.engine.runner import MEASURED_STEPS, ModelRunner
+    from server.settings import Settings
+    from server.transport.handle import EngineHandle
+    from server.transport.messages import EngineInfo
+
+    settings = Settings(max_batch_rows=8, threads=1)
+    runner = ModelRunner.start(settings, on_status=lambda text: None)
+    assert sorted({rows for rows, _ in runner.step_costs}) == [1, 8] and len(runner.step_costs) == 2 * MEASURED_STEPS
+    started = []
+    handle = EngineHandle(settings, type("Events", (), {"on_started": lambda self, info: started.append(info)})())
+    assert not handle.load().measured
+    handle._started(EngineInfo.of(runner))
+    assert started and handle.load().measured and handle.load().step_seconds(8) > 0

@@ -19,18 +19,29 @@ import pytest
 from PIL import Image
 from server_harness import ROOT, run_server, wait_until
 
-# 1 row: one job runs at a time, the others queue; 60 DDIM steps take a few seconds on the CPU.
+# 1 row: one job runs at a time, the others queue behind it. The first job is long (1000 DDIM steps, a few
+# seconds on the CPU), so that while it is at less than half of its steps every job is still unfinished.
 ARGS = ("--max-batch-rows", "1", "--max-steps", "1000", "--no-deadline-admission")
-JOB = {"steps": 60, "sampler": "ddim", "cfg_scale": 1.0}
+JOB = {"steps": 20, "sampler": "ddim", "cfg_scale": 1.0}
+LONG = 1000
 
 
 def pixels(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
 
 
+def body(k: int) -> dict:
+    return dict(JOB, class_id=k, seed=100 + k, steps=LONG if k == 0 else JOB["steps"])
+
+
 def submit_jobs(url: str, n: int) -> list[str]:
-    return [httpx.post(url + "/jobs", json=dict(JOB, class_id=k, seed=100 + k), timeout=30).json()["id"]
-            for k in range(n)]
+    return [httpx.post(url + "/jobs", json=body(k), timeout=30).json()["id"] for k in range(n)]
+
+
+def first_job_early(url: str, job_id: str) -> bool:
+    """The first job runs and has more than half of its steps to go: none of the jobs has ended."""
+    status = httpx.get(f"{url}/jobs/{job_id}", timeout=30).json()
+    return status["status"] == "running" and status["step"] < LONG // 2
 
 
 def statuses(url: str, ids: list[str]) -> list[str]:
@@ -42,16 +53,17 @@ def check_done_as_alone(url: str, ids: list[str]) -> None:
     wait_until(lambda: all(s == "done" for s in statuses(url, ids)), 180, "every job to end done")
     for k, job_id in enumerate(ids):
         result = httpx.get(f"{url}/jobs/{job_id}/result", timeout=30)
-        alone = httpx.post(url + "/generate", json=dict(JOB, class_id=k, seed=100 + k), timeout=60)
+        alone = httpx.post(url + "/generate", json=body(k), timeout=60)
         assert result.status_code == alone.status_code == 200
         assert np.abs(pixels(result.content) - pixels(alone.content)).max() <= 1, job_id
 
 
+@pytest.mark.slow
 def test_kill_9_loses_no_job(tmp_path):
     data = ["--data-dir", str(tmp_path / "store")]
     with run_server(tmp_path, *ARGS, *data) as s:
         ids = submit_jobs(s.url, 4)
-        wait_until(lambda: statuses(s.url, ids)[0] == "running", 30, "the first job to run")
+        wait_until(lambda: first_job_early(s.url, ids[0]), 30, "the first job to run")
         s.proc.kill()  # no drain, no goodbye
         s.proc.wait(30)
     with run_server(tmp_path, *ARGS, *data) as s:
@@ -59,11 +71,12 @@ def test_kill_9_loses_no_job(tmp_path):
         check_done_as_alone(s.url, ids)
 
 
+@pytest.mark.slow
 def test_sigterm_leaves_queued_jobs_for_the_next_start(tmp_path):
     data = ["--data-dir", str(tmp_path / "store")]
     with run_server(tmp_path, *ARGS, *data) as s:
         ids = submit_jobs(s.url, 3)
-        wait_until(lambda: statuses(s.url, ids)[0] == "running", 30, "the first job to run")
+        wait_until(lambda: first_job_early(s.url, ids[0]), 30, "the first job to run")
         s.proc.send_signal(signal.SIGTERM)
         assert s.proc.wait(60) in (0, -signal.SIGTERM)
         logs = s.logs()
@@ -137,11 +150,12 @@ def pg():
         yield server
 
 
+@pytest.mark.slow
 def test_postgresql_store_survives_a_kill_and_its_own_absence(tmp_path, pg):
     store = ("--job-store", pg.url)
     with run_server(tmp_path, *ARGS, *store) as s:
         ids = submit_jobs(s.url, 3)
-        wait_until(lambda: statuses(s.url, ids)[0] == "running", 30, "the first job to run")
+        wait_until(lambda: first_job_early(s.url, ids[0]), 30, "the first job to run")
         s.proc.kill()
         s.proc.wait(30)
     with run_server(tmp_path, *ARGS, *store) as s:

@@ -57,6 +57,7 @@ SCHEMA_VERSION = 1
 PENDING = "pending"  # not ended: queued or running (in this process, or when the last one stopped)
 MAX_STARTS = 3  # a job that was running when the engine died this many times fails (it may be what kills it)
 RETRY_WRITE_SECONDS = 2.0  # a job's end that could not be written is tried again this often
+EXPIRE_SECONDS = 60.0  # expired jobs are deleted this often (or every --job-ttl, if shorter)
 
 metadata = MetaData()
 meta_table = Table("dit_meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
@@ -334,12 +335,24 @@ class JobStore:
         self._ends.put(job)
 
     def _writer(self) -> None:
+        """Writes ends as they come; between them, deletes what expired (reads never write)."""
         while True:
-            job = self._ends.get()
+            try:
+                job = self._ends.get(timeout=min(EXPIRE_SECONDS, self.ttl))
+            except queue.Empty:
+                self._expire_now()
+                continue
             if job is None:
                 return
             while not self._write_end(job):
                 time.sleep(RETRY_WRITE_SECONDS)  # the store is away: the job stays held here meanwhile
+
+    def _expire_now(self) -> None:
+        try:
+            with self.db.begin() as c:
+                self._expire(c)
+        except SQLAlchemyError as e:
+            log.warning("could not delete expired jobs from the job store %s: %s", self.where, _reason(e))
 
     def _write_end(self, job: Job) -> bool:
         """Write the end and only then stop holding the job in memory (until then it is read from there)."""
