@@ -185,7 +185,9 @@ def test_the_steps_measured_at_start_up_let_admission_estimate_from_the_first_re
 
     settings = Settings(max_batch_rows=8, threads=1)
     runner = ModelRunner.start(settings, on_status=lambda text: None)
-    assert sorted({rows for rows, _ in runner.step_costs}) == [1, 8] and len(runner.step_costs) == 2 * MEASURED_STEPS
+    widths = [rows for rows, _ in runner.step_costs]
+    assert widths[:MEASURED_STEPS] == [1] * MEASURED_STEPS and set(widths[MEASURED_STEPS:]) <= {2, 4, 8}
+    assert len(set(widths)) >= 2  # a second width: the fit has a slope
     started = []
     handle = EngineHandle(settings, type("Events", (), {"on_started": lambda self, info: started.append(info)})())
     assert not handle.load().measured

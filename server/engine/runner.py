@@ -23,7 +23,8 @@ from .faults import FaultInjector
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MEASURED_STEPS = 8  # per width at start-up (the step-cost fit estimates from 8 steps on: step_cost.MIN_STEPS)
+MEASURED_STEPS = 8  # at one row at start-up (the step-cost fit estimates from 8 steps on: step_cost.MIN_STEPS)
+MEASURE_SECONDS = 2.0  # what timing steps at start-up may take, about
 
 
 def resolve_device(name: str) -> torch.device:
@@ -126,20 +127,29 @@ class ModelRunner:
                      self.fused_kernels, self.cuda_graphs, self.graph_sizes if self.cuda_graphs else "-", seconds)
 
     def measure_steps(self) -> list[tuple[int, float]]:
-        """(forward rows, wall seconds) of MEASURED_STEPS steps at each of two widths (one row, and the row
-        budget): admission's step-cost fit has figures from the first request on, so that a burst at a fresh
-        server is refused at once instead of admitted and timed out (the steps that follow replace them)."""
+        """(forward rows, wall seconds) of steps timed at start-up: MEASURED_STEPS at one row, then two at
+        each doubled width up to the row budget while they take under MEASURE_SECONDS in all (a large model
+        on a CPU stops early; the fit extrapolates). Admission's step-cost fit then has figures from the first
+        request on, so that a burst at a fresh server is refused at once instead of admitted and timed out;
+        the steps that follow replace them."""
+        costs = self._time_steps(1, MEASURED_STEPS)
+        width = 2
+        while width <= self.settings.max_batch_rows and sum(t for _, t in costs) < MEASURE_SECONDS:
+            costs += self._time_steps(width, 2)
+            width *= 2
+        return costs
+
+    def _time_steps(self, width: int, steps: int) -> list[tuple[int, float]]:
+        slots = list(range(width))
+        sampling = Sampling("ddim", steps + 1, 1.0)  # unguided: one row a sample; none finishes
+        self.batch.join([Join(slot, 0, slot, sampling) for slot in slots])
         costs = []
-        for width in sorted({1, self.settings.max_batch_rows}):
-            slots = list(range(width))
-            sampling = Sampling("ddim", MEASURED_STEPS + 1, 1.0)  # unguided: one row a sample; none finishes
-            self.batch.join([Join(slot, 0, slot, sampling) for slot in slots])
-            for _ in range(MEASURED_STEPS):
-                t0 = time.monotonic()
-                self.batch.step()
-                self.synchronize()
-                costs.append((width, time.monotonic() - t0))
-            self.batch.leave(slots)
+        for _ in range(steps):
+            t0 = time.monotonic()
+            self.batch.step()
+            self.synchronize()
+            costs.append((width, time.monotonic() - t0))
+        self.batch.leave(slots)
         return costs
 
     def warmup(self) -> float:
