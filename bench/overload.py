@@ -36,7 +36,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from server_harness import run_server  # noqa: E402
+from server_harness import free_port, run_server  # noqa: E402
 
 BODY = {"class_id": 3, "steps": 10, "num_images": 2}
 SERVER_ARGS = ("--max-steps", "10", "--max-images", "2", "--max-queue", "32", "--max-batch-rows", "32",
@@ -268,8 +268,9 @@ def storm(url: str, seconds: float, workdir: Path) -> dict:
 
 
 def run_mode(engine: str, seconds: float, storm_seconds: float, factor: float, workdir: Path) -> dict:
-    with run_server(workdir, *SERVER_ARGS, "--engine", engine) as server:
-        url = server.url
+    probe_port = free_port()  # /readyz is probed there too: the probes' own thread, at normal priority
+    with run_server(workdir, *SERVER_ARGS, "--engine", engine, "--probe-port", str(probe_port)) as server:
+        url, probe_url = server.url, f"http://127.0.0.1:{probe_port}"
         before = counters(url)
         report: dict = {"engine": engine, "capacity_before": asyncio.run(capacity(url))}
         time.sleep(1.5)  # the engine's metrics snapshot (sent every second) catches up
@@ -286,9 +287,10 @@ def run_mode(engine: str, seconds: float, storm_seconds: float, factor: float, w
         report["flood"]["rss_mib"] = rss_bytes(server.proc.pid) / 2**20
 
         before = counters(url)
-        with cpu_shares(pids) as shares, probing(url) as probes:
+        with cpu_shares(pids) as shares, probing(url) as probes, probing(probe_url, every=0.1) as own:
             report["storm"] = storm(url, storm_seconds, workdir)
         report["storm"]["cpu_share"], report["storm"]["readyz_s"] = shares, probes
+        report["storm"]["probe_port_readyz_s"] = own
         time.sleep(1.5)
         report["storm"]["server"] = delta(counters(url), before)
         report["storm"]["rss_mib"] = rss_bytes(server.proc.pid) / 2**20
@@ -376,6 +378,9 @@ def main() -> None:
         probes = "; ".join(f"{part} median {sorted(r[part]['readyz_s'])[len(r[part]['readyz_s']) // 2]:.2f} s, "
                            f"max {max(r[part]['readyz_s']):.2f} s"
                            for part in ("flood", "storm") if r[part]["readyz_s"])
+        own = sorted(r["storm"].get("probe_port_readyz_s") or [0.0])
+        probes += (f"; --probe-port /readyz every 0.1 s in the storm: p50 {own[len(own) // 2] * 1000:.1f} ms, "
+                   f"p99 {own[min(len(own) - 1, int(len(own) * 0.99))] * 1000:.1f} ms, max {own[-1] * 1000:.1f} ms")
         print(f"{r['engine']}: flood 200s answered in {latency} (p50 / p99); /readyz every 0.5 s: {probes}; "
               f"request afterwards {r['after_status']}; problems: "
               + ("; ".join(r["problems"]) or "none"))

@@ -33,7 +33,7 @@ METAVARS = {
     "graph_batch_sizes": "N,N,...", "api_keys": "KEY,KEY,...", "open_paths": "PATH,PATH,...",
     "cors_origins": "ORIGIN,ORIGIN,...", "body_timeout": "SECONDS", "request_timeout": "SECONDS",
     "job_timeout": "SECONDS", "job_ttl": "SECONDS", "min_cfg_scale": "SCALE", "max_cfg_scale": "SCALE",
-    "webhook_secret": "SECRET", "webhook_allow_hosts": "HOST,HOST,...", "job_store": "URL",
+    "webhook_secret": "SECRET", "webhook_allow_hosts": "HOST,HOST,...", "job_store": "URL", "probe_port": "PORT",
 }
 TYPE_METAVARS = {Path: "PATH", int: "N", float: "NUMBER", str: "TEXT"}
 
@@ -113,6 +113,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"dit-serve: {e}", file=sys.stderr)
         sys.exit(1)
     service = app.state.service
+    if settings.probe_port is not None:  # before the front-end lowers its priority: the process keeps normal
+        from .http.probes import Probes
+
+        try:
+            probes = Probes(settings.host, settings.probe_port)
+        except OSError as e:
+            print(f"dit-serve: {e}", file=sys.stderr)
+            sys.exit(1)
+        service.on_readiness = probes.publish
+        log.info("probes (/healthz, /readyz) on http://%s:%d, process %d", settings.host, settings.probe_port,
+                 probes.proc.pid)
     # uvicorn logs through the root handler (log_config=None); our RequestContext writes the access log.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=None, access_log=False, workers=1,

@@ -163,7 +163,8 @@ def env_from_example(**changes: str) -> dict[str, str]:
 
 GOOD_PASSWORD = "a long and private passphrase"
 # What each server service sets itself, not from .env: the image fixes the address and port.
-FIXED = {"dit": {"host", "port", "data_dir"}, "dit-cpu": {"host", "port", "data_dir", "model", "vae", "device"}}
+FIXED = {"dit": {"host", "port", "data_dir", "probe_port"},
+         "dit-cpu": {"host", "port", "data_dir", "probe_port", "model", "vae", "device"}}
 
 
 @pytest.mark.parametrize("service", ["dit", "dit-cpu"])
@@ -188,7 +189,7 @@ def test_unset_settings_are_the_servers_defaults():
     """.env.example as copied sets none of them: each arrives empty, which the server reads as unset."""
     spec = compose(env_from_example(GRAFANA_ADMIN_PASSWORD=GOOD_PASSWORD))["services"]["dit-cpu"]
     given = {k: v for k, v in spec["environment"].items() if v not in ("", None)}
-    assert given == {"DIT_API_KEYS_FILE": "/run/secrets/dit-api-keys", "DIT_DEVICE": "cpu"}
+    assert given == {"DIT_API_KEYS_FILE": "/run/secrets/dit-api-keys", "DIT_DEVICE": "cpu", "DIT_PROBE_PORT": "8001"}
     assert "/dev/null:/run/secrets/dit-api-keys:ro" in spec["volumes"]  # no file: an empty one, no keys
     # The job store is in the image's /data (DIT_DATA_DIR), which belongs to the server's user, so that
     # Docker gives a new volume there that user's ownership.

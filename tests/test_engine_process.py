@@ -8,10 +8,11 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import pytest
-from server_harness import run_server, wait_until
+from server_harness import free_port, run_server, wait_until
 
 LONG = {"class_id": 1, "steps": 1000, "cfg_scale": 1.0, "sampler": "ddim"}
 
@@ -40,6 +41,28 @@ def test_the_front_end_runs_below_the_engine(tmp_path):
         assert os.sched_getscheduler(s.proc.pid) == os.SCHED_IDLE
         assert os.getpriority(os.PRIO_PROCESS, s.proc.pid) == min(19, base + 19)
         assert os.sched_getscheduler(engine) == os.SCHED_OTHER and os.getpriority(os.PRIO_PROCESS, engine) == base
+
+
+def test_probes_answer_from_a_process_at_normal_priority(tmp_path):
+    """`--probe-port`: /healthz and /readyz on a port of their own, served by a process that kept the normal
+    policy while the front-end's event loop runs at SCHED_IDLE (so that an orchestrator's probe does not
+    queue behind a storm of requests), and that ends with the server."""
+    port = free_port()
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    with run_server(tmp_path, "--probe-port", str(port)) as s:
+        probes = f"http://127.0.0.1:{port}"
+        assert httpx.get(probes + "/healthz").json() == {"status": "alive"}
+        assert httpx.get(probes + "/readyz").json() == {"status": "ready"}
+        other = httpx.get(probes + "/generate")
+        assert other.status_code == 404 and other.json()["error"]["code"] == "not_found"
+        prober = int(re.search(r"probes \(/healthz, /readyz\) on \S+, process (\d+)", s.logs()).group(1))
+        assert prober in map(int, Path(f"/proc/{s.proc.pid}/task/{s.proc.pid}/children").read_text().split())
+        assert os.sched_getscheduler(prober) == os.SCHED_OTHER and os.getpriority(os.PRIO_PROCESS, prober) == base
+        if "could not switch to SCHED_IDLE" not in s.logs():
+            assert os.sched_getscheduler(s.proc.pid) == os.SCHED_IDLE  # the event loop's thread
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(60)
+    wait_until(lambda: not alive(prober), 10, "the probe process to end with the server")
 
 
 def test_where_sched_idle_is_forbidden_the_front_end_keeps_nice_and_says_so(monkeypatch, caplog):

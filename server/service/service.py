@@ -57,7 +57,8 @@ class Service:
         self.jobs = JobStore(store_url(settings.job_store, settings.data_dir), settings.job_ttl, settings.max_jobs,
                              settings.max_jobs_per_key)
         self.admission = Admission(settings.max_queue, settings.max_requests_per_key, settings.deadline_admission)
-        self.status = "starting"
+        self.on_readiness: Callable[[bool, str], None] | None = None  # told every change (the probe port)
+        self._status = "starting"
         self._ready = threading.Event()
         self._stopping = False
         self._started = False
@@ -73,6 +74,16 @@ class Service:
     @property
     def ready(self) -> bool:
         return self._ready.is_set()
+
+    @property
+    def status(self) -> str:
+        return self._status
+
+    @status.setter
+    def status(self, text: str) -> None:
+        self._status = text
+        if self.on_readiness is not None:
+            self.on_readiness(self.ready, text)
 
     def start(self) -> None:
         self.metrics.queue_capacity.set(self.settings.max_queue)
@@ -241,8 +252,8 @@ class Service:
 
     # ---- readiness and stopping ---------------------------------------------------------------------
     def _now_ready(self) -> None:
-        self.status = "ready"
         self._ready.set()
+        self.status = "ready"  # after the event: what it tells the probe port is ready
         self.metrics.ready.set(1)
 
     def _not_ready(self, status: str) -> None:

@@ -16,7 +16,7 @@ from ...settings import Settings
 
 # Settings that belong to the single-server process, not to a Ray deployment: Serve's HTTP proxy owns the
 # address and port (`http_options` in the Serve config), and an engine replica is its own process already.
-NOT_ON_RAY = ("host", "port", "engine", "frontend_nice", "frontend_sched_idle")
+NOT_ON_RAY = ("host", "port", "probe_port", "engine", "frontend_nice", "frontend_sched_idle")
 
 
 class FleetArgs(BaseModel):
