@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 in containers)")
     port: int = Field(8000, ge=0, le=65535, description="port to bind")
     probe_port: int | None = Field(None, ge=0, le=65535, description="a second port answering only /healthz and "
-                                   "/readyz, from a thread kept at normal priority, so that probes answer under "
+                                   "/readyz, from a small process at normal priority, so that probes answer under "
                                    "any load; none = off (probes use the main port)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per log line, with "
