@@ -136,7 +136,7 @@ class EngineCore:
             try:
                 ended.append(self._end(r, error))
             except Exception:  # its bookkeeping is what failed: it still ends
-                ended.append(RequestOutput(r.id, RequestStatus.FINISHED, r.step, error=error, replica=self.replica))
+                ended.append(RequestOutput.failed(r.id, error, r.step, self.replica))
         return EngineOutputs(tuple(ended))
 
     def _fail_finishing(self, slots: tuple[int, ...], message: str) -> list[RequestOutput]:

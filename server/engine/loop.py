@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Callable
 
 from .core import EngineCore
-from .request import EngineOutputs, EngineRequest, ErrorKind, FinishReason, RequestError, RequestOutput, RequestStatus
+from .request import EngineOutputs, EngineRequest, ErrorKind, FinishReason, RequestError, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +96,6 @@ class EngineLoop:
         while self._inbox:
             item = self._inbox.popleft()
             if isinstance(item, EngineRequest):
-                ended.append(RequestOutput(item.id, RequestStatus.FINISHED, 0, error=error, replica=self.core.replica))
+                ended.append(RequestOutput.failed(item.id, error, replica=self.core.replica))
         if ended:
             self.sink(EngineOutputs(tuple(ended)))

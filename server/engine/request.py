@@ -175,6 +175,11 @@ class RequestOutput:
     def ended(self) -> bool:
         return self.status == RequestStatus.FINISHED
 
+    @classmethod
+    def failed(cls, request_id: str, error: RequestError, step: int = 0, replica: str | None = None) -> RequestOutput:
+        """The end of a request that gets no images (refused, or lost with its engine)."""
+        return cls(request_id, RequestStatus.FINISHED, step, error=error, replica=replica)
+
 
 @dataclass(frozen=True, slots=True)
 class EngineOutputs:

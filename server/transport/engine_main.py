@@ -24,7 +24,7 @@ from prometheus_client import generate_latest
 from ..engine.core import EngineCore
 from ..engine.loop import EngineLoop
 from ..engine.metrics import EngineMetrics
-from ..engine.request import EngineOutputs, EngineRequest, RequestError, RequestOutput, RequestStatus
+from ..engine.request import EngineOutputs, EngineRequest, RequestError, RequestOutput
 from ..logs import setup_logging
 from ..settings import Settings
 from . import messages as msg
@@ -127,7 +127,7 @@ class EngineServer:
         try:
             self.loop.submit(request)
         except RequestError as e:  # stopping, or the device is unusable
-            self.send(EngineOutputs((RequestOutput(request.id, RequestStatus.FINISHED, 0, error=e),)))
+            self.send(EngineOutputs((RequestOutput.failed(request.id, e),)))
 
     def _watch(self) -> None:
         while True:

@@ -11,7 +11,7 @@ import logging
 from typing import Protocol
 
 from ..engine.backlog import Backlog, Load
-from ..engine.request import EngineOutputs, EngineRequest, RequestError, RequestOutput, RequestStatus
+from ..engine.request import EngineOutputs, EngineRequest, RequestError, RequestOutput
 from ..settings import Settings
 from .messages import EngineInfo
 
@@ -60,8 +60,7 @@ class EngineHandle:
         """End a request on this side (its engine died, its call failed), unless it has ended already."""
         request = self.backlog.remove(request_id)
         if request is not None:
-            self.events.on_output(RequestOutput(request_id, RequestStatus.FINISHED, request.step, error=error,
-                                                replica=replica))
+            self.events.on_output(RequestOutput.failed(request_id, error, request.step, replica))
 
     def _end_all(self, error: RequestError) -> int:
         requests = self.backlog.requests()

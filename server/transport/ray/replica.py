@@ -23,7 +23,7 @@ from ray import serve
 
 from ...engine.admission import Admission
 from ...engine.metrics import EngineMetrics
-from ...engine.request import EngineRequest, FinishReason, RequestError, RequestOutput, RequestStatus
+from ...engine.request import EngineRequest, FinishReason, RequestError, RequestOutput
 from ...logs import setup_logging
 from ...settings import Settings
 from ..local import LocalEngine
@@ -91,7 +91,7 @@ class EngineReplica:
                 self.admission.check(request, self.engine.load(), 0, time.time())
                 self.engine.submit(request)
             except RequestError as e:
-                yield RequestOutput(request.id, RequestStatus.FINISHED, 0, error=e, replica=self.name)
+                yield RequestOutput.failed(request.id, e, replica=self.name)
                 return
             while True:
                 output = await stream.get()
