@@ -22,15 +22,15 @@ from .errors import ApiError
 STREAM, JSON = "text/event-stream", "application/json"
 
 
-def _accepted(accept: str) -> list[tuple[str, float]]:
-    """(media range, q) of each entry of an Accept header; none at all accepts anything."""
-    ranges = []
+def _accepted(accept: str) -> dict[str, float]:
+    """media range -> q, for each entry of an Accept header; none at all accepts anything."""
+    ranges = {}
     for part in accept.split(","):
         media, *params = (p.strip() for p in part.split(";"))
         if media:
-            q = next((float(p[2:]) for p in params if p.startswith("q=") and _is_number(p[2:])), 1.0)
-            ranges.append((media.lower(), q))
-    return ranges or [("*/*", 1.0)]
+            ranges[media.lower()] = next((float(p[2:]) for p in params if p.startswith("q=") and _is_number(p[2:])),
+                                         1.0)
+    return ranges or {"*/*": 1.0}
 
 
 def _is_number(text: str) -> bool:
@@ -41,10 +41,9 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def quality(accept: str, media: str, *, explicit: bool = False) -> float:
-    """The q the Accept header gives `media`: its most specific matching range's (type/subtype, then
+def _quality(ranges: dict[str, float], media: str, *, explicit: bool = False) -> float:
+    """The q an Accept header's ranges give `media`: its most specific matching range's (type/subtype, then
     type/*, then */*); with `explicit`, only a range that names it counts."""
-    ranges = dict(_accepted(accept))
     candidates = [media] if explicit else [media, media.split("/")[0] + "/*", "*/*"]
     return next((ranges[c] for c in candidates if c in ranges), 0.0)
 
@@ -53,13 +52,15 @@ def negotiate(body, accept: str) -> tuple[str, str]:
     """(what to answer, image format): the answer is STREAM or JSON when the Accept header names it with
     q > 0 (in that order), else an image: the body's `format` (an explicit ask), or the image type the
     header prefers, PNG first among equals. 406 when the header accepts none of these."""
+    ranges = _accepted(accept)  # parsed once
     for answer in (STREAM, JSON):
-        if quality(accept, answer, explicit=True) > 0:
+        if _quality(ranges, answer, explicit=True) > 0:
             return answer, body.format
     if "format" in body.model_fields_set:
         return "image", body.format
-    best = sorted(MEDIA_TYPES, key=lambda f: (-quality(accept, MEDIA_TYPES[f]), f != "png"))[0]
-    if quality(accept, MEDIA_TYPES[best]) > 0:
+    q = {f: _quality(ranges, media) for f, media in MEDIA_TYPES.items()}
+    best = sorted(MEDIA_TYPES, key=lambda f: (-q[f], f != "png"))[0]
+    if q[best] > 0:
         return "image", best
     offered = ", ".join([STREAM, JSON, *MEDIA_TYPES.values()])
     raise ApiError(406, "not_acceptable", f"the Accept header ({accept!r}) accepts none of what this path answers: "
