@@ -248,3 +248,17 @@ def test_an_end_is_written_once_the_store_is_back_and_is_read_from_memory_meanwh
     wait_until(lambda: not store.holds("j1"), 30, "the end to be written")
     assert store.get("j1", None).status == "done" and store.images(store.get("j1", None)) == [b"png bytes"]
     store.close()
+
+
+@pytest.mark.slow
+def test_a_job_the_restarted_server_would_refuse_fails_instead_of_running(tmp_path):
+    data = ["--data-dir", str(tmp_path / "store")]
+    with run_server(tmp_path, *ARGS, *data) as s:
+        [job_id] = submit_jobs(s.url, 1)  # 1000 steps
+        wait_until(lambda: first_job_early(s.url, job_id), 30, "the job to run")
+        s.proc.kill()
+        s.proc.wait(30)
+    with run_server(tmp_path, "--max-steps", "500", *data) as s:  # the door's limit is lower now
+        wait_until(lambda: statuses(s.url, [job_id]) == ["failed"], 30, "the job to fail")
+        error = httpx.get(f"{s.url}/jobs/{job_id}").json()["error"]
+        assert error["code"] == "invalid_request" and "at most 500 on this server (--max-steps)" in error["message"]

@@ -34,6 +34,7 @@ from .job import Job
 from .job_store import JobStore, store_url
 from .metrics import Metrics
 from .priority import lower_priority
+from .requests import InvalidSettings, limit_problems, resolve_class
 
 log = logging.getLogger(__name__)
 
@@ -138,17 +139,21 @@ class Service:
         return jobs
 
     def _check_resumed(self, job: Job) -> None:
-        """A job made by an earlier process: the model and limits it was checked against may have changed."""
-        r, model = job.request, self.model
-        problem = None
-        if job.model != model.info.name:
-            problem = f"it was made for the model {job.model!r}; this server serves {model.info.name!r}"
-        elif not 0 <= r.class_id < model.num_classes:
-            problem = f"its class_id {r.class_id} is not below this model's {model.num_classes} classes"
-        elif r.steps > self.settings.max_steps or r.num_images > self.settings.max_images:
-            problem = "it asks for more steps or images than this server's --max-steps / --max-images"
-        if problem is not None:
-            raise RequestError(ErrorKind.INVALID_REQUEST, f"job {job.id} cannot run again here: {problem}")
+        """A job made by an earlier process: the model and limits it was checked against may have changed.
+        The door's own checks (server/service/requests.py) say whether it can run here."""
+        r, info = job.request, self.model.info
+        if job.model != info.name:
+            problems = [(None, f"it was made for the model {job.model!r}; this server serves {info.name!r}")]
+        else:
+            problems = limit_problems(self.settings, steps=r.steps, num_images=r.num_images,
+                                      cfg_scale=r.sampling.cfg_scale)
+            try:
+                resolve_class(info, r.class_id, None)
+            except InvalidSettings as e:
+                problems += e.problems
+        if problems:
+            raise RequestError(ErrorKind.INVALID_REQUEST, f"job {job.id} cannot run again here: "
+                               + "; ".join(message for _, message in problems))
 
     def _forget(self, job: Job) -> None:
         with self._lock:
