@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import cached_property
 
 import numpy as np
 
@@ -133,7 +134,7 @@ class EngineRequest:
     def steps(self) -> int:
         return self.sampling.steps
 
-    @property
+    @cached_property  # read at every step of the request (the backlog, the slots): derived once
     def timeline(self) -> tuple[int, ...]:
         """Forward rows one image occupies at each of its steps (2 where guided, else 1)."""
         s = self.sampling

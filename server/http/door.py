@@ -40,7 +40,7 @@ def owner(request: Request) -> str | None:
 
 
 def make_job(svc: Service, body, request: Request, *, fmt: str, separate: bool, timeout: float,
-             tag: str | None = None) -> Job:
+             tag: str | None = None, webhook_url: str | None = None) -> Job:
     """A job for a validated request body; omitted fields take the model's defaults."""
     ready(svc)
     try:
@@ -52,4 +52,4 @@ def make_job(svc: Service, body, request: Request, *, fmt: str, separate: bool, 
         raise ApiError.invalid(e.problems) from e
     info = svc.model.info
     return Job(engine_request, info.name, info.class_names[engine_request.class_id],
-               format=fmt, separate=separate, tag=tag)
+               format=fmt, separate=separate, tag=tag, webhook_url=webhook_url)

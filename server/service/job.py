@@ -29,6 +29,7 @@ class Job:
     format: ImageFormat = "png"
     separate: bool = False  # one encoded image per sample (JSON answers) instead of one grid
     tag: str | None = None
+    webhook_url: str | None = None  # POSTed the job's status when it ends (server/http/webhooks.py)
     created: float = field(default_factory=time.time)  # unix seconds, for clients
     replica: str | None = None  # the engine replica that generated it (the X-Replica header)
     preview: tuple[int, np.ndarray] | None = None  # (step, (N, h, w, 3) uint8): the latest x0 preview

@@ -155,14 +155,14 @@ class JobStore:
         return db
 
     # ---- jobs in -------------------------------------------------------------------------------------------
-    def add(self, job: Job, *, webhook_url: str | None = None, idempotency_key: str | None = None,
-            fingerprint: str | None = None) -> Job:
+    def add(self, job: Job, *, idempotency_key: str | None = None, fingerprint: str | None = None) -> Job:
         """Write a new job (or, for an Idempotency-Key already used with the same request, return that
         job); the caller submits it next. Raises StoreFull, IdempotencyConflict or StoreError."""
         r = job.request
         row = dict(id=job.id, owner=r.owner or "", idempotency_key=idempotency_key, fingerprint=fingerprint,
                    request=json.dumps(_request_record(job)), status=PENDING, step=0, starts=1, tag=job.tag,
-                   webhook_url=webhook_url, webhook_state="pending" if webhook_url else None, created=job.created)
+                   webhook_url=job.webhook_url, webhook_state="pending" if job.webhook_url else None,
+                   created=job.created)
         try:
             with self.db.begin() as c:
                 self._expire(c)
@@ -277,29 +277,21 @@ class JobStore:
     def pending(self) -> list[Job]:
         """The jobs the last process left unfinished and still pending, in submission order, to submit again
         (each start counted: one that has been started MAX_STARTS times is written as failed instead)."""
-        left, self._left = self._left, []
+        left, self._left = set(self._left), []
         jobs = []
         with self.db.begin() as c:
-            for job_id in left:
-                row = c.execute(select(jobs_table).where(jobs_table.c.id == job_id, jobs_table.c.status == PENDING)
-                                ).mappings().first()
-                if row is None:
-                    continue  # cancelled meanwhile
+            rows = c.execute(select(jobs_table).where(jobs_table.c.status == PENDING)
+                             .order_by(jobs_table.c.seq)).mappings().all()
+            for row in (row for row in rows if row["id"] in left):  # not those made since (or cancelled)
                 if row["starts"] >= MAX_STARTS:
-                    c.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(
+                    c.execute(update(jobs_table).where(jobs_table.c.id == row["id"]).values(
                         status="failed", ended=time.time(), error=json.dumps(
                             {"kind": "engine_died", "message": f"the engine stopped while running this job "
                              f"{row['starts']} times; it is not run again", "retry_after": None})))
                     continue
-                c.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(starts=row["starts"] + 1))
+                c.execute(update(jobs_table).where(jobs_table.c.id == row["id"]).values(starts=row["starts"] + 1))
                 jobs.append(_job_from_row(row))
         return jobs
-
-    def webhook(self, job_id: str) -> tuple[str | None, str | None]:
-        with self.db.begin() as c:
-            row = c.execute(select(jobs_table.c.webhook_url, jobs_table.c.webhook_state)
-                            .where(jobs_table.c.id == job_id)).first()
-        return (row[0], row[1]) if row is not None else (None, None)
 
     def undelivered(self) -> list[Job]:
         """Ended jobs whose webhook was not delivered yet when the last process stopped."""
@@ -434,7 +426,8 @@ def _job_from_row(row) -> Job:
     request = EngineRequest(row["id"], d["class_id"], tuple(d["seeds"]), sampling, d["arrival"], d["deadline"],
                             d["owner"], d["previews"], step=row["step"])
     job = Job(request, d["model"], d["class_name"], format=d["format"], separate=d["separate"], tag=row["tag"],
-              created=row["created"], replica=row["replica"], timings=json.loads(row["timings"] or "{}"))
+              webhook_url=row["webhook_url"], created=row["created"], replica=row["replica"],
+              timings=json.loads(row["timings"] or "{}"))
     if row["status"] == PENDING:
         return job
     request.status = RequestStatus.FINISHED

@@ -96,12 +96,12 @@ async def create(body: JobRequest, request: Request, svc: AnyService, jobs: Jobs
     # the result's form (the 202 itself is JSON): JSON when the Accept header names it, else the image
     answer, fmt = answers.negotiate(body, request.headers.get("accept", ""))
     job = make_job(svc, body, request, fmt=fmt, separate=answer == answers.JSON, timeout=svc.settings.job_timeout,
-                   tag=body.tag)
+                   tag=body.tag, webhook_url=url)
     key = request.headers.get("idempotency-key")
     fingerprint = hashlib.sha256(json.dumps([body.model_dump(mode="json"), fmt, answer], sort_keys=True).encode()
                                  ).hexdigest() if key is not None else None
     try:
-        stored = await _stored(jobs.add, job, webhook_url=url, idempotency_key=key, fingerprint=fingerprint)
+        stored = await _stored(jobs.add, job, idempotency_key=key, fingerprint=fingerprint)
     except StoreFull as e:
         raise ApiError(429, "too_many_jobs", f"{e}: DELETE /jobs/{{id}} of an ended job frees its place at once (an "
                        f"unfinished one is cancelled by it, and frees its place when deleted again once it has "
@@ -169,12 +169,10 @@ async def resume(app, ready: asyncio.Event) -> None:
     await ready.wait()
     try:
         for job in await asyncio.to_thread(svc.resume):
-            url, _ = await asyncio.to_thread(jobs.webhook, job.id)
-            if url is not None:
-                webhooks.deliver_when_done(job, url, lambda job=job: status(job),
+            if job.webhook_url is not None:
+                webhooks.deliver_when_done(job, job.webhook_url, lambda job=job: status(job),
                                            lambda job=job: not jobs.left_pending(job))
         for job in await asyncio.to_thread(jobs.undelivered):
-            url, _ = await asyncio.to_thread(jobs.webhook, job.id)
-            webhooks.deliver_when_done(job, url, lambda job=job: status(job))
+            webhooks.deliver_when_done(job, job.webhook_url, lambda job=job: status(job))
     except Exception:  # the store away at this moment: they wait for the next start
         log.exception("could not resume the job store's unfinished jobs")
