@@ -16,6 +16,15 @@ count, changes at iterations known when the sample joins. The host mirrors each 
 `clock - base` (one counter for the whole batch, advanced once per full step) and an arrangement
 records the clock value at which its first slot flips; the rows are rearranged on that step only.
 
+Step caching (model/cache.py): a sample with a cache runs the network only at the iterations its
+schedule selects; at the others its output (guided eps and variance values) is taken from the cache,
+which lives in three more device rows per slot (the last computed output and its first and second
+differences) and is advanced with vectorised ops like the rest. Which rows run is looked up on the
+device (a schedule table, like the coefficients) and gathered with an argsort, so a steady cached step
+still builds nothing from Python data and never syncs; the host knows how many rows run at each step
+from the same fixed schedules (counted once per arrangement), which is all it needs for the forward's
+shape. A batch with no cached sample takes the plain path, with today's bytes.
+
     batch = SlotBatch(denoiser)
     batch.join([Join(slot=0, label=7, seed=1, sampling=Sampling("ddim", 50, 4.0))])
     for _ in range(50):
@@ -28,11 +37,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from . import cache as cache_lib
 from . import noise as noise_lib
 from .denoise import Denoiser
-from .samplers import NUM_COEFFS, Sampling, guided_range, plan
+from .samplers import NUM_COEFFS, Sampling, plan
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,8 @@ class Join:
     def __post_init__(self):
         if not 0 <= self.index < self.sampling.steps:
             raise ValueError(f"index must be in 0..{self.sampling.steps - 1}, got {self.index}")
+        if self.index and self.sampling.cache.on:  # its cache would have no history to forecast from
+            raise ValueError("a sample with a step cache joins at iteration 0")
 
     @property
     def sampler(self) -> str:
@@ -75,6 +88,8 @@ class _Slot:
     guided: range  # iterations at which it is guided (empty for cfg_scale 1)
     stochastic: bool
     base: int  # its iteration is the batch's clock - base
+    cached: bool  # it has a step cache (some iterations take no forward row)
+    computed: np.ndarray  # (steps,) bool: the iterations at which the network runs for it
 
     def next_flip(self, iteration: int) -> int | None:
         """The iteration, after `iteration`, at which it starts or stops being guided (None: never)."""
@@ -93,8 +108,11 @@ class Posterior:
     log_var: torch.Tensor  # (N, C, H, W) the learned log-variance of the noise (DDPM)
 
 
-# Columns of the per-row integer table `SlotBatch.meta`.
-ITER, LABEL, ROW0, KEY = range(4)  # iterations done, class, first coefficient row, noise key (from the seed)
+# Columns of the per-row integer table `SlotBatch.meta`: iterations done, class, first coefficient row, noise
+# key (from the seed); for the step cache: first schedule row, the last computed iteration, computed
+# iterations since the history started, the forecast's order (0 = reuse the last output).
+ITER, LABEL, ROW0, KEY, SCHED, LAST, COUNT, ORDER = range(8)
+META_COLUMNS = 8
 
 
 @dataclass(frozen=True)
@@ -116,6 +134,15 @@ class _Arrangement:
     noisy: torch.Tensor  # (K,) rows of the samples whose sampler adds noise (DDPM)
     keys: torch.Tensor  # (K,) their noise stream keys
     generators: tuple[tuple[int, torch.Generator], ...]  # (index into noisy, generator) of caller-driven noise
+    # Step caching (None/empty when no stepped sample has a cache: the plain path).
+    clock0: int = 0  # the batch clock of counts[0]
+    counts: tuple[tuple[int, int], ...] = ()  # per step from clock0: (rows that run F, guided ones among them Gc)
+    unguided: torch.Tensor | None = None  # (B,) int64: 1 for rows [G, B)
+    labels: torch.Tensor | None = None  # (B,) the LABEL column
+
+    @property
+    def caching(self) -> bool:
+        return bool(self.counts)
 
 
 class SlotBatch:
@@ -127,9 +154,16 @@ class SlotBatch:
         self._capacity = 0
         self.x = torch.empty(0, *self.shape, device=dev)  # (S, C, H, W) float32
         self.x0_prev = torch.empty(0, *self.shape, device=dev)  # (S, C, H, W) last predicted x0
-        self.meta = torch.empty(0, 4, dtype=torch.int64, device=dev)  # (S, 4) columns ITER..KEY
+        self.meta = torch.empty(0, META_COLUMNS, dtype=torch.int64, device=dev)  # (S, 8) columns ITER..ORDER
         self.scale = torch.empty(0, dtype=torch.float32, device=dev)  # (S,) guidance scale
+        # The step cache, allocated when the first cached sample joins: per slot the last computed output
+        # (guided eps, then variance values) and its first and second differences per iteration.
+        self.cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # 3 x (S, C_out, H, W)
         self._grow(capacity)
+        # Which iterations run, per (cache, steps, guided run), as consecutive rows (columns: runs, resets).
+        self.schedules = torch.empty(0, 2, dtype=torch.int64, device=dev)  # (R', 2)
+        self._schedule_row0: dict[tuple, int] = {}
+        self.rows_computed = 0  # forward rows the last step ran (a cached sample's skipped iteration: 0)
         # Every plan used so far, as consecutive rows of two device tables (its iterations in order).
         self.timesteps = torch.empty(0, dtype=torch.int64, device=dev)  # (R,) the model's timestep
         # (NUM_COEFFS, R, 1, 1, 1): column-first, so a step's gathered rows split into per-sample scales
@@ -161,19 +195,27 @@ class SlotBatch:
         used = set(self._row.values())
         rows = [r for r in range(self._capacity) if r not in used][: len(joins)]
         # One staging copy per kind for all joining samples (pinned on CUDA, so it can run async).
-        staged = [[r, j.index, j.label, self._plan_rows(j.sampler, j.steps), j.seed]
-                  for j, r in zip(joins, rows, strict=True)]
-        ints = self._to_device(torch.tensor(staged, dtype=torch.int64))  # (N, 5): row, ITER, LABEL, ROW0, seed
+        if self.cached is None and any(j.sampling.cache.on for j in joins):
+            self._allocate_cache()
+        staged = [[r, j.index, j.label, self._plan_rows(j.sampler, j.steps), j.seed, self._schedule_rows(j.sampling),
+                   j.index, 0, j.sampling.cache.order] for j, r in zip(joins, rows, strict=True)]
+        # (N, 9): row, ITER, LABEL, ROW0, seed, SCHED, LAST, COUNT, ORDER
+        ints = self._to_device(torch.tensor(staged, dtype=torch.int64))
         at, seeds = ints[:, 0], ints[:, 4]
-        self.meta[at] = torch.cat([ints[:, 1:4], noise_lib.stream_keys(seeds)[:, None]], dim=1)
+        self.meta[at] = torch.cat([ints[:, 1:4], noise_lib.stream_keys(seeds)[:, None], ints[:, 5:]], dim=1)
         self.scale[at] = self._to_device(torch.tensor([j.cfg_scale for j in joins], dtype=torch.float32))
         self.x[at] = noise_lib.initial_noise(seeds, self.shape) if x is None else x.to(self.device, torch.float32)
         self.x0_prev[at] = 0.0
+        if self.cached is not None:
+            for t in self.cached:
+                t[at] = 0.0
         for k, (j, r) in enumerate(zip(joins, rows, strict=True)):
             self._active.append(j.slot)
             self._row[j.slot] = r
-            guided = guided_range(j.sampler, j.steps, j.guidance_interval) if j.cfg_scale != 1.0 else range(0)
-            self._host[j.slot] = _Slot(j.steps, guided, plan(j.sampler, j.steps).stochastic, self._clock - j.index)
+            s = j.sampling
+            runs = np.array(cache_lib.computed(s.cache, s.steps, s.guided), dtype=np.int64)
+            self._host[j.slot] = _Slot(j.steps, s.guided, plan(j.sampler, j.steps).stochastic, self._clock - j.index,
+                                       s.cache.on, runs)
             if generators is not None and generators[k] is not None:
                 self._generators[j.slot] = generators[k]
         self._arranged = None
@@ -213,19 +255,81 @@ class SlotBatch:
         if not self._active or (slots is not None and not slots):
             return
         a = self._arrange(None if slots is None else list(slots))
+        if a.caching:
+            return self._step_cached(a, slots)
         k, var_values, mean, x0 = self._predict(a)
+        self.rows_computed = a.n + a.guided
         if a.noisy.numel():  # only the noisy samples need a variance and noise (hashing noise is costly)
             sigma = self.denoiser.noise_scale(k.index_select(1, a.noisy), var_values.index_select(0, a.noisy))
             mean.index_add_(0, a.noisy, sigma * self._noise(a, a.iteration.index_select(0, a.noisy)))
         # Written back only now: a step that fails (e.g. out of memory) leaves the state as it was.
         a.x.copy_(mean)
         a.x0_prev.copy_(x0)
+        self._advance(a, slots)
+
+    def _advance(self, a: _Arrangement, slots: Sequence[int] | None) -> None:
         a.iteration.add_(1)
         if a.partial:  # rare (the out-of-memory fallback): only these slots' iterations moved
             for s in slots:
                 self._host[s].base -= 1
         else:
             self._clock += 1
+
+    def _step_cached(self, a: _Arrangement, slots: Sequence[int] | None) -> None:
+        """`step` for a batch with cached samples: the network runs for the rows whose schedule says so
+        (F of the B, the guided ones first, Gc of the G, plus their null-class twins); every row's output is
+        first forecast from its cache, the computed rows' overwrite theirs, and the computed rows' cache
+        history moves on."""
+        f_rows, g_rows = a.counts[self._clock - a.clock0]  # host ints from the fixed schedules
+        n, c = a.n, self.shape[0]
+        it = a.iteration  # (B,)
+        rows = a.row0 + it
+        t = self.timesteps.index_select(0, rows)
+        k = self.coeffs.index_select(1, rows)  # (NUM_COEFFS, B, 1, 1, 1)
+        flags = self.schedules.index_select(0, self.meta[:n, SCHED] + it)  # (B, 2): runs, resets
+        runs, resets = flags[:, 0], flags[:, 1].bool()
+        # the computed rows, guided ones first, in row order (a stable sort on 0 guided+run, 1 run, 2 skipped)
+        idx = torch.argsort((1 - runs) * 2 + a.unguided, stable=True)[:f_rows]  # (F,)
+        f, d1, d2 = (t_[:n] for t_ in self.cached)  # (B, C_out, H, W) each
+        last, count, order = self.meta[:n, LAST], self.meta[:n, COUNT], self.meta[:n, ORDER]
+        gap = (it - last).clamp_(min=1).float().view(-1, 1, 1, 1)  # iterations since the last computed one
+        c1 = (order >= 1).float().view(-1, 1, 1, 1) * gap
+        c2 = (order >= 2).float().view(-1, 1, 1, 1) * gap * gap * 0.5
+        pred = torch.addcmul(f, c1, d1).addcmul_(c2, d2)  # (B, C_out, H, W) forecast: f + k d1 + k^2/2 d2
+        if f_rows:
+            x_c = a.x.index_select(0, idx)  # (F, C, H, W)
+            t_c, y_c = t.index_select(0, idx), a.labels.index_select(0, idx)
+            null = torch.full((g_rows,), self.denoiser.null_class, dtype=torch.int64, device=self.device)
+            out = self.denoiser.forward(torch.cat([x_c, x_c[:g_rows]]), torch.cat([t_c, t_c[:g_rows]]),
+                                        torch.cat([y_c, null]))  # (F + Gc, C_out, H, W)
+            scales = self.scale.index_select(0, idx[:g_rows]).view(-1, 1, 1, 1)
+            eps_c, var_c = self.denoiser.guide(out, f_rows, g_rows, scales)
+            pred.index_copy_(0, idx, torch.cat([eps_c, var_c], dim=1))
+        eps, var_values = pred[:, :c], pred[:, c:]
+        mean, x0 = self.denoiser.update(k, a.x, eps, a.x0_prev)
+        if a.noisy.numel():  # as in `step`: the noise of DDPM does not depend on caching
+            sigma = self.denoiser.noise_scale(k.index_select(1, a.noisy), var_values.index_select(0, a.noisy))
+            mean.index_add_(0, a.noisy, sigma * self._noise(a, it.index_select(0, a.noisy)))
+        # The computed rows' history: differences per iteration, none across a new run of guidance.
+        fresh = ~resets
+        valid1 = ((count >= 1) & fresh).float().view(-1, 1, 1, 1) / gap
+        valid2 = ((count >= 2) & fresh).float().view(-1, 1, 1, 1) / gap
+        new_d1 = (pred - f).mul_(valid1)
+        new_d2 = (new_d1 - d1).mul_(valid2)
+        ran = runs.bool()
+        on = ran.view(-1, 1, 1, 1)
+        new = (torch.where(on, pred, f), torch.where(on, new_d1, d1), torch.where(on, new_d2, d2))
+        new_last = torch.where(ran, it, last)
+        new_count = torch.where(ran, torch.where(resets, 1, count + 1), count)
+        # Written back only now: a step that fails (e.g. out of memory) leaves the state as it was.
+        a.x.copy_(mean)
+        a.x0_prev.copy_(x0)
+        for dst, src in zip((f, d1, d2), new, strict=True):
+            dst.copy_(src)
+        last.copy_(new_last)
+        count.copy_(new_count)
+        self.rows_computed = f_rows + g_rows
+        self._advance(a, slots)
 
     @torch.no_grad()
     def posterior(self) -> Posterior:
@@ -279,17 +383,40 @@ class SlotBatch:
         noisy_rows = [r for r, s in enumerate(order[:n]) if self._host[s].stochastic]
         noisy = self._to_device(torch.tensor(noisy_rows, dtype=torch.int64))
         null = torch.full((g,), self.denoiser.null_class, dtype=torch.int64, device=self.device)
+        expires = min(flips, default=float("inf"))
+        caching = {}
+        if any(h.cached for h in hosts.values()):
+            until = self._clock + 1 if subset is not None else expires
+            caching = dict(clock0=self._clock, counts=self._counts(order[:n], g, until),
+                           unguided=(torch.arange(n, device=self.device) >= g).long(), labels=self.meta[:n, LABEL])
         arranged = _Arrangement(
-            n=n, guided=g, expires=min(flips, default=float("inf")), partial=subset is not None,
+            n=n, guided=g, expires=expires, partial=subset is not None,
             x=self.x[:n], x_guided=self.x[:g], x0_prev=self.x0_prev[:n], iteration=self.meta[:n, ITER],
             row0=self.meta[:n, ROW0], y=torch.cat([self.meta[:n, LABEL], null]),
             scales=self.scale[:g].view(-1, 1, 1, 1), noisy=noisy,
             keys=self.meta[:n, KEY].index_select(0, noisy),
             generators=tuple((i, self._generators[order[r]]) for i, r in enumerate(noisy_rows)
                              if order[r] in self._generators),
+            **caching,
         )
         self._arranged = None if subset is not None else arranged
         return arranged
+
+    def _counts(self, stepped: list[int], g: int, until: int | float) -> tuple[tuple[int, int], ...]:
+        """(F, Gc) for each step from now until the clock `until` (at most until the last sample finishes):
+        how many of these rows run the network, and how many of the first g (the guided ones)."""
+        horizon = max(self._host[s].steps - (self._clock - self._host[s].base) for s in stepped)
+        if until != float("inf"):
+            horizon = min(horizon, int(until) - self._clock)
+        total = np.zeros((max(1, horizon), 2), dtype=np.int64)
+        for r, s in enumerate(stepped):
+            h = self._host[s]
+            i = self._clock - h.base
+            runs = h.computed[i:i + horizon]
+            total[: len(runs), 0] += runs
+            if r < g:
+                total[: len(runs), 1] += runs
+        return tuple((int(f), int(gc)) for f, gc in total)
 
     def _permute(self, order: list[int]) -> None:
         """Put slot order[r]'s state in row r. All or nothing: every gather runs (and may fail, e.g. out
@@ -299,7 +426,7 @@ class SlotBatch:
             return
         self._arranged = None
         src = self._to_device(torch.tensor(perm, dtype=torch.int64))
-        state = (self.x, self.x0_prev, self.meta, self.scale)
+        state = (self.x, self.x0_prev, self.meta, self.scale, *(self.cached or ()))
         moved = [t.index_select(0, src) for t in state]
         for t, m in zip(state, moved, strict=True):
             t[: len(perm)].copy_(m)
@@ -321,6 +448,19 @@ class SlotBatch:
             self.coeffs = torch.cat([self.coeffs, table], dim=1)
         return self._plan_row0[key]
 
+    def _schedule_rows(self, s: Sampling) -> int:
+        """The first row of this sampling's cache schedule in `schedules`, appended on first use."""
+        key = (s.cache, s.steps, s.guided)
+        if key not in self._schedule_row0:
+            table = torch.tensor([cache_lib.computed(*key), cache_lib.resets(*key)], dtype=torch.int64).T
+            self._schedule_row0[key] = self.schedules.shape[0]
+            self.schedules = torch.cat([self.schedules, table.to(self.device)])
+        return self._schedule_row0[key]
+
+    def _allocate_cache(self) -> None:
+        shape = (self._capacity, self.denoiser.model.config.out_channels, *self.shape[1:])
+        self.cached = tuple(torch.zeros(shape, device=self.device) for _ in range(3))
+
     def _grow(self, needed: int) -> None:
         if needed <= self._capacity:
             return
@@ -333,4 +473,6 @@ class SlotBatch:
 
         for name in ("x", "x0_prev", "meta", "scale"):
             setattr(self, name, grown(getattr(self, name)))
+        if self.cached is not None:
+            self.cached = tuple(grown(t) for t in self.cached)
         self._capacity = cap

@@ -11,6 +11,7 @@ from functools import lru_cache
 
 import torch
 
+from .cache import OFF, Cache, computed
 from .samplers import (
     A_E,
     A_X,
@@ -33,15 +34,19 @@ def forward_rows(cfg_scale: float, guided: bool = True) -> int:
     return 2 if guided and cfg_scale != 1.0 else 1
 
 
-def rows_per_iteration(sampler: str, steps: int, cfg_scale: float, interval=FULL_INTERVAL) -> tuple[int, ...]:
-    """A sample's forward rows at each of its iterations, in order (what a scheduler must budget)."""
-    return _rows_per_iteration(sampler, steps, float(cfg_scale), *check_interval(interval))
+def rows_per_iteration(sampler: str, steps: int, cfg_scale: float, interval=FULL_INTERVAL,
+                       cache: Cache = OFF) -> tuple[int, ...]:
+    """A sample's forward rows at each of its iterations, in order (what a scheduler must budget): 0 at an
+    iteration its step cache skips (model/cache.py), exact since the cache's schedule is fixed in advance."""
+    return _rows_per_iteration(sampler, steps, float(cfg_scale), *check_interval(interval), cache)
 
 
 @lru_cache(maxsize=4096)
-def _rows_per_iteration(sampler: str, steps: int, cfg_scale: float, lo: float, hi: float) -> tuple[int, ...]:
+def _rows_per_iteration(sampler: str, steps: int, cfg_scale: float, lo: float, hi: float,
+                        cache: Cache) -> tuple[int, ...]:
     guided = guided_range(sampler, steps, (lo, hi))
-    return tuple(forward_rows(cfg_scale, i in guided) for i in range(steps))
+    runs = computed(cache, steps, guided if cfg_scale != 1.0 else range(0))
+    return tuple(forward_rows(cfg_scale, i in guided) if runs[i] else 0 for i in range(steps))
 
 
 class Denoiser:

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .batch import Join, SlotBatch
+from .cache import OFF, Cache
 from .checkpoint import RawCheckpoint, read_checkpoint
 from .decoders import PixelDecoder, VAEDecoder, to_uint8
 from .denoise import Denoiser
@@ -27,9 +28,11 @@ class Defaults(Sampling):
     steps: int = 250
     cfg_scale: float = 4.0
     guidance_interval: tuple[float, float] = FULL_INTERVAL
+    cache: Cache = OFF
 
     def resolve(self, *, sampler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
-                guidance_interval: Sequence[float] | None = None, max_steps: int | None = None) -> Sampling:
+                guidance_interval: Sequence[float] | None = None, cache=None,
+                max_steps: int | None = None) -> Sampling:
         """A request's settings: each one it leaves out (None) takes this default, the default step count
         capped at `max_steps` (a server's limit). Raises SettingError naming a setting that cannot run."""
         default_steps = self.steps if max_steps is None else min(self.steps, max_steps)
@@ -38,6 +41,7 @@ class Defaults(Sampling):
             steps=default_steps if steps is None else steps,
             cfg_scale=self.cfg_scale if cfg_scale is None else cfg_scale,
             guidance_interval=self.guidance_interval if guidance_interval is None else tuple(guidance_interval),
+            cache=self.cache if cache is None else cache,
         )
 
 
@@ -164,12 +168,12 @@ class Pipeline:
     @torch.no_grad()
     def generate(self, class_ids: Sequence[int], seeds: Sequence[int], *, sampler: str | None = None,
                  steps: int | None = None, cfg_scale: float | None = None,
-                 guidance_interval: tuple[float, float] | None = None,
+                 guidance_interval: tuple[float, float] | None = None, cache=None,
                  on_step: Callable[[int], None] | None = None) -> torch.Tensor:
         """One image per (class, seed): uint8 (N, H, W, 3). Omitted settings take the model's defaults.
         on_step(k) is called after each of the k = 1..steps iterations (progress bars)."""
         s = self.info.defaults.resolve(sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                                       guidance_interval=guidance_interval)
+                                       guidance_interval=guidance_interval, cache=cache)
         for c in class_ids:
             self.check_class(int(c))
         batch = self.new_batch(len(seeds))

@@ -32,6 +32,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .cache import OFF, Cache
 from .schedule import NUM_TRAIN_TIMESTEPS, respaced_tables
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver++")
@@ -138,8 +139,8 @@ def check_interval(interval) -> tuple[float, float]:
 
 
 class SettingError(ValueError):
-    """A generation setting the samplers cannot run; `field` names it (sampler, steps, cfg_scale or
-    guidance_interval) and the message says what would do."""
+    """A generation setting the samplers cannot run; `field` names it (sampler, steps, cfg_scale,
+    guidance_interval or cache) and the message says what would do."""
 
     def __init__(self, field: str, message: str):
         super().__init__(message)
@@ -149,12 +150,14 @@ class SettingError(ValueError):
 @dataclass(frozen=True)
 class Sampling:
     """What one generation runs with, checked together: a known sampler that can take this many steps, a
-    guidance scale >= 1 (1 = no guidance), and an interval [lo, hi] with 0 <= lo < hi <= 1."""
+    guidance scale >= 1 (1 = no guidance), an interval [lo, hi] with 0 <= lo < hi <= 1, and a step-caching
+    rule (model/cache.py: "off", a preset name, a mapping or a Cache)."""
 
     sampler: str
     steps: int
     cfg_scale: float
     guidance_interval: tuple[float, float] = FULL_INTERVAL
+    cache: Cache = OFF
 
     def __post_init__(self):
         try:  # the sampler's own limits too (DPM-Solver++ cannot take 1000 steps)
@@ -167,8 +170,18 @@ class Sampling:
             interval = check_interval(self.guidance_interval)
         except ValueError as e:
             raise SettingError("guidance_interval", str(e)) from None
+        try:
+            cache = Cache.parse(self.cache)
+        except (TypeError, ValueError) as e:
+            raise SettingError("cache", str(e)) from None
         object.__setattr__(self, "cfg_scale", float(self.cfg_scale))
         object.__setattr__(self, "guidance_interval", interval)
+        object.__setattr__(self, "cache", cache)
+
+    @property
+    def guided(self) -> range:
+        """The iterations at which guidance is on (empty for a scale of 1)."""
+        return guided_range(self.sampler, self.steps, self.guidance_interval) if self.cfg_scale != 1.0 else range(0)
 
 
 def guided_range(sampler: str, steps: int, interval=FULL_INTERVAL) -> range:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .batch import Join, SlotBatch
+from .cache import OFF
 from .denoise import Denoiser
 from .samplers import FULL_INTERVAL, Sampling
 
@@ -24,12 +25,14 @@ def sample(
     seeds: Sequence[int] | None = None,
     clip_x0: tuple[float, float] | None = None,
     guidance_interval: tuple[float, float] | Sequence[tuple[float, float]] = FULL_INTERVAL,
+    cache=OFF,
 ) -> torch.Tensor:
     """Denoise `noise` (N, C, H, W) into samples (N, C, H, W), float32.
 
     cfg_scale: one value or one per sample (1 = no guidance). guidance_interval: (lo, hi), or one per
     sample: guide only the iterations whose timestep t has lo <= t / 999 <= hi (the default (0, 1) is
-    every iteration, the paper's guidance). Per-step noise (DDPM) for sample k comes
+    every iteration, the paper's guidance). cache: a step-caching rule for every sample (model/cache.py;
+"off" runs the network at every iteration). Per-step noise (DDPM) for sample k comes
     from generator[k] if given, else from the counter-based generator keyed by seeds[k] (drawn from
     torch's global RNG when neither is given).
     """
@@ -47,7 +50,8 @@ def sample(
     if seeds is None:
         seeds = torch.randint(0, 2**63 - 1, (n,)).tolist()
     batch = SlotBatch(Denoiser(dit, cfg_channels=cfg_channels, clip_x0=clip_x0), capacity=n)
-    joins = [Join(k, labels[k], int(seeds[k]), Sampling(sampler, steps, scales[k], intervals[k])) for k in range(n)]
+    joins = [Join(k, labels[k], int(seeds[k]), Sampling(sampler, steps, scales[k], intervals[k], cache))
+             for k in range(n)]
     batch.join(joins, x=noise, generators=generator)
     for _ in range(steps):
         batch.step()
