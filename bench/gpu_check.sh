@@ -10,7 +10,8 @@
 # Fetch them once, here, before the call:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_17_x86_64 -d .whl diffusers fastapi starlette uvicorn pydantic pydantic_core \
-#     pydantic-settings python-dotenv typing-inspection annotated-types importlib_metadata zipp
+#     pydantic-settings python-dotenv typing-inspection annotated-types importlib_metadata zipp \
+#     standardwebhooks sqlalchemy greenlet
 # Try the whole script first on the CPU: python bench/gpu_bench.py --dry-run --profile --forward
 set -uo pipefail
 cd "$(dirname "$0")/.."

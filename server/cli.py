@@ -33,7 +33,8 @@ METAVARS = {
     "graph_batch_sizes": "N,N,...", "api_keys": "KEY,KEY,...", "open_paths": "PATH,PATH,...",
     "cors_origins": "ORIGIN,ORIGIN,...", "body_timeout": "SECONDS", "request_timeout": "SECONDS",
     "job_timeout": "SECONDS", "job_ttl": "SECONDS", "min_cfg_scale": "SCALE", "max_cfg_scale": "SCALE",
-    "webhook_secret": "SECRET", "webhook_allow_hosts": "HOST,HOST,...", "job_store": "URL", "probe_port": "PORT",
+    "webhook_secret": "SECRET", "webhook_allow_hosts": "HOST,HOST,...", "webhook_timeout": "SECONDS",
+    "job_store": "URL", "probe_port": "PORT",
 }
 TYPE_METAVARS = {Path: "PATH", int: "N", float: "NUMBER", str: "TEXT"}
 
@@ -97,7 +98,9 @@ def _describe_error(err: dict) -> str:
     where = f"--{str(name).replace('_', '-')} / {Settings.model_config['env_prefix']}{str(name).upper()}"
     if item:
         where += f" (item {int(item[0]) + 1})" if isinstance(item[0], int) else f" ({item[0]})"
-    return f"  {where}: {err['msg']} (got {err['input']!r})"
+    field = Settings.model_fields.get(str(name))
+    got = "" if field is not None and field.repr is False else f" (got {err['input']!r})"  # secrets stay unsaid
+    return f"  {where}: {err['msg'].removeprefix('Value error, ')}{got}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -92,10 +92,14 @@ class Settings(BaseSettings):
     body_timeout: float = Field(10.0, gt=0, description="seconds to receive a request body; beyond, 408")
 
     # Webhooks (POST /jobs with webhook_url): off unless both are set, since they make the server call out
-    webhook_secret: str | None = Field(None, repr=False, description="HMAC-SHA256 key signing webhook deliveries "
-                                             "(X-DiT-Signature); none = webhook_url is refused. Prefer the env var")
+    webhook_secret: str | None = Field(None, repr=False, description="Standard Webhooks secret (whsec_ + base64 of "
+                                       ">= 24 random bytes) signing webhook deliveries; with API keys, each key's "
+                                       "own secret is derived from it (GET /webhooks/secret); none = webhook_url is "
+                                       "refused. Prefer the env var")
     webhook_allow_hosts: StrList = Field([], description="hosts webhook_url may name: exact names, or "
                                            "suffixes written .example.com; none = webhook_url is refused")
+    webhook_timeout: float = Field(10.0, gt=0, description="seconds one webhook try may take in all (connect, send, "
+                                   "the answer's status line); beyond, it is retried")
 
     # Scheduling
     policy: Literal["continuous", "request", "none"] = Field(
@@ -153,6 +157,16 @@ class Settings(BaseSettings):
         """`--policy none` is the policy's name: the flag parser reads the word `none` as "no value"
         (cli_parse_none_str, which lets `--vae none` unset a path)."""
         return "none" if value is None else value
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _whsec(cls, value: str | None) -> str | None:
+        from .http.webhooks import NEW_SECRET, secret_problem  # the spec's rules live with the deliveries
+
+        problem = secret_problem(value) if value is not None else None
+        if problem:
+            raise ValueError(f"not a Standard Webhooks secret: {problem}; make one with: {NEW_SECRET}")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -9,26 +9,26 @@ clock)."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import queue
 import re
 import signal
 import threading
 import time
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
 import httpx
 import pytest
 from server_harness import ROOT, run_server, wait_until
+from standardwebhooks import Webhook, WebhookVerificationError
 
 from server.http.webhooks import host_allowed
 from server.service.class_names import ClassIndex, ClassNameError
 
 ALICE, BOB = "alice-key", "bob-key"
-SECRET = "webhook-test-secret"
+SECRET = "whsec_" + "dGVzdC1zZWNyZXQtb2YtdGhpcy1zZXJ2ZXItMzItYnl0ZXM="  # base64 of 32 bytes
 HOLD = {"class_id": 1, "steps": 1000, "sampler": "ddim", "cfg_scale": 1.0, "num_images": 16}  # all 16 rows
 
 
@@ -71,15 +71,19 @@ class Receiver:
         return [d for d in self.deliveries if d["job"] == job_id]
 
 
-def verify(delivery: dict) -> dict:
-    """What a receiver does: check the timestamp is fresh and the signature matches, then trust the body."""
-    timestamp = delivery["headers"]["X-DiT-Timestamp"]
-    assert abs(time.time() - int(timestamp)) < 300
-    expected = "sha256=" + hmac.new(SECRET.encode(), timestamp.encode() + b"." + delivery["body"],
-                                    hashlib.sha256).hexdigest()
-    assert hmac.compare_digest(delivery["headers"]["X-DiT-Signature"], expected)
+def verify(delivery: dict, secret: str) -> dict:
+    """What a receiver does: the Standard Webhooks library checks the timestamp is fresh and the signature
+    matches the key's secret; then the body is trusted."""
     assert delivery["headers"]["Content-Type"] == "application/json"
-    return json.loads(delivery["body"])
+    assert not any(h.lower().startswith("x-dit-") for h in delivery["headers"])  # the old headers are gone
+    return Webhook(secret).verify(delivery["body"], delivery["headers"])
+
+
+@pytest.fixture(scope="module")
+def alice_secret(alice) -> str:
+    answer = alice.get("/webhooks/secret")
+    assert answer.status_code == 200, answer.text
+    return answer.json()["secret"]
 
 
 @pytest.fixture(scope="module")
@@ -214,14 +218,14 @@ def test_queue_position_in_the_stream_and_the_job_status(alice, receiver):
     assert statuses[0] == "queued" and statuses[-1] == "done", statuses
     assert [order.index(s) for s in statuses] == sorted(order.index(s) for s in statuses), statuses
     # The cancelled job's webhook says so, with its tag.
-    cancelled = verify(receiver.wait_for(second["id"], 1)[0])
+    cancelled = verify(receiver.wait_for(second["id"], 1)[0], alice.get("/webhooks/secret").json()["secret"])
     assert cancelled["status"] == "cancelled" and cancelled["tag"] == "second"
     assert cancelled["error"]["code"] == "cancelled"
 
 
 # ---- 3. webhooks ----------------------------------------------------------------------------------
 
-def test_webhook_signed_retried_after_a_500_with_the_tag(alice, receiver):
+def test_webhook_signed_retried_after_a_500_with_the_tag(alice, alice_secret, receiver):
     r = alice.post("/jobs", json={"class_name": "bag", "steps": 3, "seed": 5, "tag": "order-17",
                                   "webhook_url": receiver.url + "/flaky"}, headers={"Accept": "application/json"})
     assert r.status_code == 202, r.text
@@ -229,14 +233,36 @@ def test_webhook_signed_retried_after_a_500_with_the_tag(alice, receiver):
     assert job["tag"] == "order-17"
     first, second = receiver.wait_for(job["id"], 2)[:2]
     assert second["at"] - first["at"] >= 0.9  # the retry waited (1 s after a 500)
-    body = verify(second)
-    assert verify(first) == body
+    body = verify(second, alice_secret)
+    assert verify(first, alice_secret) == body
     assert body["id"] == job["id"] and body["status"] == "done" and body["tag"] == "order-17"
     assert body["class_id"] == 8 and body["step"] == body["steps"] == 3 and body["error"] is None
-    assert second["headers"]["X-DiT-Job-ID"] == job["id"]
+    # A retry is the same message (its id), signed afresh (its timestamp may differ; its signature covers it).
+    assert first["headers"]["webhook-id"] == second["headers"]["webhook-id"] == job["id"]
+    assert first["headers"]["webhook-signature"] != second["headers"]["webhook-signature"] or \
+        first["headers"]["webhook-timestamp"] == second["headers"]["webhook-timestamp"]
     result = alice.get(job["result_url"]).json()
     assert result["tag"] == "order-17" and result["class_name"] == "Bag"
     assert alice.get(job["status_url"]).json()["tag"] == "order-17"
+
+
+def test_each_key_signs_with_its_own_secret_and_cannot_forge_another_s(alice, bob, alice_secret, receiver):
+    bob_secret = bob.get("/webhooks/secret").json()["secret"]
+    assert bob_secret != alice_secret and bob_secret != SECRET and alice_secret != SECRET
+    assert bob.get("/webhooks/secret").json()["secret"] == bob_secret  # stable: derived, not drawn
+    job = bob.post("/jobs", json={"class_id": 2, "steps": 2, "webhook_url": receiver.url + "/ok"}).json()
+    delivery = receiver.wait_for(job["id"], 1)[0]
+    assert verify(delivery, bob_secret)["id"] == job["id"]
+    with pytest.raises(WebhookVerificationError):  # another key's secret does not verify it
+        verify(delivery, alice_secret)
+    # Bob forges a "done" for one of Alice's jobs: signed with the only secret he has, Alice refuses it.
+    forged = json.dumps({"id": "alice-job", "status": "done"}).encode()
+    now = datetime.now(UTC)
+    headers = {"Content-Type": "application/json", "webhook-id": "alice-job",
+               "webhook-timestamp": str(int(now.timestamp())),
+               "webhook-signature": Webhook(bob_secret).sign("alice-job", now, forged)}
+    with pytest.raises(WebhookVerificationError):
+        verify({"headers": headers, "body": forged}, alice_secret)
 
 
 @pytest.mark.parametrize("url,words", [

@@ -209,3 +209,6 @@ def test_webhook_url_is_refused_without_a_secret(server):
     assert r.status_code == 422, r.text
     err = r.json()["error"]
     assert err["field"] == "webhook_url" and "--webhook-secret" in err["message"]
+    with server.client() as c:
+        r = c.get("/webhooks/secret")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "no_webhook_secret", r.text

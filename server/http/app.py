@@ -20,7 +20,7 @@ from .auth import ApiKeyAuth, api_keys
 from .docs import ASSETS_PATH, DOCS_ASSETS, install_docs
 from .errors import install_error_handlers
 from .middleware import BodyLimit, RequestContext
-from .routes import generate, jobs, system
+from .routes import generate, jobs, system, webhook_secret
 from .schemas import GenerateRequest, JobRequest
 from .webhooks import Webhooks
 
@@ -28,7 +28,8 @@ from .webhooks import Webhooks
 def create_app(settings: Settings, engine=None) -> FastAPI:
     """The app; `engine` makes the service's engine handle (see Service), e.g. a Ray fleet's."""
     service = Service(settings, engine)
-    webhooks = Webhooks(settings.webhook_secret, settings.webhook_allow_hosts)
+    webhooks = Webhooks(settings.webhook_secret, settings.webhook_allow_hosts, service.metrics,
+                        keyed=bool(api_keys(settings)), try_deadline=settings.webhook_timeout)
 
     webhooks.on_result = service.jobs.delivered
 
@@ -55,6 +56,7 @@ def create_app(settings: Settings, engine=None) -> FastAPI:
     app.include_router(system.router)
     app.include_router(generate.router)
     app.include_router(jobs.router)
+    app.include_router(webhook_secret.router)
     if settings.fault_injection:
         app.include_router(system.faults)
     return app

@@ -55,7 +55,8 @@ class ErrorBody(BaseModel):
 # Every error status this API answers, and the codes it answers with (the body is always ErrorBody).
 ERROR_STATUSES = {
     401: "no valid API key (unauthorized; only with API keys on)",
-    404: "no such job, or not this API key's (unknown_job); no such path (not_found)",
+    404: "no such job, or not this API key's (unknown_job); no such path (not_found); no webhook secret to "
+         "serve (no_webhook_secret)",
     405: "this path does not take this method (method_not_allowed; the Allow header lists those it takes)",
     406: "the Accept header accepts none of the answers this path gives (not_acceptable)",
     408: "the body did not arrive within --body-timeout (body_timeout)",

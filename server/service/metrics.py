@@ -32,4 +32,10 @@ class Metrics:
         self.admitted = Counter("dit_requests_admitted", "requests accepted into the engine (not rejected at once)",
                                 registry=r)
         self.images = Counter("dit_images_generated", "images returned to clients", registry=r)
+        self.webhook_deliveries = Counter(
+            "dit_webhook_deliveries", "webhook deliveries ended, by result: delivered, or undelivered (refused, "
+            "or every try failed)", ["result"], registry=r)
+        self.webhook_attempts = Counter(
+            "dit_webhook_attempts", "webhook tries, by outcome: delivered, refused (a 3xx or 4xx), retryable_status "
+            "(a 5xx or 429), timeout (past the try's deadline), network_error, error", ["outcome"], registry=r)
         self.engine_up = Gauge("dit_engine_up", "1 while the engine (process) is serving", registry=r)
