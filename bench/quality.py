@@ -4,11 +4,13 @@ quality against cost over samplers x step counts x guidance scales x guidance in
     python bench/quality.py [--model weights/fashion_dit.safetensors] [--per-class 100]
                             [--settings dpm-solver++:20:2 dpm-solver++:20:3:0-0.7 ...] [--out FILE]
 
-A setting is sampler:steps:cfg[:lo-hi] (interval default 0-1, guidance at every step). For each:
+A setting is sampler:steps:cfg[:lo-hi[:cache]] (interval default 0-1, guidance at every step; cache: a
+preset of model/cache.py or method,every[,order[,warmup]], e.g. taylor,3,2 or reuse,2; default off). For each:
 --per-class images per class (seeds 0..N-1), the share the classifier labels as the requested class
 (class agreement), a feature-FID (the classifier's penultimate features) against as many test images,
-the forward rows one image costs (a guided step costs 2 rows, an unguided one 1: exact, from the
-sampler plan), and images/s while generating them in batches of 200 (wall clock: noisy on a shared
+the forward rows one image costs (a guided step costs 2 rows, an unguided one 1, a step the cache skips
+0), counted from the rows the batch actually ran (SlotBatch.rows_computed), and images/s while
+generating them in batches of 200 (wall clock: noisy on a shared
 machine). As the reference, the same FID between as many training and test images.
 
 At the end: the Pareto-best settings (no other setting has fewer or equal rows, higher or equal
@@ -30,8 +32,10 @@ from dataclasses import dataclass
 
 import torch
 
-from model import Pipeline
+from model import Join, Pipeline
+from model.cache import OFF, Cache
 from model.denoise import rows_per_iteration
+from model.samplers import Sampling
 from training.classifier import load_classifier
 from training.data import DEFAULT_DIR, load_split
 
@@ -53,33 +57,53 @@ class Setting:
     steps: int
     cfg: float
     interval: tuple[float, float] = (0.0, 1.0)
+    cache: Cache = OFF
 
     @classmethod
     def parse(cls, text: str) -> Setting:
         sampler, steps, cfg, *rest = text.split(":")
         interval = tuple(float(v) for v in rest[0].split("-")) if rest else (0.0, 1.0)
-        return cls(sampler, int(steps), float(cfg), interval)
+        return cls(sampler, int(steps), float(cfg), interval, parse_cache(rest[1]) if len(rest) > 1 else OFF)
 
     @property
-    def rows(self) -> int:
-        """Forward rows per image."""
-        return sum(rows_per_iteration(self.sampler, self.steps, self.cfg, self.interval))
+    def sampling(self) -> Sampling:
+        return Sampling(self.sampler, self.steps, self.cfg, self.interval, self.cache)
+
+    @property
+    def planned_rows(self) -> int:
+        """Forward rows per image from the plan (exact for these fixed schedules)."""
+        return sum(rows_per_iteration(self.sampler, self.steps, self.cfg, self.interval, self.cache))
+
+    def cache_text(self) -> str:
+        c = self.cache
+        return "off" if not c.on else f"{c.method} every {c.every}" + (f" order {c.order}" if c.order else "") + (
+            f" warmup {c.warmup}" if c.warmup else "")
 
     def label(self) -> str:
-        return f"{self.sampler} {self.steps} cfg {self.cfg:g} [{self.interval[0]:g}, {self.interval[1]:g}]"
+        return (f"{self.sampler} {self.steps} cfg {self.cfg:g} [{self.interval[0]:g}, {self.interval[1]:g}]"
+                + ("" if not self.cache.on else f" cache {self.cache_text()}"))
+
+
+def parse_cache(text: str) -> Cache:
+    """A preset name, or method,every[,order[,warmup]]."""
+    if "," not in text:
+        return Cache.parse(text)
+    method, *numbers = text.split(",")
+    return Cache(method, *(int(v) for v in numbers))
 
 
 @dataclass(frozen=True)
 class Row:
     setting: Setting
+    rows: float  # forward rows per image, as computed
     agreement: float
     fid: float
     images_per_second: float
 
     def dominates(self, other: Row) -> bool:
         s, o = self, other
-        at_least = s.setting.rows <= o.setting.rows and s.agreement >= o.agreement and s.fid <= o.fid
-        better = s.setting.rows < o.setting.rows or s.agreement > o.agreement or s.fid < o.fid
+        at_least = s.rows <= o.rows and s.agreement >= o.agreement and s.fid <= o.fid
+        better = s.rows < o.rows or s.agreement > o.agreement or s.fid < o.fid
         return at_least and better
 
 
@@ -88,7 +112,7 @@ def qualifies(row: Row, today: Row) -> str | None:
     if row.agreement >= today.agreement and row.fid < today.fid - 1.0:
         return "better: agreement >= and FID lower by > 1.0"
     same = abs(row.agreement - today.agreement) <= 0.005 and abs(row.fid - today.fid) <= 0.5
-    if same and row.setting.rows <= 0.9 * today.setting.rows:
+    if same and row.rows <= 0.9 * today.rows:
         return "equal quality with >= 10% fewer rows"
     return None
 
@@ -111,11 +135,19 @@ def to_model_input(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(pipe: Pipeline, labels: list[int], seeds: list[int], s: Setting, batch: int = 200) -> torch.Tensor:
-    out = [pipe.generate(labels[i:i + batch], seeds[i:i + batch], sampler=s.sampler, steps=s.steps,
-                         cfg_scale=s.cfg, guidance_interval=s.interval)
-           for i in range(0, len(labels), batch)]
-    return torch.cat(out)
+def generate(pipe: Pipeline, labels: list[int], seeds: list[int], s: Setting,
+             batch: int = 200) -> tuple[torch.Tensor, float]:
+    """uint8 images, and the forward rows per image the batch ran (counted step by step, not planned)."""
+    out, rows = [], 0
+    for i in range(0, len(labels), batch):
+        b = pipe.new_batch(batch)
+        b.join([Join(k, c, seed, s.sampling) for k, (c, seed) in enumerate(zip(labels[i:i + batch],
+                                                                                 seeds[i:i + batch], strict=True))])
+        for _ in range(s.steps):
+            b.step()
+            rows += b.rows_computed
+        out.append(pipe.decode(b.read(range(len(b.active)))))
+    return torch.cat(out), rows / len(labels)
 
 
 def main() -> None:
@@ -167,34 +199,34 @@ def main() -> None:
 
     labels = [c for c in range(10) for _ in range(args.per_class)]
     seeds = list(range(n))
-    say(f"\n{'sampler':>13} {'steps':>5} {'cfg':>4} {'interval':>11} {'rows/image':>10} {'agreement':>9} "
-        f"{'feature-FID':>11} {'images/s':>8}")
+    say(f"\n{'sampler':>13} {'steps':>5} {'cfg':>4} {'interval':>11} {'cache':>24} {'rows/image':>10} "
+        f"{'agreement':>9} {'feature-FID':>11} {'images/s':>8}")
     rows: list[Row] = []
     for s in settings:
         t0 = time.monotonic()
-        images = generate(pipe, labels, seeds, s)
+        images, computed_rows = generate(pipe, labels, seeds, s)
         rate = n / (time.monotonic() - t0)
         with torch.no_grad():
             x = to_model_input(images)
             agree = (judge(x).argmax(1) == torch.tensor(labels)).float().mean().item()
             fid = feature_fid(judge.features(x), test_feats)
-        rows.append(Row(s, agree, fid, rate))
+        rows.append(Row(s, computed_rows, agree, fid, rate))
         interval = f"[{s.interval[0]:g}, {s.interval[1]:g}]"
         mark = " (defaults)" if s == today else ""
-        say(f"{s.sampler:>13} {s.steps:>5} {s.cfg:>4g} {interval:>11} {s.rows:>10} {agree:>9.1%} {fid:>11.2f} "
-            f"{rate:>8.1f}{mark}")
+        say(f"{s.sampler:>13} {s.steps:>5} {s.cfg:>4g} {interval:>11} {s.cache_text():>24} {computed_rows:>10g} "
+            f"{agree:>9.1%} {fid:>11.2f} {rate:>8.1f}{mark}")
 
     say("\nPareto-best (rows, agreement, FID):")
     for r in rows:
         if not any(o.dominates(r) for o in rows):
-            say(f"  {r.setting.label()}: {r.setting.rows} rows, {r.agreement:.1%}, FID {r.fid:.2f}")
+            say(f"  {r.setting.label()}: {r.rows:g} rows, {r.agreement:.1%}, FID {r.fid:.2f}")
     base = next(r for r in rows if r.setting == today)
-    say(f"\nqualify to replace the defaults ({today.label()}: {today.rows} rows, {base.agreement:.1%}, "
+    say(f"\nqualify to replace the defaults ({today.label()}: {base.rows:g} rows, {base.agreement:.1%}, "
         f"FID {base.fid:.2f}):")
     for r in rows:
         why = qualifies(r, base)
         if why:
-            say(f"  {r.setting.label()}: {r.setting.rows} rows, {r.agreement:.1%}, FID {r.fid:.2f} ({why})")
+            say(f"  {r.setting.label()}: {r.rows:g} rows, {r.agreement:.1%}, FID {r.fid:.2f} ({why})")
 
     if not args.skip_timing:
         speed(pipe, list(dict.fromkeys([today, declared])), say)
@@ -208,7 +240,7 @@ def speed(pipe: Pipeline, settings: list[Setting], say, rounds: int = 3, batch: 
     alone: dict[Setting, list[float]] = {s: [] for s in settings}
     for _ in range(rounds):
         for s in settings:
-            kw = dict(sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg, guidance_interval=s.interval)
+            kw = dict(sampler=s.sampler, steps=s.steps, cfg_scale=s.cfg, guidance_interval=s.interval, cache=s.cache)
             t0 = time.perf_counter()
             pipe.generate(labels, list(range(batch)), **kw)
             batched[s].append(batch / (time.perf_counter() - t0))
@@ -218,8 +250,8 @@ def speed(pipe: Pipeline, settings: list[Setting], say, rounds: int = 3, batch: 
                 alone[s].append(time.perf_counter() - t0)
     say(f"\nspeed, interleaved, {torch.get_num_threads()} threads:")
     for s in settings:
-        say(f"  {s.label()} ({s.rows} rows/image): batched {statistics.median(batched[s]):.1f} images/s (median "
-            f"of {rounds} x {batch}), one image alone {statistics.median(alone[s]) * 1000:.0f} ms (median of "
+        say(f"  {s.label()} ({s.planned_rows} rows/image): batched {statistics.median(batched[s]):.1f} images/s "
+            f"(median of {rounds} x {batch}), one image alone {statistics.median(alone[s]) * 1000:.0f} ms (median of "
             f"{4 * rounds})")
 
 

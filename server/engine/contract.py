@@ -37,6 +37,9 @@ class StepResult:
     pixels: np.ndarray | None = None  # (number of finite finished slots, H, W, 3) uint8, in `finished` order
     previews: dict[int, np.ndarray] = field(default_factory=dict)  # slot -> (h, w, 3) uint8
     decode_seconds: float = 0.0
+    # Forward rows the step actually ran; None: as planned (the rows timeline). A cache that decided from the
+    # data could only run fewer than the timeline holds (the timeline is then an upper bound).
+    rows: int | None = None
 
 
 class DecodeFailed(RuntimeError):

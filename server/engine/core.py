@@ -14,6 +14,7 @@ orchestrator restarts it; a failed decode fails the requests that were finishing
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -81,6 +82,9 @@ class EngineCore:
         self._cycle = (t0, rows)
         result = self._execute(plan, out)
         if result is not None:
+            if result.rows is not None:  # the rows it ran (the timeline is exact, or an upper bound)
+                rows = result.rows
+                self._cycle = (t0, rows)
             out += self._update(result, rows, self.clock() - t0)
         self.slots.past()
         self.metrics.active_samples.set(len(self.slots))
@@ -118,8 +122,11 @@ class EngineCore:
         log.warning("out of memory with %d samples in one step: row budget halved to %d; retrying the step "
                     "in two halves", len(slots), self.scheduler.max_rows)
         half = max(1, len(slots) // 2)
-        self.runner.execute(StepPlan(subset=tuple(slots[:half])))
-        return self.runner.execute(StepPlan(subset=tuple(slots[half:]), finish=plan.finish))
+        first = self.runner.execute(StepPlan(subset=tuple(slots[:half])))
+        second = self.runner.execute(StepPlan(subset=tuple(slots[half:]), finish=plan.finish))
+        if first.rows is None or second.rows is None:
+            return second
+        return dataclasses.replace(second, rows=first.rows + second.rows)
 
     def _break(self, e: Exception) -> list[RequestOutput]:
         self.broken = f"device error: {type(e).__name__}: {e}"
@@ -154,6 +161,7 @@ class EngineCore:
         m.step_duration.observe(seconds)
         m.batch_size.observe(len(self.slots))
         m.forward_rows.observe(rows)
+        m.forward_rows_total.inc(rows)
         m.denoise_steps.inc(len(self.slots))
         self.scheduler.clean_step()
         tick = self.slots.tick

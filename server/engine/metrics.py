@@ -43,8 +43,11 @@ class EngineMetrics:
         self.active_samples = Gauge("dit_active_samples", "samples in flight (being denoised)", registry=r)
         self.batch_size = Histogram("dit_batch_size", "samples advanced per forward pass", buckets=BATCH_BUCKETS,
                                     registry=r)
-        self.forward_rows = Histogram("dit_forward_rows", "rows per forward pass (guided samples count twice)",
+        self.forward_rows = Histogram("dit_forward_rows", "rows per forward pass as run (guided samples count "
+                                      "twice, samples whose step cache skips the step not at all)",
                                       buckets=BATCH_BUCKETS, registry=r)
+        self.forward_rows_total = Counter("dit_forward_rows_computed", "forward rows computed (as run, not as planned: "
+                                          "a step cache's skipped rows are not counted)", registry=r)
         self.step_duration = Histogram("dit_step_duration_seconds", "one denoising step of the whole batch",
                                        buckets=STAGE_BUCKETS, registry=r)
         self.decode_duration = Histogram("dit_decode_duration_seconds", "one batched decode to pixels",

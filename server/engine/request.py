@@ -136,9 +136,10 @@ class EngineRequest:
 
     @cached_property  # read at every step of the request (the backlog, the slots): derived once
     def timeline(self) -> tuple[int, ...]:
-        """Forward rows one image occupies at each of its steps (2 where guided, else 1)."""
+        """Forward rows one image occupies at each of its steps (2 where guided, else 1; 0 where its step cache
+        skips the network: the cache's schedule is fixed, so this is exact)."""
         s = self.sampling
-        return rows_per_iteration(s.sampler, s.steps, s.cfg_scale, s.guidance_interval)
+        return rows_per_iteration(s.sampler, s.steps, s.cfg_scale, s.guidance_interval, s.cache)
 
     @property
     def sample_work(self) -> int:

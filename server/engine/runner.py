@@ -87,15 +87,17 @@ class ModelRunner:
             batch.leave(plan.leaves)
         if plan.joins:
             batch.join(plan.joins)
+        rows = 0
         if not plan.steps_nothing:
             if self.faults is not None:
                 self.faults.before_step()
             batch.step(plan.subset)
+            rows = batch.rows_computed  # a host count: samples whose cache skips this step ran no row
             if self.faults is not None:
                 self.faults.after_step(batch)
         previews = self._previews(plan.previews) if plan.previews else {}
         if not plan.finish:
-            return StepResult(previews=previews)
+            return StepResult(previews=previews, rows=rows)
         try:
             finite = batch.finite(plan.finish)  # the only device sync of a step, and only when samples finish
             good = [s for s, ok in zip(plan.finish, finite, strict=True) if ok]
@@ -107,7 +109,7 @@ class ModelRunner:
         finally:
             batch.leave(plan.finish)
         return StepResult(finished=plan.finish, finite=tuple(finite), pixels=pixels, previews=previews,
-                          decode_seconds=seconds)
+                          decode_seconds=seconds, rows=rows)
 
     def _previews(self, slots: tuple[int, ...]) -> dict[int, np.ndarray]:
         """Small uint8 RGB images of these slots' predicted x0 (N, h, w, 3), by slot."""
