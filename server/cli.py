@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 METAVARS = {
     "arch": "PRESET", "device": "DEVICE", "host": "ADDRESS", "port": "PORT", "max_body_bytes": "BYTES",
     "graph_batch_sizes": "N,N,...", "api_keys": "KEY,KEY,...", "open_paths": "PATH,PATH,...",
-    "cors_origins": "ORIGIN,ORIGIN,...", "body_timeout": "SECONDS", "request_timeout": "SECONDS",
-    "job_timeout": "SECONDS", "job_ttl": "SECONDS", "min_cfg_scale": "SCALE", "max_cfg_scale": "SCALE",
-    "webhook_secret": "SECRET", "webhook_allow_hosts": "HOST,HOST,...", "webhook_timeout": "SECONDS",
-    "job_store": "URL", "probe_port": "PORT",
+    "cors_origins": "ORIGIN,ORIGIN,...", "body_timeout": "SECONDS", "header_timeout": "SECONDS",
+    "request_timeout": "SECONDS", "job_timeout": "SECONDS", "job_ttl": "SECONDS", "min_cfg_scale": "SCALE",
+    "max_cfg_scale": "SCALE", "webhook_secret": "SECRET", "webhook_allow_hosts": "HOST,HOST,...",
+    "webhook_timeout": "SECONDS", "job_store": "URL", "probe_port": "PORT",
 }
 TYPE_METAVARS = {Path: "PATH", int: "N", float: "NUMBER", str: "TEXT"}
 
@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings(sys.argv[1:] if argv is None else argv)
     setup_logging(settings.log_level, settings.log_format)
     from .http.app import create_app  # after logging is set up
+    from .http.connections import ConnectionGuard
     from .service.job_store import StoreError
 
     try:
@@ -128,8 +129,9 @@ def main(argv: list[str] | None = None) -> None:
         log.info("probes (/healthz, /readyz) on http://%s:%d, process %d", settings.host, settings.probe_port,
                  probes.proc.pid)
     # uvicorn logs through the root handler (log_config=None); our RequestContext writes the access log.
+    guard = ConnectionGuard(settings.header_timeout, settings.max_connections, service.metrics)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            log_config=None, access_log=False, workers=1,
+                            log_config=None, access_log=False, workers=1, http=guard.protocol(),
                             timeout_graceful_shutdown=settings.request_timeout)
     server = GracefulServer(config, on_exit=service.begin_shutdown)
     failures: list[str] = []

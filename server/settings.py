@@ -90,6 +90,10 @@ class Settings(BaseSettings):
     cors_origins: StrList = Field([], description="origins allowed by CORS; none = CORS off")
     max_body_bytes: int = Field(65536, ge=1024, description="largest request body; beyond, 413")
     body_timeout: float = Field(10.0, gt=0, description="seconds to receive a request body; beyond, 408")
+    header_timeout: float = Field(5.0, gt=0, description="seconds a connection may take to send a request's headers "
+                                  "(from its opening, or the end of the last answer); beyond, it is closed")
+    max_connections: int = Field(2048, ge=1, description="open connections at most (lowered to fit the open-file "
+                                 "limit); beyond, a new one closes the one waiting longest for its headers")
 
     # Webhooks (POST /jobs with webhook_url): off unless both are set, since they make the server call out
     webhook_secret: str | None = Field(None, repr=False, description="Standard Webhooks secret (whsec_ + base64 of "

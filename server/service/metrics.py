@@ -38,4 +38,10 @@ class Metrics:
         self.webhook_attempts = Counter(
             "dit_webhook_attempts", "webhook tries, by outcome: delivered, refused (a 3xx or 4xx), retryable_status "
             "(a 5xx or 429), timeout (past the try's deadline), network_error, error", ["outcome"], registry=r)
+        self.connections = Gauge("dit_http_connections", "HTTP connections open (--max-connections at most)",
+                                 registry=r)
+        self.connections_closed = Counter(
+            "dit_http_connections_closed", "connections the server closed, by reason: header_timeout (no request "
+            "headers within --header-timeout), over_capacity (the one waiting longest, at --max-connections), "
+            "refused (503: every connection in a request)", ["reason"], registry=r)
         self.engine_up = Gauge("dit_engine_up", "1 while the engine (process) is serving", registry=r)
