@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     max_images: int = Field(16, ge=1, description="largest num_images a request may ask for")
     min_cfg_scale: float = Field(1.0, ge=1.0, description="smallest cfg_scale a request may ask for")
     max_cfg_scale: float = Field(20.0, ge=1.0, description="largest cfg_scale a request may ask for")
+    cache: str | None = Field(None, description="step cache of the requests that name none: off, a preset "
+                              "(model/cache.py), or a JSON object {\"method\": \"reuse\"|\"taylor\", \"every\": N, "
+                              "\"order\": 1|2, \"warmup\": W} (none = the model's declared default)")
 
     @property
     def drain_timeout(self) -> float:
@@ -171,6 +174,19 @@ class Settings(BaseSettings):
         if problem:
             raise ValueError(f"not a Standard Webhooks secret: {problem}; make one with: {NEW_SECRET}")
         return value
+
+    @field_validator("cache")
+    @classmethod
+    def _cache(cls, value: str | None) -> str | None:
+        if value is not None:
+            cls.parse_cache(value)  # a ValueError that says what would do
+        return value
+
+    @staticmethod
+    def parse_cache(value: str):
+        from model.cache import Cache
+
+        return Cache.parse(json.loads(value) if value.lstrip().startswith("{") else value)
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -353,6 +353,16 @@ def test_thousands_of_unknown_fields_get_a_short_answer(alice):
     assert answer.status_code == 422 and len(answer.content) <= 16 * 1024, len(answer.content)
     assert len(error["errors"]) == 21 and error["errors"][-1]["message"].startswith("and 3780 more unknown fields")
     assert error["errors"][-1]["message"].count("class_id") == 1  # the valid fields, once
+    # Just past the 20 shown (the body's model refuses them at once), and just within (pydantic's errors,
+    # with the other fields' problems): the same answer's shape.
+    for count, more in ((21, "and 1 more unknown fields"), (20, "the fields are")):
+        answer = alice.post("/jobs", json={"class_id": 1, "steps": 0, **dict.fromkeys(names[:count], 0)})
+        errors = answer.json()["error"]["errors"]
+        assert answer.status_code == 422
+        assert [e["field"] for e in errors if e["message"].startswith("unknown field")] == names[:20]
+        summary = next(e["message"] for e in errors if e["field"] is None)
+        assert summary.startswith(more) and "webhook_url" in summary, summary
+        assert any(e["field"] == "steps" for e in errors) == (count == 20), errors
 
 
 def test_a_webhook_url_the_client_would_refuse_is_refused_at_submission(alice):

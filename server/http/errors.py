@@ -170,6 +170,10 @@ def validation_error(e: RequestValidationError, content_type: str | None, known_
                         f"application/json (this request had {got})", "content-type")
     problems: list[tuple[str | None, str]] = []
     unknown = 0
+    if kind == "unknown_fields":  # many: the body's model refused them at once (server/http/schemas.py)
+        ctx = first["ctx"]
+        problems = [(field, unknown_field_message(field, known_fields)) for field in ctx["first"]]
+        errors, unknown = [], ctx["count"]
     for err in errors:
         loc = err.get("loc", ())
         field = ".".join(str(p) for p in loc[1 if loc and loc[0] in _SOURCES else 0:]) or None
