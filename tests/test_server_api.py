@@ -135,6 +135,29 @@ def test_guidance_interval_in_the_answer_the_png_and_info(server):
     assert not np.array_equal(pixels(image), pixels(full.content))
 
 
+def test_step_cache_in_the_answer_the_png_the_job_and_info(server):
+    req = {"class_id": 3, "seed": 8, "steps": 10, "cfg_scale": 3.0}
+    custom = {"method": "reuse", "every": 3, "order": 0, "warmup": 1}
+    with server.client() as c:
+        info = c.get("/info").json()
+        plain = c.post("/generate", json=req)
+        off = c.post("/generate", json=dict(req, cache="off"))
+        cached = c.post("/generate", json=dict(req, cache="taylor2"), headers={"Accept": "application/json"})
+        job = c.post("/jobs", json=dict(req, cache={"method": "reuse", "every": 3, "warmup": 1})).json()
+        wait_until(lambda: c.get(job["status_url"]).json()["status"] == "done", 60, "the cached job")
+        status = c.get(job["status_url"]).json()
+        result = c.get(job["result_url"])
+    assert info["defaults"]["cache"] == "off" and info["cache_presets"]["taylor2"]["method"] == "taylor"
+    assert plain.content == off.content  # off: the bytes of a server without caches (no cache in the metadata)
+    assert "cache" not in json.loads(Image.open(io.BytesIO(plain.content)).info["parameters"])
+    assert cached.json()["cache"] == "taylor2"
+    image = base64.b64decode(cached.json()["images"][0]["data"])
+    assert json.loads(Image.open(io.BytesIO(image)).info["parameters"])["cache"] == "taylor2"
+    assert not np.array_equal(pixels(image), pixels(plain.content))  # it skipped the network at some steps
+    assert job["cache"] == custom and status["cache"] == custom
+    assert json.loads(Image.open(io.BytesIO(result.content)).info["parameters"])["cache"] == custom
+
+
 BAD_BODIES = [
     ({"class_id": 10}, "class_id"), ({"class_id": -1}, "class_id"), ({"class_id": "3"}, "class_id"),
     ({"class_id": 1.5}, "class_id"), ({}, "class_id"), ({"class_id": 1, "cfg_scale": 0.5}, "cfg_scale"),
@@ -145,6 +168,9 @@ BAD_BODIES = [
     ({"class_id": 1, "seed": 2**70}, "seed"), ({"class_id": 1, "cfg": 3}, "cfg"),
     ({"class_id": 2**80}, "class_id"), ({"class_id": 1, "guidance_interval": [0.7, 0.2]}, "guidance_interval"),
     ({"class_id": 1, "guidance_interval": [0.5]}, "guidance_interval"),
+    ({"class_id": 1, "cache": "fast"}, "cache"), ({"class_id": 1, "cache": 3}, "cache"),
+    ({"class_id": 1, "cache": {"method": "taylor", "every": 2, "order": 5}}, "cache"),
+    ({"class_id": 1, "cache": {"method": "reuse", "every": 2, "skip": 1}}, "cache"),
 ]
 
 

@@ -119,7 +119,8 @@ def json_body(job: Job, images: list[bytes] | None = None) -> dict:
     seeds, media_type = job.request.seeds, MEDIA_TYPES[job.format]
     images = [{"seed": seeds[k], "media_type": media_type, "data": base64.b64encode(data).decode()}
               for k, data in enumerate(job.images if images is None else images)]
-    return dict(job.parameters, images=images, timings=job.timings, replica=job.replica)
+    return dict(job.parameters, cache=job.request.sampling.cache.describe(), images=images, timings=job.timings,
+                replica=job.replica)
 
 
 # The headers of an answer, in the order `headers` gives their values (CORS exposes them: server/http/app.py).

@@ -47,7 +47,7 @@ def make_job(svc: Service, body, request: Request, *, fmt: str, separate: bool, 
         engine_request = new_request(
             svc.model.info, svc.settings, class_id=body.class_id, class_name=body.class_name, sampler=body.sampler,
             steps=body.steps, cfg_scale=body.cfg_scale, guidance_interval=body.guidance_interval, seed=body.seed,
-            num_images=body.num_images, previews=body.previews, owner=owner(request), timeout=timeout)
+            cache=body.cache, num_images=body.num_images, previews=body.previews, owner=owner(request), timeout=timeout)
     except InvalidSettings as e:
         raise ApiError.invalid(e.problems) from e
     info = svc.model.info

@@ -48,11 +48,14 @@ class Job:
 
     @property
     def parameters(self) -> dict:
-        """The generation parameters its images carry (PNG `parameters` chunk, JSON answer, webhook)."""
+        """The generation parameters its images carry (PNG `parameters` chunk, JSON answer, webhook). The step
+        cache only where one ran, so that an image made without one has the same bytes as before caches."""
         s = self.request.sampling
         out = {"model": self.model, "class_id": self.request.class_id, "class_name": self.class_name,
                "cfg_scale": s.cfg_scale, "steps": s.steps, "sampler": s.sampler,
                "guidance_interval": list(s.guidance_interval)}
+        if s.cache.on:
+            out["cache"] = s.cache.describe()
         return out if self.tag is None else dict(out, tag=self.tag)
 
     @property

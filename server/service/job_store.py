@@ -414,7 +414,8 @@ def _reason(e: Exception) -> str:
 def _request_record(job: Job) -> dict:
     r, s = job.request, job.request.sampling
     return {"class_id": r.class_id, "seeds": list(r.seeds), "sampler": s.sampler, "steps": s.steps,
-            "cfg_scale": s.cfg_scale, "guidance_interval": list(s.guidance_interval), "previews": r.previews,
+            "cfg_scale": s.cfg_scale, "guidance_interval": list(s.guidance_interval), "cache": s.cache.describe(),
+            "previews": r.previews,
             "arrival": r.arrival, "deadline": r.deadline, "owner": r.owner, "model": job.model,
             "class_name": job.class_name, "format": job.format, "separate": job.separate}
 
@@ -422,7 +423,7 @@ def _request_record(job: Job) -> dict:
 def _job_from_row(row) -> Job:
     """A job as the row holds it (ended ones with their outcome; their images are read when asked for)."""
     d = json.loads(row["request"])
-    sampling = Sampling(d["sampler"], d["steps"], d["cfg_scale"], tuple(d["guidance_interval"]))
+    sampling = Sampling(d["sampler"], d["steps"], d["cfg_scale"], tuple(d["guidance_interval"]), d.get("cache", "off"))
     request = EngineRequest(row["id"], d["class_id"], tuple(d["seeds"]), sampling, d["arrival"], d["deadline"],
                             d["owner"], d["previews"], step=row["step"])
     job = Job(request, d["model"], d["class_name"], format=d["format"], separate=d["separate"], tag=row["tag"],

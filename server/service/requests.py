@@ -11,6 +11,7 @@ import secrets
 import time
 from collections.abc import Sequence
 
+from model.cache import Cache
 from model.pipeline import ModelInfo
 from model.samplers import SettingError
 
@@ -77,11 +78,18 @@ def limit_problems(settings: Settings, *, steps: int | None, num_images: int,
     return problems
 
 
+def default_cache(info: ModelInfo, settings: Settings) -> Cache:
+    """The step cache of a request that names none: the server's --cache, else the model's declared default."""
+    return info.defaults.cache if settings.cache is None else Settings.parse_cache(settings.cache)
+
+
 def new_request(info: ModelInfo, settings: Settings, *, class_id: int | None = None, class_name: str | None = None,
                 sampler: str | None = None, steps: int | None = None, cfg_scale: float | None = None,
-                guidance_interval: Sequence[float] | None = None, seed: int | None = None, num_images: int = 1,
-                previews: bool = False, owner: str | None = None, timeout: float | None = None) -> EngineRequest:
-    """The request; omitted settings take the model's defaults. Raises InvalidSettings listing every problem."""
+                guidance_interval: Sequence[float] | None = None, cache=None, seed: int | None = None,
+                num_images: int = 1, previews: bool = False, owner: str | None = None,
+                timeout: float | None = None) -> EngineRequest:
+    """The request; omitted settings take the model's defaults (the cache: the server's). Raises InvalidSettings
+    listing every problem."""
     problems: list[tuple[str | None, str]] = []
     try:
         label = resolve_class(info, class_id, class_name)
@@ -90,7 +98,8 @@ def new_request(info: ModelInfo, settings: Settings, *, class_id: int | None = N
     problems += limit_problems(settings, steps=steps, num_images=num_images, cfg_scale=cfg_scale)
     try:
         sampling = info.defaults.resolve(sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                                         guidance_interval=guidance_interval, max_steps=settings.max_steps)
+                                         guidance_interval=guidance_interval, max_steps=settings.max_steps,
+                                         cache=default_cache(info, settings) if cache is None else cache)
     except SettingError as e:
         if not any(field == e.field for field, _ in problems):
             problems.append((e.field, str(e)))

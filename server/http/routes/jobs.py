@@ -63,6 +63,7 @@ def status(job: Job) -> dict:
     return {"id": job.id, "status": state, "step": r.step, "steps": r.steps,
             "queue_position": r.queue_position if state == "queued" else None, "num_images": r.num_images,
             "seeds": list(r.seeds), "class_id": r.class_id, "class_name": job.class_name,
+            "cache": r.sampling.cache.describe(),
             "tag": job.tag, "created": job.created, "status_url": f"/jobs/{job.id}",
             "result_url": f"/jobs/{job.id}/result", "error": error.body()["error"] if error is not None else None}
 

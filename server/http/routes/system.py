@@ -4,6 +4,7 @@ and facts, and (test only) fault injection."""
 from __future__ import annotations
 
 import asyncio
+from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import APIRouter, Query, Request
@@ -11,8 +12,10 @@ from fastapi.responses import FileResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from model import SAMPLERS
+from model.cache import PRESETS as CACHE_PRESETS
 
 from ...service.class_names import class_index
+from ...service.requests import default_cache
 from ..door import AnyService, ReadyService, not_ready, ready
 from ..errors import ApiError, error_response, error_responses
 from ..schemas import ClassesResponse
@@ -64,7 +67,9 @@ async def info(svc: ReadyService):
         "num_classes": r.num_classes, "device": r.device, "dtype": r.dtype,
         "policy": settings.policy, "max_batch_rows": settings.max_batch_rows, "samplers": list(SAMPLERS),
         "defaults": {"sampler": d.sampler, "steps": d.steps, "cfg_scale": d.cfg_scale,
-                     "guidance_interval": list(d.guidance_interval)},
+                     "guidance_interval": list(d.guidance_interval),
+                     "cache": default_cache(r.info, settings).describe()},
+        "cache_presets": {name: asdict(c) for name, c in CACHE_PRESETS.items()},
         "limits": {"max_steps": settings.max_steps, "max_images": settings.max_images,
                    "min_cfg_scale": settings.min_cfg_scale, "max_cfg_scale": settings.max_cfg_scale,
                    "max_queue": settings.max_queue, "request_timeout": settings.request_timeout},

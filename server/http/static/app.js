@@ -116,7 +116,16 @@ function fillForm(i) {
   Object.assign($("steps"), { max: i.limits.max_steps, value: Math.min(i.defaults.steps, i.limits.max_steps) });
   $("sampler").replaceChildren(...i.samplers.map((s) => new Option(s, s, false, s === i.defaults.sampler)));
   showGuidanceInterval(i.defaults.guidance_interval);
+  const presets = Object.keys(i.cache_presets);  // "off" first; a default given as parameters is shown as such
+  const custom = typeof i.defaults.cache === "string" ? [] : [JSON.stringify(i.defaults.cache)];
+  $("cache").replaceChildren(...[...presets, ...custom].map((name) => new Option(
+    name, name, false, name === (custom[0] ?? i.defaults.cache))));
   $("num-images").max = i.limits.max_images;
+}
+
+function readCache() {
+  const value = $("cache").value;
+  return value.startsWith("{") ? JSON.parse(value) : value;
 }
 
 function showGuidanceInterval([lo, hi]) {
@@ -195,7 +204,8 @@ async function generate(ev) {
     return setStatus("The guidance interval needs 0 ≤ from < to ≤ 1 (0 to 1 guides every step).", true, "interval");
   }
   const body = { class_id: id, cfg_scale: Number($("cfg").value), steps: Number($("steps").value),
-                 sampler: $("sampler").value, guidance_interval: interval, seed, num_images: count };
+                 sampler: $("sampler").value, guidance_interval: interval, cache: readCache(), seed,
+                 num_images: count };
   const job = current = { controller: new AbortController(), body, step: 0, steps: body.steps, previews: 0,
                           finished: false };
   setBusy(true);
@@ -334,7 +344,9 @@ function showResult(job, result) {
   const t = result.timings;
   const [lo, hi] = result.guidance_interval;
   const guided = lo === 0 && hi === 1 ? "" : ` guided in [${lo}, ${hi}]`;
-  setStatus(`${result.class_name}: ${result.steps} ${result.sampler} steps, cfg ${result.cfg_scale}${guided}, ` +
+  const cached = result.cache === "off" ? "" : `, cache ${typeof result.cache === "string" ? result.cache
+                                                                                         : JSON.stringify(result.cache)}`;
+  setStatus(`${result.class_name}: ${result.steps} ${result.sampler} steps, cfg ${result.cfg_scale}${guided}${cached}, ` +
             `${(t.total * 1000).toFixed(0)} ms (queue ${(t.queue * 1000).toFixed(0)} ms)`);
   document.body.dataset.previewsBeforeResult = job.previews;
   bump("done");
@@ -413,7 +425,7 @@ async function thumbnail(images) {
 async function remember(result) {
   const entry = { time: Date.now(), model: result.model, class_id: result.class_id, class_name: result.class_name,
                   cfg_scale: result.cfg_scale, steps: result.steps, sampler: result.sampler,
-                  guidance_interval: result.guidance_interval,
+                  guidance_interval: result.guidance_interval, cache: result.cache,
                   seed: result.images[0].seed, num_images: result.images.length,
                   thumb: await thumbnail(result.images) };
   saveHistory([entry, ...loadHistory()].slice(0, HISTORY_MAX));
@@ -427,6 +439,7 @@ function useSettings(e) {
   $("steps").value = e.steps;
   $("sampler").value = e.sampler;
   if (e.guidance_interval) showGuidanceInterval(e.guidance_interval);
+  if (typeof e.cache === "string" && [...$("cache").options].some((o) => o.value === e.cache)) $("cache").value = e.cache;
   $("num-images").value = e.num_images;
   $("seed").value = e.seed;
   setStatus(`Settings of ${e.class_name}, seed ${e.seed} loaded: Generate makes the same images again.`);
