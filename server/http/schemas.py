@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -18,6 +18,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from model import SAMPLERS
+from model.cache import Cache
 from model.samplers import check_interval
 
 from ..service.job import ImageFormat
@@ -30,6 +31,15 @@ SamplerName = Literal[SAMPLERS]  # the names model/samplers.py defines
 Number = Annotated[float, Strict()]
 # [lo, hi] with 0 <= lo < hi <= 1 (a list, so that a wrong length is an error of the field, not of an item)
 GuidanceInterval = Annotated[list[Number], Field(min_length=2, max_length=2), AfterValidator(check_interval)]
+
+
+def _check_cache(value: Any) -> Any:
+    Cache.parse(value)  # a ValueError naming what would do; the door makes the Cache
+    return value
+
+
+# "off", a preset's name or {method, every, order, warmup} (one type, so that an error names the field alone)
+CacheSetting = Annotated[Any, AfterValidator(_check_cache)]
 
 
 class GenerateRequest(BaseModel):
@@ -67,6 +77,11 @@ class GenerateRequest(BaseModel):
     guidance_interval: GuidanceInterval | None = Field(None, description="[lo, hi], 0 <= lo < hi <= 1: guide only "
                                                        "the steps whose timestep t has lo <= t/999 <= hi (fewer "
                                                        "forward rows); [0, 1] guides every step")
+    cache: CacheSetting | None = Field(None, json_schema_extra={"anyOf": [{"type": "string"}, {"type": "object"}]},
+                                       description="step cache: \"off\" (the network at every "
+                                       "step), a preset (see GET /info), or {\"method\": \"reuse\" | \"taylor\", "
+                                       "\"every\": N, \"order\": 1 | 2, \"warmup\": W}: the network runs at one "
+                                       "step in N, the others reuse or forecast its output (fewer forward rows)")
     num_images: StrictInt = Field(1, ge=1, description="images; > 1 gives a grid")
     format: ImageFormat = Field("png", description="image encoding; when absent, an Accept: image/jpeg or "
                                 "image/webp header picks it")
@@ -100,6 +115,7 @@ class GenerateResponse(BaseModel):
     sampler: str
     guidance_interval: tuple[float, float] = Field(description="[lo, hi]: the steps with lo <= t/999 <= hi "
                                                    "were guided")
+    cache: str | dict[str, Any] = Field(description="the step cache: \"off\", a preset's name or its parameters")
     tag: str | None = Field(None, description="the job's tag (async jobs submitted with one)")
     images: list[ImageOut]
     timings: dict[str, float] = Field(description="seconds per stage: queue, denoise, decode, encode, total")
@@ -119,6 +135,7 @@ class JobStatus(BaseModel):
     seeds: list[int]
     class_id: int
     class_name: str
+    cache: str | dict[str, Any] = Field(description="the step cache: \"off\", a preset's name or its parameters")
     tag: str | None = None
     created: float = Field(description="submission time, unix seconds")
     status_url: str
