@@ -1,0 +1,116 @@
+"""The server's images/s at saturation with and without a step cache, in one run.
+
+    python bench/cache_throughput.py [--cache taylor2] [--clients 64] [--seconds 30] [--rounds 2]
+
+Two servers of the real CLI, one after the other on this machine: the uncached default and the same
+server with `--cache PRESET` (every request that names no cache gets it), alternated (uncached, cached,
+uncached, cached for --rounds 2), so that a slow spell of a shared machine hits both. Against each, 64
+closed-loop clients each send one default request (one image, the model's declared settings) after the
+other. Per run: images/s over the measured window (after a warm-up), forward rows per image from
+dit_forward_rows_computed_total (the rows computed, not planned), and the mean samples per forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from server_harness import free_port, wait_until  # noqa: E402
+
+
+def scrape(url: str) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line and not line.startswith("#") and "{" not in line:
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
+    return out
+
+
+async def client(url: str, k: int, end: float, out: list) -> None:
+    async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+        n = 0
+        while time.monotonic() < end:
+            r = await c.post("/generate", json={"class_id": k % 10, "seed": 1000 * k + n})
+            out.append(r.status_code)
+            n += 1
+
+
+async def drive(url: str, clients: int, seconds: float) -> list[int]:
+    out: list[int] = []
+    end = time.monotonic() + seconds
+    await asyncio.gather(*(client(url, k, end, out) for k in range(clients)))
+    return out
+
+
+def run_server(cache: str | None, args) -> dict:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning", "--max-batch-rows",
+           str(args.max_batch_rows), "--max-queue", "1000", "--request-timeout", "600"]
+    if cache is not None:
+        cmd += ["--cache", cache]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    try:
+        def ready():
+            try:
+                return httpx.get(url + "/readyz").status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_until(ready, 120, "the server")
+        asyncio.run(drive(url, args.clients, args.warmup))
+        before, t0 = scrape(url), time.monotonic()
+        codes = asyncio.run(drive(url, args.clients, args.seconds))
+        wall, after = time.monotonic() - t0, scrape(url)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    ok = sum(c == 200 for c in codes)
+    images = d.get("dit_images_generated_total", 0) or ok
+    return {"cache": cache or "off", "images_per_s": ok / wall, "errors": len(codes) - ok,
+            "rows_per_image": d["dit_forward_rows_computed_total"] / max(1, images),
+            "samples_per_forward": d["dit_batch_size_sum"] / max(1, d["dit_batch_size_count"])}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cache", default="taylor2", help="the cached server's --cache (a preset or a JSON object)")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=30)
+    p.add_argument("--warmup", type=float, default=5)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--max-batch-rows", type=int, default=64)
+    args = p.parse_args()
+    runs = []
+    for _ in range(args.rounds):
+        for cache in (None, args.cache):
+            runs.append(run_server(cache, args))
+            print(runs[-1], flush=True)
+    print(f"\n{args.clients} closed-loop clients, one default image each, {args.seconds:g} s measured per run, "
+          f"uncached and cached alternated x {args.rounds}")
+    print("| server | images/s (each run) | median | forward rows per image | samples per forward | errors |")
+    print("|---|---|---|---|---|---|")
+    medians = {}
+    for name in ("off", args.cache):
+        rs = [r for r in runs if r["cache"] == name]
+        medians[name] = statistics.median(r["images_per_s"] for r in rs)
+        print(f"| {'uncached' if name == 'off' else '--cache ' + name} | "
+              f"{', '.join(format(r['images_per_s'], '.1f') for r in rs)} | {medians[name]:.1f} | "
+              f"{statistics.mean(r['rows_per_image'] for r in rs):.1f} | "
+              f"{statistics.mean(r['samples_per_forward'] for r in rs):.1f} | {sum(r['errors'] for r in rs)} |")
+    print(f"\ncached / uncached images/s: {medians[args.cache] / medians['off']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
