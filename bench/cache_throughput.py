@@ -17,6 +17,7 @@ import asyncio
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,8 +56,9 @@ async def drive(url: str, clients: int, seconds: float) -> list[int]:
 def run_server(cache: str | None, args) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    data_dir = tempfile.mkdtemp(prefix="dit-bench-")  # a job store of its own, never the user's
     cmd = [sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning", "--max-batch-rows",
-           str(args.max_batch_rows), "--max-queue", "1000", "--request-timeout", "600"]
+           str(args.max_batch_rows), "--max-queue", "1000", "--request-timeout", "600", "--data-dir", data_dir]
     if cache is not None:
         cmd += ["--cache", cache]
     proc = subprocess.Popen(cmd, cwd=ROOT)
