@@ -1,15 +1,17 @@
 """Scale-out on Ray Serve: `serve run server.ray_app:build key=value ...` or a Serve config file
 (deploy/ray/serve.yaml). Two deployments:
 
-    Serve's HTTP proxies -> Frontend (1 replica: HTTP, validation, jobs, encoding, /metrics)
+    Serve's HTTP proxies -> Frontend (frontend_replicas: HTTP, validation, jobs, encoding, /metrics)
                               -> Engine replicas (min..max, one device each: engine core + model runner)
 
 The front-end is the dit-serve HTTP app (the same routes, validation, auth, jobs, encoding and metrics
-as a single server) with a fleet of engine replicas behind it instead of one engine. One replica: the
-async jobs it runs and the per-key quotas live in its memory (the jobs also in its job store, --data-dir or
---job-store), so that a job created through one request can be polled, fetched and cancelled through any
-later one, whichever Serve proxy it came in by. It holds no model and no tensor; it validates, relays and
-encodes.
+as a single server) with a fleet of engine replicas behind it instead of one engine. It holds no model
+and no tensor; it validates, relays and encodes. One front-end replica by default; more than one need a
+job store on a database server (job_store=postgresql+psycopg://...), which they share: a job made
+through one is polled, fetched and cancelled through any other (the store has its status, progress,
+result and a cancel flag its holder reads), and a killed front-end's jobs are taken over by the others
+when its leases run out (server/service/job_store.py). Each front-end sees the whole fleet's load and
+per-key counts in the engine replicas' reports, which the store relays (server/transport/ray/client.py).
 
 The arguments are the dit-serve settings by name plus the fleet's (server/transport/ray/args.py). Ray's
 defaults changed here, and why:
@@ -27,6 +29,8 @@ defaults changed here, and why:
 
 from __future__ import annotations
 
+import asyncio
+import os
 from typing import Any
 
 from ray import serve
@@ -35,7 +39,7 @@ from ray.serve import Application
 from .http.app import create_app
 from .logs import setup_logging
 from .settings import Settings
-from .transport.ray.args import FleetArgs, parse_args
+from .transport.ray.args import FleetArgs, parse_args, shared_store
 from .transport.ray.client import FleetEngine
 from .transport.ray.messages import Report
 from .transport.ray.replica import EngineReplica
@@ -53,10 +57,10 @@ def build(args: dict[str, Any]) -> Application:
 
 
 def frontend_options(fleet: FleetArgs, settings: Settings) -> dict[str, Any]:
-    """One replica. It holds every request of the fleet for its whole life (a stream, a wait), and the
-    replicas' reports queue behind them: room for all that the engines can hold, and more for polls."""
+    """A front-end holds the requests it relays for their whole life (a stream, a wait), and the replicas'
+    reports queue behind them: room for all that the engines can hold, and more for polls."""
     engines = fleet.max_replicas * (settings.max_queue + settings.max_batch_rows) + settings.max_queue
-    return dict(num_replicas=1, ray_actor_options={"num_cpus": 0},
+    return dict(num_replicas=fleet.frontend_replicas, ray_actor_options={"num_cpus": 0},
                 max_ongoing_requests=engines + FRONTEND_EXTRA_ONGOING, max_queued_requests=FRONTEND_EXTRA_ONGOING,
                 graceful_shutdown_timeout_s=settings.drain_timeout)
 
@@ -100,9 +104,17 @@ class Frontend:
             self.fleet = FleetEngine(self.settings, service, self.engines, self.app_name, self.engine_name)
             return self.fleet
 
-        return create_app(self.settings, engine)
+        shared = shared_store(self.settings)
+        app = create_app(self.settings, engine, shared_store=shared)
+        if shared:  # other front-ends may share it: the replicas' reports go through it
+            self.fleet.store = app.state.service.jobs
+        return app
 
-    def report(self, report: Report) -> None:
+    def process(self) -> int:
+        """This front-end's process id (tests kill it by that)."""
+        return os.getpid()
+
+    async def report(self, report: Report) -> None:
         """An engine replica's load and metrics (every second, through a deployment handle)."""
         if self.fleet is not None:
-            self.fleet.on_report(report)
+            await asyncio.to_thread(self.fleet.on_report, report)  # a write to the store, when shared

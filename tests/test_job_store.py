@@ -210,7 +210,7 @@ def _job(job_id: str, steps: int = 5):
 def _store(url: str):
     from server.service.job_store import JobStore
 
-    return JobStore(url, ttl=600, max_jobs=100)
+    return JobStore(url, ttl=600, max_jobs=100, shared=True)  # shared: several stores in this one process
 
 
 def test_a_job_that_was_started_too_often_fails_and_a_cancel_reaches_a_job_not_held(tmp_path):
@@ -221,18 +221,18 @@ def test_a_job_that_was_started_too_often_fails_and_a_cancel_reaches_a_job_not_h
     first.close()  # the process goes away with three jobs pending
     for _ in range(2):  # two more starts, each resuming the crashing job, which dies with the engine again
         store = _store(url)
-        assert [j.id for j in store.pending()][:1] == ["crash"]
+        assert [j.id for j in store.claim()[0]][:1] == ["crash"]
         store.close()
     store = _store(url)
     held = store.get("cancel-me", None)
     assert held.status == "queued" and not store.holds("cancel-me")
     store.cancel(held)  # DELETE before the resume: in the store
-    assert store.pending() == []  # the crash job's third start: failed; the cancelled one: skipped
+    assert store.claim() == ([], [])  # the crash job's third start: failed; the cancelled one: not run
     assert store.get("crash", None).status == "failed" and "3 times" in store.get("crash", None).error.message
     assert store.get("cancel-me", None).status == "cancelled"
     late = _store(url)
-    late.add(_job("new"))  # made after this process read what was left: not resumed as one of them
-    assert late.pending() == [] and late.holds("new")
+    late.add(_job("new"))  # held by the process that made it: not claimed by another
+    assert store.claim() == ([], []) and late.holds("new")
     late.close()
     store.close()
 
@@ -262,3 +262,90 @@ def test_a_job_the_restarted_server_would_refuse_fails_instead_of_running(tmp_pa
         wait_until(lambda: statuses(s.url, [job_id]) == ["failed"], 30, "the job to fail")
         error = httpx.get(f"{s.url}/jobs/{job_id}").json()["error"]
         assert error["code"] == "invalid_request" and "at most 500 on this server (--max-steps)" in error["message"]
+
+
+# ---- leases: front-ends that share a store, and a second server refused --------------------------------
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'jobs.db'}"
+    else:
+        yield request.getfixturevalue("pg").url
+
+
+def _front_end(url: str, **kw):
+    from server.service.job_store import JobStore
+
+    return JobStore(url, ttl=600, max_jobs=100, shared=True, lease=0.5, renew=0.1, **kw)
+
+
+def test_a_killed_front_end_s_jobs_are_taken_over_and_cancels_and_progress_cross_front_ends(shared_url):
+    from server.engine.request import ErrorKind, FinishReason, RequestError, RequestStatus
+
+    a, b, c = _front_end(shared_url), _front_end(shared_url), _front_end(shared_url)
+    claimed = []
+    b.on_claim = claimed.extend
+    a.add(_job("j1"))
+    a.add(_job("j2"))
+    wait_until(lambda: len(a._written_steps) == 2, 10, "a's first renewal")
+    assert claimed == []  # a renews its leases: nothing to take
+    a._closing.set()  # a is killed: its renewals stop, nothing is released
+    a._keeper_thread.join()
+    wait_until(lambda: len(claimed) == 2, 10, "b to claim a's jobs once their leases ran out")
+    assert [j.id for j in claimed] == ["j1", "j2"] and all(j.status == "queued" for j in claimed)
+    j1, j2 = claimed
+    b.hold(j1)
+    b.hold(j2)
+    # a was not dead after all (it had lost the store): its end of j1 is not written over b's
+    a._live["j1"].fail(RequestError(ErrorKind.GENERATION_FAILED, "late"))
+    wait_until(lambda: not a.holds("j1"), 10, "a's writer to drop its end of j1")
+    assert c.get("j1", None).status == "queued"
+    # Progress written by the holder is what another front-end shows.
+    j1.request.status, j1.request.step = RequestStatus.RUNNING, 3
+    wait_until(lambda: c.get("j1", None).request.step == 3, 10, "j1's progress through c")
+    assert c.get("j1", None).status == "running"
+    # A DELETE through c reaches the holder, b, at its next renewal.
+    cancelled = []
+    j2.on_cancel = cancelled.append
+    c.cancel(c.get("j2", None))
+    wait_until(lambda: cancelled == [FinishReason.CANCELLED], 10, "b to cancel j2")
+    for store in (b, c):
+        store.close()
+
+
+def test_a_second_server_on_a_live_server_s_store_is_refused(tmp_path):
+    from server.service.job_store import JobStore, StoreError
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    first = JobStore(url, ttl=600, max_jobs=100)
+    with pytest.raises(StoreError, match="another server .* uses the job store"):
+        JobStore(url, ttl=600, max_jobs=100)
+    first.close()  # gone (its heartbeat removed): the next one starts
+    JobStore(url, ttl=600, max_jobs=100).close()
+
+
+def test_a_version_1_store_gains_the_lease_columns_and_its_pending_jobs_are_claimed(tmp_path):
+    from sqlalchemy import Column, MetaData, Table, create_engine, insert
+
+    from server.service import job_store
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    def columns(table, leave=()):
+        return [Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable) for c in table.columns
+                if c.name not in leave]
+
+    old = MetaData()  # the tables as version 1 made them
+    Table("dit_jobs", old, *columns(job_store.jobs_table, leave=job_store.V2_COLUMNS))
+    Table("dit_meta", old, *columns(job_store.meta_table))
+    db = create_engine(url)
+    with db.begin() as c:
+        old.create_all(c)
+        c.execute(insert(old.tables["dit_meta"]).values(key="schema", value="1"))
+    db.dispose()
+    writer = _store(url)  # adds the lease columns to the version-1 table
+    writer.add(_job("left"))
+    writer.close()
+    store = _store(url)
+    assert [j.id for j in store.claim()[0]] == ["left"]
+    store.close()

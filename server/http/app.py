@@ -25,9 +25,10 @@ from .schemas import GenerateRequest, JobRequest
 from .webhooks import Webhooks
 
 
-def create_app(settings: Settings, engine=None) -> FastAPI:
-    """The app; `engine` makes the service's engine handle (see Service), e.g. a Ray fleet's."""
-    service = Service(settings, engine)
+def create_app(settings: Settings, engine=None, shared_store: bool = False) -> FastAPI:
+    """The app; `engine` makes the service's engine handle (see Service), e.g. a Ray fleet's, whose
+    front-ends may share their job store (`shared_store`)."""
+    service = Service(settings, engine, shared_store=shared_store)
     webhooks = Webhooks(settings.webhook_secret, settings.webhook_allow_hosts, service.metrics,
                         keyed=bool(api_keys(settings)), try_deadline=settings.webhook_timeout)
 

@@ -10,20 +10,34 @@ finish reason, timestamps, and, once done, its images (in the database: every fr
 them). A schema newer than this code is refused with a message.
 
 Jobs live in the database; those running in this process are also held in memory (`Job`, with their
-progress), and their end is written when it comes. A job still pending in the database when the server
-starts (queued or running when the last process stopped, or was killed) is submitted again, in order,
-with the same seeds: its images are those it would have had. `--job-timeout` counts from the job's
-arrival, the time the server was down included. `--job-ttl` after a job ended its row and images are
-deleted; at most `--max-jobs` rows are held.
+progress), and their end is written when it comes. `--job-timeout` counts from the job's arrival, the
+time the server was down included. `--job-ttl` after a job ended its row and images are deleted; at
+most `--max-jobs` rows are held.
+
+Leases: every pending job (and every ended one whose webhook is not delivered yet) has a holder, the
+front-end process that runs it, and a lease that the holder renews every RENEW_SECONDS (with the job's
+progress, so that a status read through another front-end is current, and reading the cancels asked
+through other front-ends). A job whose lease ran out (its holder was killed, or lost the store) or that
+has no holder (its holder stopped and left it, or its engine died with it) is claimed by the next
+front-end that renews, in submission order, and submitted again with the same seeds: its images are
+those it would have had. So a restarted server takes up what the last one left, and in a Ray fleet with
+several front-ends on one PostgreSQL store a killed front-end's jobs are taken over by the others. A
+holder that finds a job taken from it drops it, and writes an end only for the jobs it still holds.
+Each front-end also writes a heartbeat (`dit_frontends`): a second server started on the store of a
+live one is refused, unless both are front-ends of one fleet (`shared`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
+import secrets
+import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import (
@@ -36,6 +50,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     delete,
     event,
@@ -48,16 +63,18 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from model.samplers import Sampling
 
-from ..engine.request import EngineRequest, ErrorKind, RequestError, RequestStatus
+from ..engine.request import EngineRequest, ErrorKind, FinishReason, RequestError, RequestStatus
 from .job import Job
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: leases (holder, lease_until, cancel_requested), dit_frontends, dit_replicas
 PENDING = "pending"  # not ended: queued or running (in this process, or when the last one stopped)
 MAX_STARTS = 3  # a job that was running when the engine died this many times fails (it may be what kills it)
 RETRY_WRITE_SECONDS = 2.0  # a job's end that could not be written is tried again this often
 EXPIRE_SECONDS = 60.0  # expired jobs are deleted this often (or every --job-ttl, if shorter)
+LEASE_SECONDS = 10.0  # a holder unheard for this long loses its jobs to the next front-end that renews
+RENEW_SECONDS = 2.0  # how often a front-end renews its leases and claims the jobs no one holds
 
 metadata = MetaData()
 meta_table = Table("dit_meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text))
@@ -80,7 +97,23 @@ jobs_table = Table(
     Column("starts", Integer, nullable=False, default=0),  # times a process has submitted it
     Column("created", Float, nullable=False),  # wall clock
     Column("ended", Float),
+    Column("holder", String(128)),  # the front-end process running it (or delivering its webhook); none: free
+    Column("lease_until", Float),  # wall clock; past it, the job is free
+    Column("cancel_requested", Integer, nullable=False, default=0),  # a DELETE through another front-end
     UniqueConstraint("owner", "idempotency_key"),
+)
+# Columns added by schema version 2, for a store made by version 1.
+V2_COLUMNS = {"holder": "VARCHAR(128)", "lease_until": "FLOAT", "cancel_requested": "INTEGER NOT NULL DEFAULT 0"}
+frontends_table = Table(
+    "dit_frontends", metadata,
+    Column("holder", String(128), primary_key=True), Column("shared", Integer, nullable=False),
+    Column("heartbeat", Float, nullable=False),
+)
+# The engine replicas' reports (a fleet's front-ends each hear some of them; all read every one here).
+replicas_table = Table(
+    "dit_replicas", metadata,
+    Column("name", String(256), primary_key=True), Column("heard", Float, nullable=False),
+    Column("report", LargeBinary, nullable=False),
 )
 images_table = Table(
     "dit_images", metadata,
@@ -107,21 +140,31 @@ def store_url(job_store: str | None, data_dir: Path) -> str:
 
 
 class JobStore:
-    def __init__(self, url: str, ttl: float, max_jobs: int, max_per_key: int | None = None):
+    def __init__(self, url: str, ttl: float, max_jobs: int, max_per_key: int | None = None, *,
+                 shared: bool = False, lease: float = LEASE_SECONDS, renew: float = RENEW_SECONDS):
+        """shared: this process is one front-end of a fleet, which shares the store with the others."""
         self.url, self.ttl, self.max_jobs, self.max_per_key = url, ttl, max_jobs, max_per_key
+        self.lease, self.renew = lease, renew
         self.where = url.split("@")[-1] if "://" in url else url  # no password in messages
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"  # this process, in leases
         self._live: dict[str, Job] = {}  # jobs of this process not yet written as ended
         self._deferred: set[str] = set()  # left pending for the next start (shutdown)
+        self._written_steps: dict[str, int] = {}  # the progress last written, per live job
         self._lock = threading.Lock()
         self.db = self._open(url)
-        # What the last process left unfinished, read before this one takes new jobs (so that a job made
-        # between now and the resume is not taken for one of them).
-        self._left = self._pending_ids()
+        self._register(shared)
+        # Given the jobs claimed (on the keeper's thread); None: no claims. Claims are made only while
+        # can_claim() says the engine would run them (else their starts would be counted for nothing).
+        self.on_claim: Callable[[list[Job]], None] | None = None
+        self.can_claim: Callable[[], bool] = lambda: True
         # Ends are written by one thread of their own: the threads that end jobs (the engine's outputs, the
         # encoders, the event loop) never wait for the database, and a write that fails is tried again.
         self._ends: queue.SimpleQueue = queue.SimpleQueue()
         self._writer_thread = threading.Thread(target=self._writer, name="job-store-writer", daemon=True)
         self._writer_thread.start()
+        self._closing = threading.Event()
+        self._keeper_thread = threading.Thread(target=self._keeper, name="job-store-leases", daemon=True)
+        self._keeper_thread.start()
 
     # ---- opening ---------------------------------------------------------------------------------------
     def _open(self, url: str):
@@ -145,14 +188,35 @@ class JobStore:
                     raise StoreError(f"the job store {self.where} has schema version {version}, newer than this "
                                      f"server's ({SCHEMA_VERSION}): run the newer server, or point --job-store / "
                                      "--data-dir at another store")
+                if version is not None and int(version) < 2:  # leases: the columns version 1 lacks
+                    for name, kind in V2_COLUMNS.items():
+                        c.exec_driver_sql(f"ALTER TABLE dit_jobs ADD COLUMN {name} {kind}")
                 metadata.create_all(c)
                 if version is None:
                     c.execute(insert(meta_table).values(key="schema", value=str(SCHEMA_VERSION)))
+                elif int(version) < SCHEMA_VERSION:
+                    c.execute(update(meta_table).where(meta_table.c.key == "schema").values(value=str(SCHEMA_VERSION)))
         except SQLAlchemyError as e:
             hint = ("a corrupt or unwritable file: move it away (the jobs in it are lost) or give another "
                     "--data-dir" if sqlite else "is the database up and reachable, and the URL right?")
             raise StoreError(f"cannot open the job store {self.where}: {_reason(e)}; {hint}") from e
         return db
+
+    def _register(self, shared: bool) -> None:
+        """Write this process's heartbeat; refuse a store that another live server uses, unless both are
+        front-ends of one fleet (two servers would each run the other's jobs as their own)."""
+        now = time.time()
+        with self.db.begin() as c:
+            others = c.execute(select(frontends_table).where(frontends_table.c.heartbeat > now - self.lease)
+                               ).mappings().all()
+            for other in others:
+                if (shared and other["shared"]) or _gone(other["holder"]):
+                    continue
+                raise StoreError(f"another server ({other['holder']}) uses the job store {self.where}: stop it, or "
+                                 "give this one another --data-dir or --job-store (only the front-ends of one Ray "
+                                 "fleet share a store)")
+            c.execute(delete(frontends_table).where(frontends_table.c.heartbeat < now - 100 * self.lease))
+            c.execute(insert(frontends_table).values(holder=self.holder, shared=int(shared), heartbeat=now))
 
     # ---- jobs in -------------------------------------------------------------------------------------------
     def add(self, job: Job, *, idempotency_key: str | None = None, fingerprint: str | None = None) -> Job:
@@ -162,7 +226,7 @@ class JobStore:
         row = dict(id=job.id, owner=r.owner or "", idempotency_key=idempotency_key, fingerprint=fingerprint,
                    request=json.dumps(_request_record(job)), status=PENDING, step=0, starts=1, tag=job.tag,
                    webhook_url=job.webhook_url, webhook_state="pending" if job.webhook_url else None,
-                   created=job.created)
+                   created=job.created, holder=self.holder, lease_until=time.time() + self.lease)
         try:
             with self.db.begin() as c:
                 self._expire(c)
@@ -238,13 +302,16 @@ class JobStore:
         return None if row is None else _job_from_row(row)
 
     def cancel(self, job: Job) -> None:
-        """Cancel a pending job that no engine of this process holds (left by the last process, not yet
-        resumed): it ends cancelled in the store, and the resume skips it."""
+        """Cancel a pending job that no engine of this process runs: one held by another front-end is
+        flagged, and its holder cancels it at its next renewal (within RENEW_SECONDS); one no one holds
+        ends cancelled here, and is not claimed."""
+        now = time.time()
         try:
             with self.db.begin() as c:
-                c.execute(update(jobs_table).where(jobs_table.c.id == job.id, jobs_table.c.status == PENDING)
-                          .values(status="cancelled", ended=time.time(), error=json.dumps(
-                              {"kind": "cancelled", "message": f"job {job.id} was cancelled", "retry_after": None})))
+                pending = (jobs_table.c.id == job.id) & (jobs_table.c.status == PENDING)
+                c.execute(update(jobs_table).where(pending).values(cancel_requested=1))
+                c.execute(update(jobs_table).where(pending, _free(now)).values(
+                    status="cancelled", ended=now, holder=None, error=_cancelled(job.id)))
         except SQLAlchemyError as e:
             raise self._unavailable(e) from e
 
@@ -269,39 +336,39 @@ class JobStore:
             raise self._unavailable(e) from e
         return [self._live.get(row["id"]) or _job_from_row(row) for row in rows]
 
-    def _pending_ids(self) -> list[str]:
+    def claim(self) -> tuple[list[Job], list[Job]]:
+        """Take the jobs no one holds: (pending ones to submit again, in submission order; ended ones whose
+        webhook is still to deliver). Each start is counted: a job started MAX_STARTS times (its engine
+        died with it each time) is written as failed instead, and one cancelled meanwhile as cancelled."""
+        now = time.time()
         with self.db.begin() as c:
-            return list(c.execute(select(jobs_table.c.id).where(jobs_table.c.status == PENDING)
-                                  .order_by(jobs_table.c.seq)).scalars())
-
-    def pending(self) -> list[Job]:
-        """The jobs the last process left unfinished and still pending, in submission order, to submit again
-        (each start counted: one that has been started MAX_STARTS times is written as failed instead)."""
-        left, self._left = set(self._left), []
-        jobs = []
-        with self.db.begin() as c:
-            rows = c.execute(select(jobs_table).where(jobs_table.c.status == PENDING)
-                             .order_by(jobs_table.c.seq)).mappings().all()
-            for row in (row for row in rows if row["id"] in left):  # not those made since (or cancelled)
-                if row["starts"] >= MAX_STARTS:
-                    c.execute(update(jobs_table).where(jobs_table.c.id == row["id"]).values(
-                        status="failed", ended=time.time(), error=json.dumps(
-                            {"kind": "engine_died", "message": f"the engine stopped while running this job "
-                             f"{row['starts']} times; it is not run again", "retry_after": None})))
+            taken = c.execute(update(jobs_table).where(
+                _free(now), (jobs_table.c.status == PENDING) | (jobs_table.c.webhook_state == "pending")).values(
+                holder=self.holder, lease_until=now + self.lease,
+                starts=jobs_table.c.starts + (jobs_table.c.status == PENDING).cast(Integer))
+                .returning(*jobs_table.c)).mappings().all()
+            runs, deliveries = [], []
+            for row in sorted(taken, key=lambda row: row["seq"]):
+                if row["status"] != PENDING:
+                    deliveries.append(_job_from_row(row))
                     continue
-                c.execute(update(jobs_table).where(jobs_table.c.id == row["id"]).values(starts=row["starts"] + 1))
-                jobs.append(_job_from_row(row))
-        return jobs
-
-    def undelivered(self) -> list[Job]:
-        """Ended jobs whose webhook was not delivered yet when the last process stopped."""
-        with self.db.begin() as c:
-            rows = c.execute(select(jobs_table).where(jobs_table.c.status != PENDING,
-                                                      jobs_table.c.webhook_state == "pending")).mappings().all()
-        return [_job_from_row(row) for row in rows]
+                end = None
+                if row["cancel_requested"]:
+                    end = dict(status="cancelled", error=_cancelled(row["id"]))
+                elif row["starts"] > MAX_STARTS:
+                    end = dict(status="failed", error=json.dumps(
+                        {"kind": "engine_died", "message": f"the engine stopped while running this job "
+                         f"{row['starts'] - 1} times; it is not run again", "retry_after": None}))
+                if end is None:
+                    runs.append(_job_from_row(row))
+                    continue
+                c.execute(update(jobs_table).where(jobs_table.c.id == row["id"]).values(ended=now, **end))
+                if row["webhook_state"] == "pending":  # its webhook says how it ended
+                    deliveries.append(_job_from_row({**row, **end}))
+        return runs, deliveries
 
     def delivered(self, job_id: str, ok: bool) -> None:
-        self._write(job_id, webhook_state="delivered" if ok else "undelivered")
+        self._write(job_id, webhook_state="delivered" if ok else "undelivered", holder=None, lease_until=None)
 
     # ---- ends ----------------------------------------------------------------------------------------------
     def defer(self, job: Job) -> bool:
@@ -347,38 +414,108 @@ class JobStore:
             log.warning("could not delete expired jobs from the job store %s: %s", self.where, _reason(e))
 
     def _write_end(self, job: Job) -> bool:
-        """Write the end and only then stop holding the job in memory (until then it is read from there)."""
-        if self.left_pending(job):
-            if job.id in self._deferred:  # a stop that left it for later: not a start that failed
-                self._write(job.id, starts=jobs_table.c.starts - 1)
-            with self._lock:
-                self._live.pop(job.id, None)
+        """Write the end and only then stop holding the job in memory (until then it is read from there).
+        Only for a job this process still holds: one taken over by another front-end is that one's."""
+        if self.left_pending(job):  # free at once, for whoever claims next (this process, once it can)
+            undo = {"starts": jobs_table.c.starts - 1} if job.id in self._deferred else {}  # a stop is no crash
+            self._write(job.id, holder=None, lease_until=None, **undo)
+            self._forget(job.id)
             return True
         status = job.status if job.error is not None else "done"
         error = None if job.error is None else json.dumps(
             {"kind": job.error.kind.value, "message": job.error.message, "retry_after": job.error.retry_after})
         try:
             with self.db.begin() as c:
-                c.execute(delete(images_table).where(images_table.c.job_id == job.id))
-                c.execute(update(jobs_table).where(jobs_table.c.id == job.id).values(
-                    status=status, error=error, step=job.request.step, timings=json.dumps(job.timings),
-                    replica=job.replica, ended=time.time()))
-                for k, data in enumerate(job.images or []):
-                    c.execute(insert(images_table).values(job_id=job.id, k=k, data=data))
+                ours = c.execute(update(jobs_table).where(jobs_table.c.id == job.id, jobs_table.c.holder == self.holder)
+                                 .values(status=status, error=error, step=job.request.step,
+                                         timings=json.dumps(job.timings), replica=job.replica, ended=time.time(),
+                                         **self._after_end(job))).rowcount
+                if ours:
+                    c.execute(delete(images_table).where(images_table.c.job_id == job.id))
+                    for k, data in enumerate(job.images or []):
+                        c.execute(insert(images_table).values(job_id=job.id, k=k, data=data))
         except SQLAlchemyError as e:
             log.error("could not write the end of job %s to the job store %s (trying again): %s", job.id,
                       self.where, _reason(e))
             return False
-        with self._lock:
-            self._live.pop(job.id, None)
+        if not ours:
+            log.warning("job %s ended here after another front-end took it over: its end is that one's", job.id)
+        self._forget(job.id)
         return True
+
+    def _after_end(self, job: Job) -> dict:
+        """An ended job stays held while its webhook is to be delivered (by this process); else it is free."""
+        if job.webhook_url is not None:
+            return {"holder": self.holder, "lease_until": time.time() + self.lease}
+        return {"holder": None, "lease_until": None}
+
+    def _forget(self, job_id: str) -> None:
+        with self._lock:
+            self._live.pop(job_id, None)
+            self._written_steps.pop(job_id, None)
 
     def _write(self, job_id: str, **values) -> None:
         try:
             with self.db.begin() as c:
-                c.execute(update(jobs_table).where(jobs_table.c.id == job_id).values(**values))
+                c.execute(update(jobs_table).where(jobs_table.c.id == job_id, jobs_table.c.holder == self.holder)
+                          .values(**values))
         except SQLAlchemyError as e:
             log.error("could not update job %s in the job store %s: %s", job_id, self.where, _reason(e))
+
+    # ---- leases -------------------------------------------------------------------------------------------
+    def _keeper(self) -> None:
+        """Every `renew` seconds: the heartbeat, this process's leases renewed with its jobs' progress, the
+        cancels asked through other front-ends, then (once `on_claim` is set) the jobs no one holds."""
+        while not self._closing.wait(self.renew):
+            try:
+                self._renew()
+                if self.on_claim is not None and self.can_claim():
+                    runs, deliveries = self.claim()
+                    if runs or deliveries:
+                        self.on_claim(runs + deliveries)
+            except SQLAlchemyError as e:
+                log.warning("could not renew the leases in the job store %s (trying again): %s", self.where,
+                            _reason(e))
+            except Exception:  # a bug here must not stop the renewals for good
+                log.exception("renewing the job store's leases failed")
+
+    def _renew(self) -> None:
+        now = time.time()
+        with self._lock:
+            live = dict(self._live)
+            moved = [{"job": i, "step": j.request.step} for i, j in live.items()
+                     if self._written_steps.get(i) != j.request.step]
+        mine = jobs_table.c.holder == self.holder
+        with self.db.begin() as c:
+            c.execute(update(frontends_table).where(frontends_table.c.holder == self.holder).values(heartbeat=now))
+            c.execute(update(jobs_table).where(mine).values(lease_until=now + self.lease))
+            if moved:
+                c.execute(update(jobs_table).where(jobs_table.c.id == bindparam("job"), mine)
+                          .values(step=bindparam("step")), moved)
+            held = set(c.execute(select(jobs_table.c.id).where(mine)).scalars())
+            cancels = set(c.execute(select(jobs_table.c.id).where(
+                mine, jobs_table.c.status == PENDING, jobs_table.c.cancel_requested == 1)).scalars())
+        with self._lock:
+            self._written_steps.update((m["job"], m["step"]) for m in moved)
+        for job_id, job in live.items():
+            if job_id not in held:  # its lease ran out (this process lost the store) and another took it
+                log.warning("job %s was taken over by another front-end: dropped here", job_id)
+                job.cancel(FinishReason.CANCELLED)
+            elif job_id in cancels:
+                job.cancel(FinishReason.CANCELLED)
+
+    def put_report(self, name: str, report: bytes) -> None:
+        """An engine replica's report (a fleet's front-end heard it), for every front-end to read."""
+        with self.db.begin() as c:
+            if not c.execute(update(replicas_table).where(replicas_table.c.name == name)
+                             .values(heard=time.time(), report=report)).rowcount:
+                c.execute(insert(replicas_table).values(name=name, heard=time.time(), report=report))
+
+    def reports(self, since: float) -> list[tuple[str, float, bytes]]:
+        """(replica, when heard on the wall clock, report) of the replicas heard since `since`."""
+        with self.db.begin() as c:
+            c.execute(delete(replicas_table).where(replicas_table.c.heard < since - 3600))
+            return [tuple(r) for r in c.execute(select(replicas_table).where(replicas_table.c.heard >= since))]
 
     def _unexpired(self):
         return jobs_table.c.ended.is_(None) | (jobs_table.c.ended >= time.time() - self.ttl)
@@ -393,11 +530,45 @@ class JobStore:
         return StoreError(f"the job store is unavailable ({_reason(e)}); try again shortly")
 
     def close(self, timeout: float = 10.0) -> None:
-        """After the engine stopped: the ends still queued are written (for `timeout` s at most), then the
-        connections close."""
+        """After the engine stopped: the ends still queued are written (for `timeout` s at most), what this
+        process still holds is left free for the next claim, and the connections close."""
+        self._closing.set()
+        self._keeper_thread.join(timeout)
         self._ends.put(None)
         self._writer_thread.join(timeout)
+        try:
+            with self.db.begin() as c:
+                c.execute(update(jobs_table).where(jobs_table.c.holder == self.holder)
+                          .values(holder=None, lease_until=None))
+                c.execute(delete(frontends_table).where(frontends_table.c.holder == self.holder))
+        except SQLAlchemyError as e:
+            log.warning("could not release this process's jobs in the job store %s (they are free in %g s): %s",
+                        self.where, self.lease, _reason(e))
         self.db.dispose()
+
+
+def _free(now: float):
+    """Rows no one holds: no holder, or a lease run out."""
+    return jobs_table.c.holder.is_(None) | (jobs_table.c.lease_until < now)
+
+
+def _cancelled(job_id: str) -> str:
+    return json.dumps({"kind": "cancelled", "message": f"job {job_id} was cancelled", "retry_after": None})
+
+
+def _gone(holder: str) -> bool:
+    """Whether a holder of this host is a process that no longer runs (a server killed and started again
+    need not wait for its lease); of another host, nothing can be told."""
+    host, pid, _ = holder.rsplit(":", 2)
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError):
+        return False
+    return False
 
 
 def _sqlite_pragmas(connection, _record) -> None:
@@ -430,6 +601,8 @@ def _job_from_row(row) -> Job:
               webhook_url=row["webhook_url"], created=row["created"], replica=row["replica"],
               timings=json.loads(row["timings"] or "{}"))
     if row["status"] == PENDING:
+        if row["step"]:  # running in another front-end (its holder writes its progress)
+            request.status = RequestStatus.RUNNING
         return job
     request.status = RequestStatus.FINISHED
     if row["error"] is not None:

@@ -42,9 +42,12 @@ EXIT_DELAY_SECONDS = 3.0  # between the engine's death and the server's exit
 
 
 class Service:
-    def __init__(self, settings: Settings, engine: Callable[[Service], object] | None = None):
+    def __init__(self, settings: Settings, engine: Callable[[Service], object] | None = None,
+                 shared_store: bool = False):
         """engine: makes the engine handle from the service (its events), e.g. a Ray fleet's
-        (server/transport/ray/); by default the engine process, or a thread with `--engine thread`."""
+        (server/transport/ray/); by default the engine process, or a thread with `--engine thread`.
+        shared_store: the job store is shared with other front-ends of a fleet (else another live server
+        on it is refused)."""
         self.settings = settings
         self.metrics = Metrics()
         if engine is not None:
@@ -56,7 +59,7 @@ class Service:
         self.model: EngineInfo | None = None  # set once the engine has started
         # Async jobs: opened here, so that a store that cannot be used stops the server before it listens.
         self.jobs = JobStore(store_url(settings.job_store, settings.data_dir), settings.job_ttl, settings.max_jobs,
-                             settings.max_jobs_per_key)
+                             settings.max_jobs_per_key, shared=shared_store)
         self.admission = Admission(settings.max_queue, settings.max_requests_per_key, settings.deadline_admission)
         self.on_readiness: Callable[[bool, str], None] | None = None  # told every change (the probe port)
         self._status = "starting"
@@ -101,6 +104,7 @@ class Service:
                 raise RequestError(ErrorKind.NOT_READY, f"not ready: {self.status}")
             with self._lock:
                 owned = self._owned[request.owner]
+            owned = max(owned, self.engine.owned(request.owner))  # a fleet's other front-ends' too
             self.admission.check(request, self.engine.load(), owned, time.time())
             self._enter(job)
         except RequestError as e:
@@ -121,22 +125,29 @@ class Service:
             self._forget(job)
             raise
 
-    def resume(self) -> list[Job]:
-        """Once ready: submit again, in their order, the async jobs the store holds as not ended (the
-        last process stopped or died with them in). They were admitted once: no admission now."""
-        jobs = self.jobs.pending()
-        for job in jobs:
-            if self._stopping:  # SIGTERM while resuming: the rest stays in the store
-                break
+    def resume(self, claimed: list[Job]) -> None:
+        """Submit again, in their order, the async jobs claimed from the store (pending, and held by no
+        live front-end: the last process stopped or died with them, or this fleet lost a front-end). They
+        were admitted once: no admission now. Ended ones (their webhook still to deliver) stay as they are."""
+        runs = [job for job in claimed if not job.ended]
+        for job in runs:
             self.jobs.hold(job)
+            if self._stopping:  # SIGTERM while resuming: left free in the store for the next start
+                self.jobs.defer(job)
+                job.fail(RequestError(ErrorKind.NOT_READY, "the server is shutting down"))
+                continue
             try:
                 self._check_resumed(job)
                 self._enter(job)
             except RequestError as e:
                 job.fail(e)
-        if jobs:
-            log.info("resumed %d async jobs from the job store %s", len(jobs), self.jobs.where)
-        return jobs
+        if runs:
+            log.info("resumed %d async jobs from the job store %s", len(runs), self.jobs.where)
+
+    @property
+    def can_resume(self) -> bool:
+        """Whether jobs claimed now would run (the engine serves and the server is not stopping)."""
+        return self.ready and not self._stopping
 
     def _check_resumed(self, job: Job) -> None:
         """A job made by an earlier process: the model and limits it was checked against may have changed.

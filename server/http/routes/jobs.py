@@ -164,16 +164,22 @@ async def cancel(job_id: str, request: Request, jobs: Jobs):
 
 
 async def resume(app, ready: asyncio.Event) -> None:
-    """Once the engine is ready: the jobs the store holds as not ended run again, their webhooks are
-    delivered when they end, and deliveries the last process left pending are made now."""
+    """Once the engine is ready, the job store's claims (every few seconds: jobs that no live front-end
+    holds) run here: pending ones are submitted again, and each job's webhook is delivered when it ends
+    (at once for an ended one whose delivery the last holder left pending)."""
     svc, webhooks, jobs = app.state.service, app.state.webhooks, app.state.service.jobs
     await ready.wait()
-    try:
-        for job in await asyncio.to_thread(svc.resume):
+    loop = asyncio.get_running_loop()
+
+    def deliver(claimed: list[Job]) -> None:
+        for job in claimed:
             if job.webhook_url is not None:
                 webhooks.deliver_when_done(job, job.webhook_url, lambda job=job: status(job),
                                            lambda job=job: not jobs.left_pending(job))
-        for job in await asyncio.to_thread(jobs.undelivered):
-            webhooks.deliver_when_done(job, job.webhook_url, lambda job=job: status(job))
-    except Exception:  # the store away at this moment: they wait for the next start
-        log.exception("could not resume the job store's unfinished jobs")
+
+    def claimed(found: list[Job]) -> None:  # on the store's thread
+        svc.resume(found)
+        loop.call_soon_threadsafe(deliver, found)
+
+    jobs.can_claim = lambda: svc.can_resume
+    jobs.on_claim = claimed

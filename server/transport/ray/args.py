@@ -24,6 +24,8 @@ class FleetArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    frontend_replicas: int = Field(1, ge=1, description="front-end replicas (HTTP, jobs, encoding); more than one "
+                                   "needs a job store they share: job_store=postgresql+psycopg://...")
     min_replicas: int = Field(1, ge=1, description="engine replicas at least (each loads the model once)")
     max_replicas: int = Field(1, ge=1, description="engine replicas at most; equal to min_replicas = a fixed count")
     target_queue_depth: float = Field(
@@ -67,7 +69,16 @@ def parse_args(args: dict[str, Any]) -> tuple[FleetArgs, Settings]:
         settings = Settings(**given)
     except ValidationError as e:
         raise ValueError(_describe(e)) from None
+    if parsed.frontend_replicas > 1 and not shared_store(settings):
+        raise ValueError("invalid arguments for server.ray_app:build:\n  frontend_replicas="
+                         f"{parsed.frontend_replicas} needs a job store every front-end reaches: "
+                         "job_store=postgresql+psycopg://user:password@host/db (SQLite is one file on one host)")
     return FleetArgs(**{name: getattr(parsed, name) for name in FleetArgs.model_fields}), settings
+
+
+def shared_store(settings: Settings) -> bool:
+    """Whether the job store is a database server (which front-ends on several hosts can share)."""
+    return settings.job_store is not None and not settings.job_store.startswith("sqlite")
 
 
 def _describe(error: ValidationError) -> str:

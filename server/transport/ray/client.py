@@ -5,14 +5,21 @@ Each request is one streaming call to whichever replica Serve's router picks (th
 queue of two); its items are the engine's RequestOutputs, forwarded as they come. Cancelling a request
 cancels the call, and the replica drops the request at its next step. A replica that dies with requests
 in it fails them with 503 `engine_died`; a request it had not taken yet goes to another replica (once).
-Replicas report every second (load, metrics); one silent for STALE_SECONDS counts as gone, and with none
-left the front-end reports not ready until Serve has brought one back.
+Replicas report every second (load, metrics, requests per API key); one silent for STALE_SECONDS counts
+as gone, and with none left the front-end reports not ready until Serve has brought one back.
+
+With several front-ends (`frontend_replicas`), each report reaches one of them, which writes it into the
+shared job store (`dit_replicas`); every front-end reads them all from there each second. So each sees
+the whole fleet: readiness, /metrics, and admission, which counts the larger of its own requests (exact)
+and the replicas' reported backlog (every front-end's, up to a second old), and per-key quotas likewise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import pickle
 import threading
 import time
 from concurrent.futures import Future
@@ -48,6 +55,7 @@ class FleetEngine(EngineHandle):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._started_at: float | None = None
+        self.store = None  # the job store, when shared with other front-ends (reports go through it)
 
     # ---- start-up and readiness ------------------------------------------------------------------------
     def start(self) -> None:
@@ -75,6 +83,8 @@ class FleetEngine(EngineHandle):
                 if time.monotonic() - asked > TARGET_SECONDS:
                     asked = time.monotonic()
                     self._target = self._serve_target()
+                if self.store is not None:
+                    self._read_reports()
                 serving = self._follow_replicas(serving)
             except Exception:  # a bug here must not freeze readiness for good
                 log.exception("watching the engine replicas failed")
@@ -105,6 +115,25 @@ class FleetEngine(EngineHandle):
     def on_report(self, report: Report) -> None:
         with self._lock:
             self._reports[report.replica] = (time.monotonic(), report)
+        if self.store is not None:  # for the other front-ends (called off the event loop)
+            try:
+                self.store.put_report(report.replica, pickle.dumps(report))
+            except Exception as e:  # the store away for a moment: this front-end still has it
+                log.debug("could not share a replica's report: %s", e)
+
+    def _read_reports(self) -> None:
+        """The reports other front-ends heard (through the store), where newer than those heard here."""
+        now_wall, now = time.time(), time.monotonic()
+        try:
+            rows = self.store.reports(since=now_wall - STALE_SECONDS)
+        except Exception as e:
+            log.debug("could not read the replicas' reports from the job store: %s", e)
+            return
+        with self._lock:
+            for name, heard_wall, blob in rows:
+                heard = now - (now_wall - heard_wall)
+                if name not in self._reports or self._reports[name][0] < heard:
+                    self._reports[name] = (heard, pickle.loads(blob))  # noqa: S301 (written by our front-ends)
 
     def _heard(self, replica: str) -> None:
         """A stream item from a replica also says it is alive (its report may wait behind busy requests)."""
@@ -216,8 +245,21 @@ class FleetEngine(EngineHandle):
         measured = [r.load for r in live if r.load.measured]  # a replica that just started knows no step time yet
         n = max(1, len(measured))
         estimate = (sum(m.step_fixed for m in measured) / n, sum(m.step_per_row for m in measured) / n)
-        return self.backlog.load(share=max(1, len(live)), estimate=estimate,
-                                 max_rows=min((r.load.max_rows for r in live), default=self.settings.max_batch_rows))
+        own = self.backlog.load(share=max(1, len(live)), estimate=estimate,
+                                max_rows=min((r.load.max_rows for r in live), default=self.settings.max_batch_rows))
+        if self.store is None or not live:
+            return own
+        # Other front-ends' requests are in the replicas' reports (with this one's, a second old): the
+        # larger of the two views, per quantity, for the average replica.
+        k = len(live)
+        return dataclasses.replace(
+            own, waiting=max(own.waiting, -(-sum(r.load.waiting for r in live) // k)),
+            work=max(own.work, -(-sum(r.load.work for r in live) // k)),
+            rows=max(own.rows, sum(r.load.rows for r in live) / k),
+            requests=max(own.requests, -(-sum(r.load.requests for r in live) // k)))
+
+    def owned(self, owner: str | None) -> int:
+        return sum(r.owners.get(owner, 0) for r in self._live())
 
     def metrics_text(self) -> bytes:
         return fleet_exposition(self._live(), self._target)

@@ -7,7 +7,7 @@ their own (synchronised) clocks; what a replica measures travels as durations (R
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ...engine.backlog import Load
 
@@ -22,3 +22,4 @@ class Report:
     replica: str
     load: Load
     metrics: bytes  # the replica's Prometheus exposition
+    owners: dict[str | None, int] = field(default_factory=dict)  # its requests per API key hash (quotas)

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 
 from prometheus_client import generate_latest
@@ -32,6 +33,7 @@ from .messages import REPORT_SECONDS, Report
 
 log = logging.getLogger(__name__)
 
+RERUN_WAIT_STEPS = 300  # tenths of a second a request run again waits for its first run's end
 
 class EngineReplica:
     async def __init__(self, settings: Settings, frontend: str):
@@ -45,6 +47,7 @@ class EngineReplica:
         self.failed: str | None = None
         self.fatal: str | None = None
         self._streams: dict[str, asyncio.Queue] = {}  # request id -> its outputs, for its call
+        self._owners: Counter[str | None] = Counter()  # requests in this replica per API key hash
         self._loop = asyncio.get_running_loop()
         # Each replica also checks its own exact queue and deadline (the front-end's check is fleet-wide).
         self.admission = Admission(settings.max_queue, None, settings.deadline_admission)
@@ -85,7 +88,14 @@ class EngineReplica:
     # ---- called through deployment handles -----------------------------------------------------------
     async def run(self, request: EngineRequest) -> AsyncIterator[RequestOutput]:
         """One request: its outputs as the engine's steps produce them, until its end."""
+        if request.id in self._streams:  # a job taken over from a front-end that died: its first run goes
+            self.engine.cancel(request.id, FinishReason.CANCELLED)
+            for _ in range(RERUN_WAIT_STEPS):  # its end comes at the engine's next step
+                if request.id not in self._streams:
+                    break
+                await asyncio.sleep(0.1)
         stream = self._streams[request.id] = asyncio.Queue()
+        counted = False  # in self._owners
         try:
             try:
                 self.admission.check(request, self.engine.load(), 0, time.time())
@@ -93,6 +103,8 @@ class EngineReplica:
             except RequestError as e:
                 yield RequestOutput.failed(request.id, e, replica=self.name)
                 return
+            self._owners[request.owner] += 1
+            counted = True
             while True:
                 output = await stream.get()
                 yield output
@@ -104,6 +116,8 @@ class EngineReplica:
             raise
         finally:
             self._streams.pop(request.id, None)
+            if counted:
+                self._owners[request.owner] -= 1
 
     def describe(self) -> tuple[EngineInfo, int]:
         """The model facts, and this replica's process id (tests kill it by that)."""
@@ -123,7 +137,8 @@ class EngineReplica:
         while Serve's health checks replace it)."""
         while not self.fatal:
             try:
-                report = Report(self.name, self.engine.load(), generate_latest(self.metrics.registry))
+                report = Report(self.name, self.engine.load(), generate_latest(self.metrics.registry),
+                                +self._owners)  # + keeps the keys with requests in
                 await asyncio.wait_for(self.frontend.report.remote(report), 2 * REPORT_SECONDS)
             except Exception as e:  # the front-end restarting or busy: try again next time
                 log.debug("could not report to the front-end: %s", e)
