@@ -106,8 +106,8 @@ class Frontend:
 
         shared = shared_store(self.settings)
         app = create_app(self.settings, engine, shared_store=shared)
-        if shared:  # other front-ends may share it: the replicas' reports go through it
-            self.fleet.store = app.state.service.jobs
+        if shared:  # other front-ends may share it: the replicas' reports and each one's metrics go through it
+            self.fleet.store, self.fleet.registry = app.state.service.jobs, app.state.service.metrics.registry
         return app
 
     def process(self) -> int:

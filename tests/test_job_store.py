@@ -314,15 +314,21 @@ def test_a_killed_front_end_s_jobs_are_taken_over_and_cancels_and_progress_cross
         store.close()
 
 
-def test_a_second_server_on_a_live_server_s_store_is_refused(tmp_path):
+def test_a_second_server_on_a_live_server_s_store_is_refused_and_a_killed_one_s_is_not(tmp_path):
     from server.service.job_store import JobStore, StoreError
 
     url = f"sqlite:///{tmp_path / 'jobs.db'}"
-    first = JobStore(url, ttl=600, max_jobs=100)
-    with pytest.raises(StoreError, match="another server .* uses the job store"):
-        JobStore(url, ttl=600, max_jobs=100)
-    first.close()  # gone (its heartbeat removed): the next one starts
-    JobStore(url, ttl=600, max_jobs=100).close()
+    live = subprocess.Popen([sys.executable, "-c", "import sys, time; from server.service.job_store import JobStore; "
+                             f"JobStore({url!r}, ttl=600, max_jobs=100, renew=0.2); print('open', flush=True); "
+                             "time.sleep(600)"], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert live.stdout.readline().strip() == "open"
+        with pytest.raises(StoreError, match="another server .* uses the job store"):
+            JobStore(url, ttl=600, max_jobs=100, lease=1.0, renew=0.2)  # its heartbeat stays fresh: refused
+    finally:
+        live.kill()  # kill -9: its heartbeat stays in the store, fresh
+        live.wait()
+    JobStore(url, ttl=600, max_jobs=100).close()  # a process of this host that no longer runs: at once
 
 
 def test_a_version_1_store_gains_the_lease_columns_and_its_pending_jobs_are_claimed(tmp_path):

@@ -76,8 +76,14 @@ def manifest_problems(doc: dict) -> list[str]:
         target = _resolve(app.import_path)
         if target is not _resolve(BUILDER):
             problems.append(f"{where}: import_path {app.import_path!r} does not name {BUILDER} ({target!r})")
+        args, store = dict(app.args), _head_store(cluster)
+        if store is not None and "job_store" not in args:  # the builder reads DIT_JOB_STORE on the head
+            args["job_store"] = store
+        if "job_store" in app.args:
+            problems.append(f"{where}: job_store holds the database's password: give it as DIT_JOB_STORE from a "
+                            "Secret on the head instead")
         try:
-            fleet, settings = parse_args(app.args)
+            fleet, settings = parse_args(args)
         except ValueError as e:
             problems.append(f"{where}: {e}")
             continue
@@ -136,6 +142,14 @@ def _pods(cluster: dict) -> list[str]:
     if cluster.get("enableInTreeAutoscaling") is not True:
         problems.append("rayClusterConfig.enableInTreeAutoscaling must be true: worker pods follow Serve's replicas")
     return problems
+
+
+def _head_store(cluster: dict) -> str | None:
+    """A stand-in for the job store URL when the head's DIT_JOB_STORE comes from a Secret (else None)."""
+    for var in _ray_container(cluster["headGroupSpec"]).get("env", []):
+        if var.get("name") == "DIT_JOB_STORE" and "secretKeyRef" in var.get("valueFrom", {}):
+            return "postgresql+psycopg://from-the-secret/db"
+    return None
 
 
 def _fleet_fits(cluster: dict, fleet, settings) -> list[str]:
@@ -230,6 +244,12 @@ MUTATIONS = {  # name -> (how to break a copy, words its problem must contain)
     "a number in rayStartParams": (lambda d: _worker(d)["rayStartParams"].update({"num-gpus": 1}),
                                    "rayStartParams.num-gpus must be a string"),
     "no serveConfigV2": (lambda d: d["spec"].pop("serveConfigV2"), "spec.serveConfigV2: missing"),
+    "two front-ends without a shared store": (
+        lambda d: _ray_container(d["spec"]["rayClusterConfig"]["headGroupSpec"]).pop("env"),
+        "frontend_replicas=2 needs a job store every front-end reaches"),
+    "the store's password in the config": (
+        lambda d: _edit_app(d, lambda app: app["args"].update(job_store="postgresql+psycopg://u:pw@db/dit")),
+        "give it as DIT_JOB_STORE from a Secret"),
 }
 
 

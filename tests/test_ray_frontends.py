@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import time
 
@@ -91,9 +92,11 @@ def test_two_front_ends_share_jobs_and_a_killed_one_loses_none(fleet):
     wait_until(lambda: (r := get(fleet, f"/jobs/{extra}")) is not None and r.json()["status"] == "cancelled", 30,
                "the cancel to reach the job's front-end")
     # Both front-ends see the engine replica (through the store): ready, and counted in /metrics.
-    for _ in range(10):
+    for _ in range(10):  # and each answers /metrics for both front-ends, whichever a scrape reaches
         assert get(fleet, "/readyz").status_code == 200
-        assert "dit_fleet_replicas 1.0" in get(fleet, "/metrics").text
+        text = get(fleet, "/metrics").text
+        assert "dit_fleet_replicas 1.0" in text
+        assert len(set(re.findall(r'^dit_ready\{frontend="([^"]+)"\} 1\.0$', text, re.M))) == 2, text[:2000]
 
     held = holders(pg)
     assert set(held) <= pids, (held, pids)

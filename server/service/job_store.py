@@ -108,6 +108,7 @@ frontends_table = Table(
     "dit_frontends", metadata,
     Column("holder", String(128), primary_key=True), Column("shared", Integer, nullable=False),
     Column("heartbeat", Float, nullable=False),
+    Column("metrics", LargeBinary),  # a fleet front-end's own Prometheus exposition, for the others' /metrics
 )
 # The engine replicas' reports (a fleet's front-ends each hear some of them; all read every one here).
 replicas_table = Table(
@@ -204,19 +205,25 @@ class JobStore:
 
     def _register(self, shared: bool) -> None:
         """Write this process's heartbeat; refuse a store that another live server uses, unless both are
-        front-ends of one fleet (two servers would each run the other's jobs as their own)."""
-        now = time.time()
-        with self.db.begin() as c:
-            others = c.execute(select(frontends_table).where(frontends_table.c.heartbeat > now - self.lease)
-                               ).mappings().all()
-            for other in others:
-                if (shared and other["shared"]) or _gone(other["holder"]):
-                    continue
-                raise StoreError(f"another server ({other['holder']}) uses the job store {self.where}: stop it, or "
-                                 "give this one another --data-dir or --job-store (only the front-ends of one Ray "
-                                 "fleet share a store)")
-            c.execute(delete(frontends_table).where(frontends_table.c.heartbeat < now - 100 * self.lease))
-            c.execute(insert(frontends_table).values(holder=self.holder, shared=int(shared), heartbeat=now))
+        front-ends of one fleet (two servers would each run the other's jobs as their own). A server that
+        was killed left a heartbeat: one of this host that no longer runs is seen at once; one of another
+        host (a re-created container) is waited for until its heartbeat is older than a lease."""
+        deadline = time.time() + self.lease + self.renew
+        while True:
+            now = time.time()
+            with self.db.begin() as c:
+                others = c.execute(select(frontends_table).where(frontends_table.c.heartbeat > now - self.lease)
+                                   ).mappings().all()
+                blocking = [o["holder"] for o in others if not (shared and o["shared"]) and not _gone(o["holder"])]
+                if not blocking:
+                    c.execute(delete(frontends_table).where(frontends_table.c.heartbeat < now - 100 * self.lease))
+                    c.execute(insert(frontends_table).values(holder=self.holder, shared=int(shared), heartbeat=now))
+                    return
+            if now > deadline:
+                raise StoreError(f"another server ({blocking[0]}) uses the job store {self.where}: stop it, or give "
+                                 "this one another --data-dir or --job-store (only the front-ends of one Ray fleet "
+                                 "share a store)")
+            time.sleep(min(0.5, self.renew))
 
     # ---- jobs in -------------------------------------------------------------------------------------------
     def add(self, job: Job, *, idempotency_key: str | None = None, fingerprint: str | None = None) -> Job:
@@ -517,6 +524,20 @@ class JobStore:
             c.execute(delete(replicas_table).where(replicas_table.c.heard < since - 3600))
             return [tuple(r) for r in c.execute(select(replicas_table).where(replicas_table.c.heard >= since))]
 
+    def put_metrics(self, exposition: bytes) -> None:
+        """This front-end's own series, for the other front-ends of a fleet to serve beside theirs."""
+        with self.db.begin() as c:
+            c.execute(update(frontends_table).where(frontends_table.c.holder == self.holder)
+                      .values(metrics=exposition))
+
+    def frontend_metrics(self) -> list[tuple[str, bytes]]:
+        """(holder, exposition) of the other live front-ends that shared theirs."""
+        with self.db.begin() as c:
+            rows = c.execute(select(frontends_table.c.holder, frontends_table.c.metrics).where(
+                frontends_table.c.heartbeat > time.time() - self.lease, frontends_table.c.holder != self.holder,
+                frontends_table.c.metrics.is_not(None))).all()
+        return [tuple(row) for row in rows]
+
     def _unexpired(self):
         return jobs_table.c.ended.is_(None) | (jobs_table.c.ended >= time.time() - self.ttl)
 
@@ -568,7 +589,7 @@ def _gone(holder: str) -> bool:
         return True
     except (PermissionError, ValueError):
         return False
-    return False
+    return int(pid) == os.getpid()  # this process's own number: a container restarted with the same pid
 
 
 def _sqlite_pragmas(connection, _record) -> None:

@@ -178,7 +178,7 @@ class Service:
         self.engine.arm_fault(kind, count)
 
     def metrics_text(self) -> bytes:
-        return generate_latest(self.metrics.registry) + self.engine.metrics_text()
+        return self.engine.frontend_exposition(generate_latest(self.metrics.registry)) + self.engine.metrics_text()
 
     # ---- what the engine tells us (EngineEvents; from its threads) ----------------------------------
     def on_output(self, out: RequestOutput) -> None:

@@ -35,6 +35,10 @@ class EngineHandle:
         self.settings, self.events = settings, events
         self.backlog = Backlog(settings.max_batch_rows, one_at_a_time=settings.policy == "none")
 
+    def frontend_exposition(self, own: bytes) -> bytes:
+        """The front-end's series for /metrics: its own (a fleet's front-ends add each other's)."""
+        return own
+
     def owned(self, owner: str | None) -> int:
         """Requests of this API key in the engine as far as other front-ends sent them (a fleet's, from its
         replicas' reports); a front-end counts its own exactly."""

@@ -24,6 +24,7 @@ import threading
 import time
 from concurrent.futures import Future
 
+from prometheus_client import generate_latest
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError
@@ -33,7 +34,7 @@ from ...engine.request import EngineOutputs, EngineRequest, ErrorKind, FinishRea
 from ...settings import Settings
 from ..handle import EngineEvents, EngineHandle
 from .messages import STALE_SECONDS, Report
-from .metrics import fleet_exposition
+from .metrics import fleet_exposition, labelled_exposition
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class FleetEngine(EngineHandle):
         self._stopping = False
         self._started_at: float | None = None
         self.store = None  # the job store, when shared with other front-ends (reports go through it)
+        self.registry = None  # this front-end's own metrics, shared through the store with the store
 
     # ---- start-up and readiness ------------------------------------------------------------------------
     def start(self) -> None:
@@ -85,6 +87,7 @@ class FleetEngine(EngineHandle):
                     self._target = self._serve_target()
                 if self.store is not None:
                     self._read_reports()
+                    self._share_metrics()
                 serving = self._follow_replicas(serving)
             except Exception:  # a bug here must not freeze readiness for good
                 log.exception("watching the engine replicas failed")
@@ -120,6 +123,23 @@ class FleetEngine(EngineHandle):
                 self.store.put_report(report.replica, pickle.dumps(report))
             except Exception as e:  # the store away for a moment: this front-end still has it
                 log.debug("could not share a replica's report: %s", e)
+
+    def _share_metrics(self) -> None:
+        try:
+            self.store.put_metrics(generate_latest(self.registry))
+        except Exception as e:
+            log.debug("could not share this front-end's metrics: %s", e)
+
+    def frontend_exposition(self, own: bytes) -> bytes:
+        """Every front-end's series, labelled `frontend` (this one's fresh, the others' up to a second old)."""
+        if self.store is None:
+            return own
+        try:
+            others = self.store.frontend_metrics()
+        except Exception as e:  # the store away: this front-end's own, still labelled
+            log.debug("could not read the other front-ends' metrics: %s", e)
+            others = []
+        return labelled_exposition("frontend", [(self.store.holder, own), *others])
 
     def _read_reports(self) -> None:
         """The reports other front-ends heard (through the store), where newer than those heard here."""
