@@ -5,6 +5,7 @@ loopback addresses (127.0.0.1, 127.0.0.2), which the server counts as distinct h
 
 from __future__ import annotations
 
+import re
 import socketserver
 import threading
 
@@ -31,6 +32,7 @@ class Receiver(socketserver.ThreadingTCPServer):
         self.stuck = self.most_stuck = 0
         self.lock = threading.Lock()
         self.stop = threading.Event()
+        self.accepting = threading.Event()  # /later: 503 until set
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     def close(self) -> None:
@@ -81,6 +83,8 @@ class Handler(socketserver.StreamRequestHandler):
                 out.sendall(bytes([byte]))
                 if r.stop.wait(0.5):
                     return
+        elif path == "/later" and not r.accepting.is_set():  # refuses until the test says otherwise
+            out.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
         elif path == "/redirect":
             out.sendall(b"HTTP/1.1 302 Found\r\nLocation: /ok\r\nContent-Length: 0\r\n\r\n")
         else:
@@ -162,3 +166,20 @@ def test_a_stuck_receiver_does_not_delay_another_host(server, receivers):
     assert Webhook(SECRET).verify(body, headers)["id"] == job  # no API keys: the server's one secret signs
     assert hostile.most_stuck == 8  # the per-host limit held while 60 deliveries waited for that host
 
+
+
+@pytest.mark.slow
+def test_a_delivery_left_pending_at_shutdown_is_made_after_the_restart(tmp_path, receivers):
+    healthy, _ = receivers
+    data = ["--data-dir", str(tmp_path / "store"), "--webhook-allow-hosts", "127.0.0.1", "--request-timeout", "3"]
+    with run_server(tmp_path, *data, env={"DIT_WEBHOOK_SECRET": SECRET}) as s, s.client() as c:
+        job = submit(c, healthy.url + "/later")
+        wait_until(lambda: "webhook try 1 of job " + job in s.logs(), 60, "the first try, refused")
+    assert re.search(rf"webhook undelivered: job {job} .*grace period", s.logs())  # left pending at the stop
+    healthy.accepting.set()
+    with run_server(tmp_path, *data, env={"DIT_WEBHOOK_SECRET": SECRET}) as s:
+        wait_until(lambda: f"webhook delivered: job {job}" in s.logs(), 60, "the delivery after the restart")
+    tries = [(h, b) for p, h, b in healthy.deliveries if h.get("webhook-id") == job]
+    assert len(tries) >= 2 and len({h["webhook-id"] for h, _ in tries}) == 1  # one message, however many tries
+    headers, body = tries[-1]
+    assert Webhook(SECRET).verify(body, headers)["status"] == "done"  # signed afresh, after the restart
