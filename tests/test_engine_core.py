@@ -184,6 +184,24 @@ def test_round_robin_admission_lets_a_small_request_in_beside_a_large_one():
     assert h.order() == [small, big]
 
 
+def test_background_samples_fill_only_the_rows_interactive_requests_leave():
+    """A dataset's request (background) takes the idle rows; an interactive one that arrives while they are
+    full joins first when rows come free, and the background one's next samples take what it leaves."""
+    h = Harness(max_batch_rows=4)
+    dataset = h.request(class_id=1, images=8, steps=4)
+    dataset.background = True
+    h.submit(dataset)
+    h.step()
+    assert h.joined(0) == ["1"] * 4  # nothing else waits: every row
+    h.step()
+    late = h.request(class_id=2, images=2, steps=4)
+    h.submit(late)
+    h.run()
+    assert h.joined(2) == h.joined(3) == []  # full until the first four finish (in the 4th step)
+    assert h.joined(4) == ["2", "2", "1", "1"]  # the interactive samples first, the dataset's in what is left
+    assert h.order() == [late, dataset]
+
+
 def test_admission_goes_round_robin_across_api_keys():
     h = Harness(max_batch_rows=4)
     flood = [h.request(class_id=1, images=2, steps=4, owner="key-a") for _ in range(4)]

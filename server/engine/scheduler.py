@@ -8,7 +8,8 @@ Policies:
     key served least recently first), while every future step they would run in stays within the row
     budget (`max_batch_rows`; a guided sample costs 2 rows at its guided steps, 1 elsewhere). A request
     for many images shares the rows with the requests behind it, a key with many requests shares them
-    with the other keys, and nothing starves.
+    with the other keys, and nothing starves. Background requests (a dataset's) are a lower class: their
+    samples join only while no interactive request waits, so they fill the rows interactive work leaves.
   "request": only when nothing is in flight, as many whole requests as fit; that batch runs until its
     last request finishes (request-level batching, for comparison).
   "none": one request at a time (no batching, for comparison).
@@ -130,7 +131,10 @@ class Scheduler:
         first, so that a key flooding the queue gets no more of the batch than any other key."""
         keys: set = set()
         chosen = []
+        interactive = any(not r.background for r in self.queue)
         for r in self.queue:
+            if interactive and r.background:
+                continue  # the lower class waits while an interactive request does
             key = r.owner if r.owner is not None else r.id
             if key not in keys:
                 keys.add(key)
