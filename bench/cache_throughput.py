@@ -7,13 +7,24 @@ server with `--cache PRESET` (every request that names no cache gets it), altern
 uncached, cached for --rounds 2), so that a slow spell of a shared machine hits both. Against each, 64
 closed-loop clients each send one default request (one image, the model's declared settings) after the
 other. Per run: images/s over the measured window (after a warm-up), forward rows per image from
-dit_forward_rows_computed_total (the rows computed, not planned), and the mean samples per forward.
+dit_forward_rows_computed_total (the rows computed, not planned), the mean samples per forward, and where
+the machine's CPU went in the window (cores busy on average: the engine process, the front-end process,
+these clients, and everything else on the machine).
+
+Why the CPU split: client, front-end and engine share this machine's cores. A cached engine needs fewer
+rows per image, so at the same images/s it leaves more of the 64 requests outside the engine (in the
+clients, the HTTP layer, encoding, and the per-step progress outputs, of which a faster engine sends more
+per second). When other work takes a core, the front-end and clients fall behind first and the engine runs
+narrow steps: "samples per forward" falls far below the budget's (32 guided samples uncached) and the run
+measures the front-end, not the cache. The split says which run that was.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -26,6 +37,44 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 from server_harness import free_port, wait_until  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14 and 15 of stat)
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def machine_busy() -> float:
+    """CPU seconds every core of the machine has been busy so far (/proc/stat: all but idle and iowait)."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    return (sum(values) - values[3] - values[4]) / TICK
+
+
+def cpu_split(server: int) -> dict[str, float]:
+    """CPU seconds so far: the engine process(es) under the server, the server (front-end), this client, all."""
+    engine = sum(process_cpu(c) for c in children(server))
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    return {"engine": engine, "frontend": process_cpu(server), "clients": me.ru_utime + me.ru_stime,
+            "machine": machine_busy()}
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -61,6 +110,8 @@ def run_server(cache: str | None, args) -> dict:
            str(args.max_batch_rows), "--max-queue", "1000", "--request-timeout", "600", "--data-dir", data_dir]
     if cache is not None:
         cmd += ["--cache", cache]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     try:
         def ready():
@@ -71,18 +122,21 @@ def run_server(cache: str | None, args) -> dict:
 
         wait_until(ready, 120, "the server")
         asyncio.run(drive(url, args.clients, args.warmup))
-        before, t0 = scrape(url), time.monotonic()
+        before, cpu0, t0 = scrape(url), cpu_split(proc.pid), time.monotonic()
         codes = asyncio.run(drive(url, args.clients, args.seconds))
-        wall, after = time.monotonic() - t0, scrape(url)
+        wall, after, cpu1 = time.monotonic() - t0, scrape(url), cpu_split(proc.pid)
     finally:
         proc.terminate()
         proc.wait(60)
     d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     ok = sum(c == 200 for c in codes)
     images = d.get("dit_images_generated_total", 0) or ok
+    cores = {k: (cpu1[k] - cpu0[k]) / wall for k in cpu0}  # mean cores busy in the window
+    cores["other"] = max(0.0, cores.pop("machine") - cores["engine"] - cores["frontend"] - cores["clients"])
     return {"cache": cache or "off", "images_per_s": ok / wall, "errors": len(codes) - ok,
             "rows_per_image": d["dit_forward_rows_computed_total"] / max(1, images),
-            "samples_per_forward": d["dit_batch_size_sum"] / max(1, d["dit_batch_size_count"])}
+            "samples_per_forward": d["dit_batch_size_sum"] / max(1, d["dit_batch_size_count"]),
+            "cores": {k: round(v, 2) for k, v in cores.items()}}
 
 
 def main() -> None:
@@ -93,6 +147,7 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=5)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--max-batch-rows", type=int, default=64)
+    p.add_argument("--threads", type=int, help="the servers' torch threads (default: torch's choice)")
     args = p.parse_args()
     runs = []
     for _ in range(args.rounds):
@@ -101,8 +156,9 @@ def main() -> None:
             print(runs[-1], flush=True)
     print(f"\n{args.clients} closed-loop clients, one default image each, {args.seconds:g} s measured per run, "
           f"uncached and cached alternated x {args.rounds}")
-    print("| server | images/s (each run) | median | forward rows per image | samples per forward | errors |")
-    print("|---|---|---|---|---|---|")
+    print("| server | images/s (each run) | median | forward rows per image | samples per forward (each run) | "
+          "cores busy: engine / front-end / clients / other (each run) | errors |")
+    print("|---|---|---|---|---|---|---|")
     medians = {}
     for name in ("off", args.cache):
         rs = [r for r in runs if r["cache"] == name]
@@ -110,7 +166,9 @@ def main() -> None:
         print(f"| {'uncached' if name == 'off' else '--cache ' + name} | "
               f"{', '.join(format(r['images_per_s'], '.1f') for r in rs)} | {medians[name]:.1f} | "
               f"{statistics.mean(r['rows_per_image'] for r in rs):.1f} | "
-              f"{statistics.mean(r['samples_per_forward'] for r in rs):.1f} | {sum(r['errors'] for r in rs)} |")
+              f"{', '.join(format(r['samples_per_forward'], '.1f') for r in rs)} | "
+              f"{'; '.join('/'.join(format(v, '.2f') for v in r['cores'].values()) for r in rs)} | "
+              f"{sum(r['errors'] for r in rs)} |")
     print(f"\ncached / uncached images/s: {medians[args.cache] / medians['off']:.2f}x")
 
 
