@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     max_jobs: int = Field(1000, ge=1, description="async jobs held at once (queued, running or finished)")
     max_jobs_per_key: int | None = Field(None, ge=1, description="async jobs one API key may hold at once (queued, "
                                          "running or finished); none = only --max-jobs")
+    max_dataset_images: int = Field(50_000, ge=1, description="images one dataset (POST /datasets) may ask for "
+                                    "(classes x per_class); 50,000 is the paper's FID-50K")
+    max_datasets_per_key: int = Field(2, ge=1, description="datasets one API key may have running at once")
+    dataset_ttl: float = Field(7 * 86400.0, gt=0, description="seconds a dataset's shards are kept after it ended")
+    max_dataset_bytes: int = Field(20 * 2**30, ge=1, description="bytes of dataset shards kept on disk at most "
+                                   "(ended datasets are deleted, oldest first, to make room)")
     encode_threads: int = Field(2, ge=1, description="threads encoding images off the device thread")
     warmup: bool = Field(True, description="run a short generation before reporting ready")
     engine: Literal["process", "thread"] = Field(
@@ -149,8 +155,8 @@ class Settings(BaseSettings):
     min_cfg_scale: float = Field(1.0, ge=1.0, description="smallest cfg_scale a request may ask for")
     max_cfg_scale: float = Field(20.0, ge=1.0, description="largest cfg_scale a request may ask for")
     cache: str | None = Field(None, description="step cache of the requests that name none: off, a preset "
-                              "(model/cache.py), or a JSON object {\"method\": \"reuse\"|\"taylor\", \"every\": N, "
-                              "\"order\": 1|2, \"warmup\": W} (none = the model's declared default)")
+                              "(model/cache.py), or a JSON object {\"method\": \"reuse\" or \"taylor\", \"every\": N, "
+                              "\"order\": 1 or 2, \"warmup\": W} (none = the model's declared default)")
 
     @property
     def drain_timeout(self) -> float:

@@ -423,6 +423,7 @@ def test_serve_run_listens_where_the_readme_says(tmp_path):
     port = free_port()
     config = yaml.safe_load((ROOT / "deploy/ray/local.yaml").read_text())
     config["http_options"]["port"] = port
+    config["applications"][0]["args"]["data_dir"] = str(tmp_path / "data")  # not the user's job store
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(config))
     ray_tmp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # Ray's socket paths must stay under 108 bytes
     env = dict(os.environ, **variables, RAY_TMPDIR=ray_tmp, RAY_DEDUP_LOGS="0")

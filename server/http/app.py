@@ -20,7 +20,7 @@ from .auth import ApiKeyAuth, api_keys
 from .docs import ASSETS_PATH, DOCS_ASSETS, install_docs
 from .errors import install_error_handlers
 from .middleware import BodyLimit, RequestContext
-from .routes import generate, jobs, system, webhook_secret
+from .routes import datasets, generate, jobs, system, webhook_secret
 from .schemas import GenerateRequest, JobRequest
 from .webhooks import Webhooks
 
@@ -58,6 +58,7 @@ def create_app(settings: Settings, engine=None, shared_store: bool = False) -> F
     app.include_router(generate.router)
     app.include_router(jobs.router)
     app.include_router(webhook_secret.router)
+    app.include_router(datasets.router)
     if settings.fault_injection:
         app.include_router(system.faults)
     return app

@@ -55,18 +55,19 @@ class ErrorBody(BaseModel):
 # Every error status this API answers, and the codes it answers with (the body is always ErrorBody).
 ERROR_STATUSES = {
     401: "no valid API key (unauthorized; only with API keys on)",
-    404: "no such job, or not this API key's (unknown_job); no such path (not_found); no webhook secret to "
-         "serve (no_webhook_secret)",
+    404: "no such job or dataset, or not this API key's (unknown_job, unknown_dataset, unknown_shard); no such "
+         "path (not_found); no webhook secret to serve (no_webhook_secret)",
     405: "this path does not take this method (method_not_allowed; the Allow header lists those it takes)",
     406: "the Accept header accepts none of the answers this path gives (not_acceptable)",
     408: "the body did not arrive within --body-timeout (body_timeout)",
-    409: "the job was cancelled (cancelled), or has not finished yet (not_finished; see Retry-After)",
+    409: "the job was cancelled (cancelled), or it or the shard has not finished yet (not_finished; see "
+         "Retry-After)",
     413: "the body is larger than --max-body-bytes (body_too_large)",
     415: "the body is not sent as application/json (unsupported_media_type)",
     422: "invalid request: every problem listed, the first names its field (invalid_request)",
     429: "too busy: the queue is full (queue_full), the request could not finish before its deadline "
          "(overloaded), this API key has --max-requests-per-key in flight (key_quota_exceeded), or too many "
-         "async jobs are held (too_many_jobs); see Retry-After",
+         "async jobs are held (too_many_jobs), or this key's datasets are running (too_many_datasets); see Retry-After",
     500: "generation failed (generation_failed)",
     503: "not ready, shutting down (not_ready), the engine died and restarts (engine_died), or the job store does "
          "not answer (store_unavailable, job requests only); see Retry-After",

@@ -154,3 +154,27 @@ class ClassOut(BaseModel):
 
 class ClassesResponse(BaseModel):
     classes: list[ClassOut]
+
+
+class DatasetRequest(BaseModel):
+    """The POST /datasets body: which classes, how many images of each, the /generate sampling settings,
+    a base seed (image k of class c has seed + c x 1,000,000 + k), and the shards' format and size."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    classes: Literal["all"] | Annotated[list[StrictInt | StrictStr], Field(min_length=1, max_length=1000)] = Field(
+        description="\"all\", or class ids and names (as class_name takes them)")
+    per_class: StrictInt = Field(ge=1, le=1_000_000, description="images of each class")
+    sampler: SamplerName | None = Field(None, description="as in /generate; the model's default when absent")
+    steps: StrictInt | None = Field(None, ge=1, le=1000, description="as in /generate")
+    cfg_scale: Number | None = Field(None, ge=1.0, allow_inf_nan=False, description="as in /generate")
+    guidance_interval: GuidanceInterval | None = Field(None, description="as in /generate")
+    cache: CacheSetting | None = Field(None, json_schema_extra={"anyOf": [{"type": "string"}, {"type": "object"}]},
+                                       description="as in /generate")
+    seed: StrictInt | None = Field(None, ge=0, le=2**52, description="the base seed (random when absent): image k "
+                                   "of class c has seed + c x 1000000 + k, so /generate can make it again alone")
+    format: Literal["webdataset", "npz"] = Field("webdataset", description="webdataset: tar shards of {key}.png + "
+                                                 "{key}.json; npz: arr_0 uint8 (N, H, W, 3) as the ADM evaluation "
+                                                 "suite reads it, arr_1 the class ids")
+    shard_size: StrictInt = Field(1000, ge=1, le=100_000, description="images per shard")
+    tag: StrictStr | None = Field(None, max_length=256, description="any client text, echoed in the status")

@@ -32,6 +32,7 @@ class Metrics:
         self.admitted = Counter("dit_requests_admitted", "requests accepted into the engine (not rejected at once)",
                                 registry=r)
         self.images = Counter("dit_images_generated", "images returned to clients", registry=r)
+        self.dataset_images = Counter("dit_dataset_images", "dataset images generated (POST /datasets)", registry=r)
         self.webhook_deliveries = Counter(
             "dit_webhook_deliveries", "webhook deliveries ended, by result: delivered, or undelivered (refused, "
             "or every try failed)", ["result"], registry=r)

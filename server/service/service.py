@@ -29,6 +29,7 @@ from ..settings import Settings
 from ..transport.local import LocalEngine
 from ..transport.messages import EngineInfo
 from ..transport.process import EngineProcess
+from .datasets import Datasets
 from .encoding import encode
 from .job import Job
 from .job_store import JobStore, store_url
@@ -60,6 +61,9 @@ class Service:
         # Async jobs: opened here, so that a store that cannot be used stops the server before it listens.
         self.jobs = JobStore(store_url(settings.job_store, settings.data_dir), settings.job_ttl, settings.max_jobs,
                              settings.max_jobs_per_key, shared=shared_store)
+        self.datasets = Datasets(self, self.jobs.db, self.jobs.holder, settings.data_dir, ttl=settings.dataset_ttl,
+                                 max_bytes=settings.max_dataset_bytes, max_per_key=settings.max_datasets_per_key,
+                                 lease=self.jobs.lease)
         self.admission = Admission(settings.max_queue, settings.max_requests_per_key, settings.deadline_admission)
         self.on_readiness: Callable[[bool, str], None] | None = None  # told every change (the probe port)
         self._status = "starting"
@@ -112,10 +116,25 @@ class Service:
             raise
         self.metrics.admitted.inc()
 
+    def enter(self, job: Job) -> None:
+        """Into the engine without admission: work this server decided on itself (a dataset's chunks)."""
+        if not self.can_resume:
+            raise RequestError(ErrorKind.NOT_READY, f"not ready: {self.status}")
+        self._enter(job)
+
+    def job(self, job_id: str) -> Job | None:
+        """A job in the engine, by its id."""
+        return self._jobs.get(job_id)
+
+    @property
+    def encoder(self) -> ThreadPoolExecutor:
+        return self._encoder
+
     def _enter(self, job: Job) -> None:
         request = job.request
         with self._lock:  # before the engine has it: its first output may come at once
-            self._owned[request.owner] += 1
+            if not request.background:  # a dataset's chunks are not the key's interactive requests
+                self._owned[request.owner] += 1
             self._jobs[request.id] = job
         job.replica = self.model.replica  # the engine's name (a fleet's names the replica that takes it)
         job.on_cancel = lambda reason: self.engine.cancel(request.id, reason)
@@ -168,7 +187,7 @@ class Service:
 
     def _forget(self, job: Job) -> None:
         with self._lock:
-            if self._jobs.pop(job.id, None) is None:
+            if self._jobs.pop(job.id, None) is None or job.request.background:
                 return
             self._owned[job.request.owner] -= 1
             if self._owned[job.request.owner] <= 0:
@@ -282,6 +301,7 @@ class Service:
         jobs still queued leave the engine and stay in the job store for the next start."""
         self._stopping = True
         self._not_ready("shutting down")
+        self.datasets.stop()  # their chunks leave the engine; the datasets go on at the next start
         with self._lock:
             queued = [job for job in self._jobs.values() if job.request.status == RequestStatus.QUEUED]
         for job in queued:

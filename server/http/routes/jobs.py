@@ -183,3 +183,4 @@ async def resume(app, ready: asyncio.Event) -> None:
 
     jobs.can_claim = lambda: svc.can_resume
     jobs.on_claim = claimed
+    svc.datasets.start()  # datasets made here, and those no live front-end runs
