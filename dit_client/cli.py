@@ -1,4 +1,5 @@
 """dit-generate CLASS [options]: generate images from a running server (default) or locally (--local).
+`dit-generate dataset --help`: many images per class, as shards (POST /datasets).
 
 CLASS is a class id or a class name, matched by the server's rule: any of its names, case-insensitive, or a
 prefix only one class has ("ankle"); `dit-generate --list-classes` lists them. Shows a progress
@@ -199,6 +200,11 @@ def list_classes(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["dataset"]:  # dit-generate dataset ...: many images as shards (dit_client/dataset.py)
+        from .dataset import run
+
+        return run(argv[1:])
     p = argparse.ArgumentParser(prog="dit-generate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("class_", metavar="CLASS", nargs="?", help="class id or name (any of its names, or a prefix "

@@ -9,8 +9,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import signal
+import subprocess
+import sys
 import tarfile
 
 import httpx
@@ -138,3 +141,18 @@ def test_kill_9_mid_dataset_then_restart_makes_only_the_missing_shards(tmp_path)
     assert made == 80 - 8 * before, (made, before)  # the shards written before the kill were not made again
     keys = [m.name for data in shards for m in tarfile.open(fileobj=io.BytesIO(data)).getmembers()]
     assert len(keys) == len(set(keys)) == 160  # 80 images, each a .png and a .json, no duplicate
+
+
+def test_the_cli_downloads_the_shards_and_resumes(server, tmp_path):
+    out = tmp_path / "ds"
+    cmd = [sys.executable, "-m", "dit_client", "dataset", "--url", server.url, "--classes", "0,bag", "--per-class",
+           "6", "--shard-size", "4", "--steps", "4", "--seed", "5", "--out", str(out), "--quiet"]
+    env = dict(os.environ, DIT_API_KEY=ALICE)
+    first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    shards = sorted(out.glob("shard-*.tar"))
+    assert len(shards) == 3 and "3 shards, 12 images (3 shards fetched now)" in first.stdout
+    names = [m.name for p in shards for m in tarfile.open(p).getmembers()]
+    assert len(names) == 24 and "c0008_000005.png" in names
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)  # resumes: nothing to fetch
+    assert again.returncode == 0 and "(0 shards fetched now)" in again.stdout, again.stderr
