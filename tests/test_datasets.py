@@ -156,3 +156,24 @@ def test_the_cli_downloads_the_shards_and_resumes(server, tmp_path):
     assert len(names) == 24 and "c0008_000005.png" in names
     again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)  # resumes: nothing to fetch
     assert again.returncode == 0 and "(0 shards fetched now)" in again.stdout, again.stderr
+
+
+def test_paused_background_samples_give_the_images_they_would_alone(alice):
+    """Interactive requests beside a dataset make its samples pause (and resume) mid-denoising: its images
+    are still those /generate makes alone."""
+    import concurrent.futures as cf
+
+    body = {"classes": [4, 5], "per_class": 8, "shard_size": 16, **dict(SAMPLING, steps=30, seed=9)}
+    dataset_id = alice.post("/datasets", json=body).json()["id"]
+    with cf.ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda k: alice.post("/generate", json={"class_id": 1, "steps": 20, "seed": k}),
+                                range(8)))
+    assert all(a.status_code == 200 for a in answers)
+    finished(alice, dataset_id)
+    shard = tarfile.open(fileobj=io.BytesIO(alice.get(f"/datasets/{dataset_id}/shards/0").content))
+    for name in ("c0004_000000.png", "c0004_000007.png", "c0005_000003.png"):
+        c, k = int(name[1:5]), int(name[6:12])
+        alone = alice.post("/generate", json={"class_id": c, "seed": seed_of(9, c, k), **{
+            key: v for key, v in dict(SAMPLING, steps=30).items() if key != "seed"}})
+        stored = pixels(shard.extractfile(name).read())
+        assert np.abs(pixels(alone.content) - stored).max() <= 1, name

@@ -184,22 +184,50 @@ def test_round_robin_admission_lets_a_small_request_in_beside_a_large_one():
     assert h.order() == [small, big]
 
 
-def test_background_samples_fill_only_the_rows_interactive_requests_leave():
-    """A dataset's request (background) takes the idle rows; an interactive one that arrives while they are
-    full joins first when rows come free, and the background one's next samples take what it leaves."""
+def test_background_samples_pause_for_interactive_ones_and_take_what_they_leave():
+    """A dataset's request (background) fills idle rows. An interactive request joins at once, whatever the
+    background holds; beside it, background samples run only in the rows that keep the step within
+    BACKGROUND_SLOWDOWN of its cost without them (none while the step cost is unmeasured) and pause
+    otherwise, keeping their state; then they go on, each to its own last step."""
     h = Harness(max_batch_rows=4)
     dataset = h.request(class_id=1, images=8, steps=4)
     dataset.background = True
     h.submit(dataset)
     h.step()
-    assert h.joined(0) == ["1"] * 4  # nothing else waits: every row
-    h.step()
+    assert h.joined(0) == ["1"] * 4  # nothing else: every row
     late = h.request(class_id=2, images=2, steps=4)
     h.submit(late)
+    h.step()
+    assert h.joined(1) == ["2", "2"]  # at once: background samples never hold an interactive one back
+    late_slots = {j.slot for j in h.runner.plans[1].joins}
+    assert set(h.runner.plans[1].subset) == late_slots  # the dataset's four pause (no step cost measured yet)
     h.run()
-    assert h.joined(2) == h.joined(3) == []  # full until the first four finish (in the 4th step)
-    assert h.joined(4) == ["2", "2", "1", "1"]  # the interactive samples first, the dataset's in what is left
-    assert h.order() == [late, dataset]
+    assert h.order() == [late, dataset] and h.runner.max_rows_seen <= 4
+    assert dataset.id in {o.id for o in h.outputs if o.ended and o.pixels is not None}
+
+
+def test_beside_interactive_samples_background_ones_get_the_rows_the_step_cost_allows():
+    h = Harness(max_batch_rows=8)
+
+    class Measured:  # the core's step-cost fit, fixed for the test: 50 ms a step + 10 ms a row
+        estimate = (0.05, 0.01)
+
+        def add(self, rows, seconds):
+            pass
+
+    h.core.cost = Measured()
+    h.core.scheduler.step_cost = lambda: h.core.cost.estimate
+    dataset = h.request(class_id=1, images=6, steps=3)
+    dataset.background = True
+    late = h.request(class_id=2, images=2, steps=3)
+    h.submit(dataset)
+    h.step()
+    h.submit(late)
+    h.step()
+    # 2 interactive rows: 70 ms; within 1.2 x that (84 ms), 3 rows in all: one background sample runs
+    assert len(h.runner.plans[1].subset) == 3
+    h.run()
+    assert h.order()[0] is late and len(h.order()) == 2
 
 
 def test_admission_goes_round_robin_across_api_keys():

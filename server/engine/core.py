@@ -35,6 +35,7 @@ from .request import (
 )
 from .scheduler import Scheduler
 from .slots import SlotTable
+from .step_cost import StepCost
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,8 @@ class EngineCore:
         self.runner, self.metrics, self.replica, self.clock = runner, metrics, replica, clock
         self.slots = SlotTable()
         self.scheduler = Scheduler(policy, max_rows, self.slots)
+        self.cost = StepCost()  # each step's (rows, seconds): what background samples may add to a step
+        self.scheduler.step_cost = lambda: self.cost.estimate
         self.broken: str | None = None  # a device error: nothing more can run
         self._cycle: tuple[float, int] | None = None  # (start, rows) of the step before, while busy
 
@@ -85,7 +88,9 @@ class EngineCore:
             if result.rows is not None:  # the rows it ran (the timeline is exact, or an upper bound)
                 rows = result.rows
                 self._cycle = (t0, rows)
-            out += self._update(result, rows, self.clock() - t0)
+            seconds = self.clock() - t0
+            self.cost.add(rows, seconds)
+            out += self._update(result, rows, seconds)
         self.slots.past()
         self.metrics.active_samples.set(len(self.slots))
         return EngineOutputs(tuple(out), cycle, self.scheduler.max_rows)
@@ -118,7 +123,7 @@ class EngineCore:
 
     def _retry_in_halves(self, plan: StepPlan) -> StepResult:
         self.scheduler.halve()
-        slots = sorted(self.slots.owner)
+        slots = sorted(self.slots.owner) if plan.subset is None else list(plan.subset)  # not the paused ones
         log.warning("out of memory with %d samples in one step: row budget halved to %d; retrying the step "
                     "in two halves", len(slots), self.scheduler.max_rows)
         half = max(1, len(slots) // 2)
@@ -168,6 +173,8 @@ class EngineCore:
         out = []
         previewed = {r.id: r for r in self.scheduler.previewed(result.previews)} if result.previews else {}
         for r in self.scheduler.running.values():  # progress: one int per request
+            if r.background:
+                continue  # its samples pause and run at their own pace; its end is what is awaited
             step = min(r.steps, tick - r.last_join_tick + 1) if r.admitted == r.num_images else 0
             if step != r.step or r.id in previewed:
                 r.step = step

@@ -14,6 +14,13 @@ Policies:
     last request finishes (request-level batching, for comparison).
   "none": one request at a time (no batching, for comparison).
 
+Background samples (a dataset's) join while no interactive request waits, up to the row budget in
+number, and run only at the steps where rows are left (`background_rows`, from the measured step cost):
+alone, steps no longer than BACKGROUND_ALONE_STEPS steps of one guided image (a request arriving during
+one waits at most that); beside interactive samples, only as many rows as keep the step within
+BACKGROUND_SLOWDOWN of the step without them. The others pause (keep their state, run no row) for that
+step, so interactive latency stays near what it is on an idle server.
+
 The row budget halves after an out-of-memory step and doubles back after REGROW_AFTER_STEPS clean steps.
 """
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Callable
 
 from model.batch import Join
 
@@ -32,6 +40,10 @@ log = logging.getLogger(__name__)
 
 PREVIEW_SECONDS = 0.25  # at most one preview per request this often
 REGROW_AFTER_STEPS = 64  # clean steps after an out-of-memory halving before the row budget doubles back
+BACKGROUND_SLOWDOWN = 1.2  # beside interactive samples, background rows may make a step this much slower
+# Alone, background samples take steps no longer than this many steps of one guided image: an interactive
+# request that arrives during one waits at most that long (on a CPU a step's time grows with its rows).
+BACKGROUND_ALONE_STEPS = 6
 
 
 class Scheduler:
@@ -50,6 +62,9 @@ class Scheduler:
         self._served: dict[str, int] = {}  # API key hash -> when it last had a sample admitted
         self._admissions = 0
         self._clean_steps = 0
+        # The step cost (fixed, per_row seconds) the background's share is judged by; (0, 0) = not measured,
+        # and then background samples run only when nothing interactive does.
+        self.step_cost: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)
 
     # ---- requests in and out ---------------------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -102,15 +117,38 @@ class Scheduler:
         joins = self._admit(now)
         if not self.slots.owner:
             return None
-        finish, _ = self.slots.advance()
-        return StepPlan(joins=tuple(joins), leaves=self.take_leaves(), finish=finish, previews=self._preview_slots(now))
+        finish, rows = self.slots.advance()
+        subset = None
+        if self.slots.background:
+            run, done = self.slots.run_background(self.background_rows(rows) - rows, force=not rows)
+            finish = (*finish, *done)
+            if len(run) < len(self.slots.background):  # some pause: step the others only
+                subset = tuple(s for s in self.slots.owner if s not in self.slots.background or s in run)
+        return StepPlan(joins=tuple(joins), leaves=self.take_leaves(), subset=subset, finish=finish,
+                        previews=self._preview_slots(now))
+
+    def background_rows(self, interactive: int) -> int:
+        """The step's rows at most with background samples beside `interactive` rows of interactive ones."""
+        fixed, per_row = self.step_cost()
+        if not interactive:
+            if per_row <= 0:
+                return self.max_rows
+            alone = (BACKGROUND_ALONE_STEPS * (fixed + 2 * per_row) - fixed) / per_row
+            return max(1, min(self.max_rows, int(alone)))
+        if per_row <= 0:
+            return interactive
+        most = (BACKGROUND_SLOWDOWN * (fixed + per_row * interactive) - fixed) / per_row
+        return max(interactive, min(self.max_rows, int(most)))
 
     def _admit(self, now: float) -> list[Join]:
         joins: list[Join] = []
         if self.policy == "continuous":
             while self.queue:
                 for r in self._round():
-                    if self.slots.owner and not self.slots.fits(r.timeline, self.max_rows):
+                    if r.background:
+                        if len(self.slots.background) >= self.max_rows:
+                            return joins  # enough to fill the budget: the rest waits for one to finish
+                    elif self.slots.owner and not self.slots.fits(r.timeline, self.max_rows):
                         return joins  # full at some future step: the rest waits for a later step
                     joins.append(self._admit_sample(r, now))
         elif not self.slots.owner:

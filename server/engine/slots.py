@@ -5,6 +5,9 @@ Steps are numbered by `tick` (steps run so far). A sample that joins before step
 in steps T .. T + n - 1 and finishes in the last; its rows at each of those steps (2 where guided, 1
 elsewhere: its timeline) are added to the timeline when it joins and the rest refunded if it leaves
 early, so that admission can check every future step against the row budget.
+
+Background samples (a dataset's) are not in the timeline: they run only at the steps where the scheduler
+gives them rows that interactive samples leave, so each keeps its own progress (`background`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ class SlotTable:
         self._free: list[int] = []
         self._next = 0
         self.ahead: dict[int, int] = {}  # step -> forward rows of the admitted samples in it
+        self.background: dict[int, int] = {}  # a background sample's slot -> its steps done, in admission order
 
     def __len__(self) -> int:
         return len(self.owner)
@@ -35,8 +39,13 @@ class SlotTable:
         return all(ahead.get(start + i, 0) + samples * rows <= budget for i, rows in enumerate(timeline))
 
     def take(self, request: EngineRequest, sample: int) -> int:
-        """A free slot for the request's sample, which first runs in the next step."""
+        """A free slot for the request's sample, which first runs in the next step (a background sample:
+        at the first step that gives it rows)."""
         slot = self._free.pop() if self._free else self._new()
+        if request.background:
+            self.owner[slot] = (request, sample)
+            self.background[slot] = 0
+            return slot
         timeline = request.timeline
         finish = self.tick + len(timeline)
         self.owner[slot] = (request, sample)
@@ -49,6 +58,7 @@ class SlotTable:
     def release(self, slot: int) -> tuple[EngineRequest, int]:
         """Free the slot; the steps its sample will not take give their rows back."""
         request, sample = self.owner.pop(slot)
+        self.background.pop(slot, None)
         finish = self._slot_finish.pop(slot, None)
         if finish is not None:
             self._finish_at[finish].discard(slot)
@@ -68,6 +78,21 @@ class SlotTable:
         for slot in finish:
             del self._slot_finish[slot]
         return finish, self.ahead.get(self.tick, 0)
+
+    def run_background(self, rows: int, force: bool) -> tuple[list[int], list[int]]:
+        """Which background samples run in the current step within `rows` forward rows, oldest first (at
+        least one if `force`): (those that run, those of them that finish). Their progress moves on."""
+        run, finish = [], []
+        for slot, done in self.background.items():
+            timeline = self.owner[slot][0].timeline
+            need = timeline[done]
+            if need <= rows or (force and not run):
+                run.append(slot)
+                rows -= need
+                self.background[slot] = done + 1
+                if done + 1 == len(timeline):
+                    finish.append(slot)
+        return run, finish
 
     def past(self) -> None:
         """The current step is over (run or failed): its rows leave the timeline."""
