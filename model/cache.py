@@ -18,8 +18,13 @@ different functions (the guided eps jumps at the edge); each run after the first
 iteration and a fresh history, and its cadence restarts there. A guided pair (the sample and its
 null-class twin) is skipped or computed together: the cache holds the guided combination.
 
+`guided_every` gives the run with guidance a cadence of its own. There a computed step costs two rows and
+the guided combination is harder to forecast (its error is the scale times the conditional one), while
+the unguided run forgives more: on the embedded model a step forecast inside [0, 0.5] costs about twice
+the x0 error of one outside it (weights/README.md), so the rows are better spent there.
+
 Settings: "off" (every iteration runs: today's bytes), a preset name (PRESETS), or a mapping
-{"method": "reuse" | "taylor", "every": N, "order": 1 | 2, "warmup": W}.
+{"method": "reuse" | "taylor", "every": N, "order": 1 | 2, "warmup": W, "guided_every": M}.
 """
 
 from __future__ import annotations
@@ -39,14 +44,15 @@ class Cache:
     every: int = 1  # after the warm-up, the network runs at one iteration in `every` of each run
     order: int = 0  # taylor: the finite-difference order, 1 or 2 (reuse and off: 0)
     warmup: int = 0  # the first `warmup` iterations always run
+    guided_every: int = 0  # the cadence in the run with guidance (0: `every` there too)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"cache method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("every", "order", "warmup"):
+        for name in ("every", "order", "warmup", "guided_every"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise ValueError(f"cache {name} must be an integer, got {getattr(self, name)!r}")
-        if self.method == "off" and (self.every, self.order, self.warmup) != (1, 0, 0):
+        if self.method == "off" and (self.every, self.order, self.warmup, self.guided_every) != (1, 0, 0, 0):
             raise ValueError("cache method 'off' takes no parameters")
         if not 1 <= self.every <= 10:
             raise ValueError(f"cache every must be between 1 and 10, got {self.every}")
@@ -56,10 +62,13 @@ class Cache:
             raise ValueError("cache order applies to taylor only (reuse takes the last output as it is)")
         if not 0 <= self.warmup <= 1000:
             raise ValueError(f"cache warmup must be between 0 and 1000, got {self.warmup}")
+        if not 0 <= self.guided_every <= 10:
+            raise ValueError(f"cache guided_every must be between 1 and 10 (0: the same as every), got "
+                             f"{self.guided_every}")
 
     @property
     def on(self) -> bool:
-        return self.method != "off" and self.every > 1
+        return self.method != "off" and (self.every > 1 or self.guided_every > 1)
 
     @classmethod
     def parse(cls, value) -> Cache:
@@ -72,9 +81,10 @@ class Cache:
             raise ValueError(f"cache must be \"off\", a preset ({', '.join(p for p in PRESETS if p != 'off')}) "
                              f"or {{\"method\": ..., ...}}, got {value!r}")
         if isinstance(value, Mapping):
-            unknown = set(value) - {"method", "every", "order", "warmup"}
+            unknown = set(value) - {"method", "every", "order", "warmup", "guided_every"}
             if unknown:
-                raise ValueError(f"cache takes method, every, order and warmup; unknown: {', '.join(sorted(unknown))}")
+                raise ValueError(f"cache takes method, every, order, warmup and guided_every; unknown: "
+                                 f"{', '.join(sorted(unknown))}")
             if "method" not in value:
                 raise ValueError("cache needs a method: \"reuse\" or \"taylor\" (or send \"off\")")
             return cls(**value)
@@ -85,7 +95,10 @@ class Cache:
         for name, preset in PRESETS.items():
             if preset == self:
                 return name
-        return asdict(self)
+        out = asdict(self)
+        if not self.guided_every:  # unset: what a job stored before the field existed says, and reads back
+            del out["guided_every"]
+        return out
 
 
 OFF = Cache()
@@ -95,6 +108,8 @@ PRESETS: dict[str, Cache] = {
     "taylor2": Cache("taylor", every=2, order=2),
     "taylor3": Cache("taylor", every=3, order=2),
     "reuse2": Cache("reuse", every=2),
+    # every 3 outside the guidance interval, every 2 inside it: 11 rows on the defaults (taylor2: 12)
+    "taylor3g2": Cache("taylor", every=3, order=2, guided_every=2),
 }
 
 
@@ -119,6 +134,7 @@ def _schedule(cache: Cache, steps: int, g_start: int, g_stop: int) -> tuple[tupl
         if i in edges:
             run_start = i
         # the cadence counts from the run's start, or from the end of the warm-up within the first run
-        run.append(i < cache.warmup or (i - max(run_start, cache.warmup)) % cache.every == 0)
+        every = cache.guided_every if cache.guided_every and g_start <= i < g_stop else cache.every
+        run.append(i < cache.warmup or (i - max(run_start, cache.warmup)) % every == 0)
         reset.append(i in edges)
     return tuple(run), tuple(reset)

@@ -17,6 +17,7 @@ from model.samplers import Sampling, SettingError
 TAYLOR2 = Cache("taylor", every=2, order=2)
 TAYLOR1_W2 = Cache("taylor", every=3, order=1, warmup=2)
 REUSE3 = Cache("reuse", every=3)
+GUIDED2 = Cache("taylor", every=3, order=2, guided_every=2)  # its own cadence inside the guidance interval
 # (slot, label, seed, sampler, steps, cfg_scale, interval, cache, joins before step k)
 MIX = [
     (0, 5, 11, "ddpm", 8, 4.0, (0.0, 1.0), TAYLOR2, 0),
@@ -26,6 +27,7 @@ MIX = [
     (2, 3, 15, "ddim", 7, 1.0, (0.0, 1.0), Cache(), 0),
     (4, 8, 16, "dpm-solver++", 10, 4.0, (0.0, 0.6), REUSE3, 3),
     (5, 9, 17, "ddim", 6, 3.0, (0.2, 0.8), Cache("taylor", every=2, order=1), 4),
+    (6, 2, 18, "dpm-solver++", 11, 4.0, (0.0, 0.5), GUIDED2, 2),
 ]
 
 
@@ -176,11 +178,31 @@ def test_schedules_and_rows():
     assert sum(rows_per_iteration("dpm-solver++", 15, 4.0, (0.0, 0.5), PRESETS["taylor3"])) <= 11
 
 
+def test_a_cadence_of_its_own_inside_the_guidance_interval():
+    # every 3 outside the interval (iterations 0-4), every 2 inside it (5-10), each run from its first iteration
+    assert computed(GUIDED2, 11, range(5, 11)) == (True, False, False, True, False,
+                                                   True, False, True, False, True, False)
+    assert computed(Cache("reuse", every=2, guided_every=3), 9, range(3, 9)) == (
+        True, False, True, True, False, False, True, False, False)
+    # no guidance (scale 1): one run, at `every`
+    assert computed(GUIDED2, 7, range(0)) == (True, False, False, True, False, False, True)
+    # the default setting: 3 rows outside the interval (0, 3, 6) and 4 pairs inside it (8, 10, 12, 14)
+    assert rows_per_iteration("dpm-solver++", 15, 4.0, (0.0, 0.5), GUIDED2) == (
+        1, 0, 0, 1, 0, 0, 1, 0, 2, 0, 2, 0, 2, 0, 2)
+    assert Cache("taylor", every=1, order=2, guided_every=2).on  # caching inside the interval only
+    assert Cache.parse({"method": "taylor", "every": 3, "order": 2, "guided_every": 2}) == GUIDED2
+    # a job's status names the field only where it is set (what a stored job said before it existed)
+    assert "guided_every" not in Cache("taylor", every=3, order=2).describe()
+    assert GUIDED2.describe() in ({"method": "taylor", "every": 3, "order": 2, "warmup": 0, "guided_every": 2},
+                                  *(name for name, c in PRESETS.items() if c == GUIDED2))
+
+
 @pytest.mark.parametrize("value, words", [
     ("fast", "preset"), ({"method": "fora"}, "method"), ({"method": "reuse", "order": 1}, "taylor only"),
     ({"method": "taylor", "every": 2, "order": 3}, "order"), ({"method": "taylor", "every": 0, "order": 1}, "every"),
     ({"method": "taylor", "every": 2, "order": 1, "skip": 1}, "unknown"), ({"every": 2}, "method"),
     ({"method": "reuse", "every": 2.5}, "integer"), (3, "string or an object"),
+    ({"method": "taylor", "every": 2, "order": 1, "guided_every": 11}, "guided_every"),
 ])
 def test_bad_cache_settings_name_the_field(value, words):
     with pytest.raises(SettingError) as e:
