@@ -5,8 +5,8 @@ quality against cost over samplers x step counts x guidance scales x guidance in
                             [--settings dpm-solver++:20:2 dpm-solver++:20:3:0-0.7 ...] [--out FILE]
 
 A setting is sampler:steps:cfg[:lo-hi[:cache]] (interval default 0-1, guidance at every step; cache: a
-preset of model/cache.py or method,every[,order[,warmup[,guided_every]]], e.g. taylor,3,2 or reuse,2 or
-taylor,3,2,0,2; default off). For each:
+preset of model/cache.py or method,every[,order[,warmup[,guided_every[,guided_warmup]]]], e.g. taylor,3,2 or
+reuse,2 or taylor,3,2,0,2,2; default off). For each:
 --per-class images per class (seeds 0..N-1), the share the classifier labels as the requested class
 (class agreement), a feature-FID (the classifier's penultimate features) against as many test images,
 the forward rows one image costs (a guided step costs 2 rows, an unguided one 1, a step the cache skips
@@ -78,7 +78,8 @@ class Setting:
     def cache_text(self) -> str:
         c = self.cache
         return "off" if not c.on else f"{c.method} every {c.every}" + (f" order {c.order}" if c.order else "") + (
-            f" warmup {c.warmup}" if c.warmup else "") + (f" guided {c.guided_every}" if c.guided_every else "")
+            f" warmup {c.warmup}" if c.warmup else "") + (f" guided {c.guided_every}" if c.guided_every else "") + (
+            f" guided warmup {c.guided_warmup}" if c.guided_warmup else "")
 
     def label(self) -> str:
         return (f"{self.sampler} {self.steps} cfg {self.cfg:g} [{self.interval[0]:g}, {self.interval[1]:g}]"
@@ -86,7 +87,7 @@ class Setting:
 
 
 def parse_cache(text: str) -> Cache:
-    """A preset name, or method,every[,order[,warmup[,guided_every]]]."""
+    """A preset name, or method,every[,order[,warmup[,guided_every[,guided_warmup]]]]."""
     if "," not in text:
         return Cache.parse(text)
     method, *numbers = text.split(",")

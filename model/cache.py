@@ -21,10 +21,13 @@ null-class twin) is skipped or computed together: the cache holds the guided com
 `guided_every` gives the run with guidance a cadence of its own. There a computed step costs two rows and
 the guided combination is harder to forecast (its error is the scale times the conditional one), while
 the unguided run forgives more: on the embedded model a step forecast inside [0, 0.5] costs about twice
-the x0 error of one outside it (weights/README.md), so the rows are better spent there.
+the x0 error of one outside it (weights/README.md), so the rows are better spent there. `guided_warmup`
+runs the first iterations of the guided run whatever the cadence (the cadence then counts from the last
+of them): its first steps are the hardest to forecast (the guided combination changes fastest there).
 
 Settings: "off" (every iteration runs: today's bytes), a preset name (PRESETS), or a mapping
-{"method": "reuse" | "taylor", "every": N, "order": 1 | 2, "warmup": W, "guided_every": M}.
+{"method": "reuse" | "taylor", "every": N, "order": 1 | 2, "warmup": W, "guided_every": M,
+"guided_warmup": V}.
 """
 
 from __future__ import annotations
@@ -45,14 +48,16 @@ class Cache:
     order: int = 0  # taylor: the finite-difference order, 1 or 2 (reuse and off: 0)
     warmup: int = 0  # the first `warmup` iterations always run
     guided_every: int = 0  # the cadence in the run with guidance (0: `every` there too)
+    guided_warmup: int = 0  # the first `guided_warmup` iterations of the run with guidance always run
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"cache method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        for name in ("every", "order", "warmup", "guided_every"):
+        for name in ("every", "order", "warmup", "guided_every", "guided_warmup"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise ValueError(f"cache {name} must be an integer, got {getattr(self, name)!r}")
-        if self.method == "off" and (self.every, self.order, self.warmup, self.guided_every) != (1, 0, 0, 0):
+        parameters = (self.every, self.order, self.warmup, self.guided_every, self.guided_warmup)
+        if self.method == "off" and parameters != (1, 0, 0, 0, 0):
             raise ValueError("cache method 'off' takes no parameters")
         if not 1 <= self.every <= 10:
             raise ValueError(f"cache every must be between 1 and 10, got {self.every}")
@@ -65,6 +70,8 @@ class Cache:
         if not 0 <= self.guided_every <= 10:
             raise ValueError(f"cache guided_every must be between 1 and 10 (0: the same as every), got "
                              f"{self.guided_every}")
+        if not 0 <= self.guided_warmup <= 1000:
+            raise ValueError(f"cache guided_warmup must be between 0 and 1000, got {self.guided_warmup}")
 
     @property
     def on(self) -> bool:
@@ -81,9 +88,9 @@ class Cache:
             raise ValueError(f"cache must be \"off\", a preset ({', '.join(p for p in PRESETS if p != 'off')}) "
                              f"or {{\"method\": ..., ...}}, got {value!r}")
         if isinstance(value, Mapping):
-            unknown = set(value) - {"method", "every", "order", "warmup", "guided_every"}
+            unknown = set(value) - {"method", "every", "order", "warmup", "guided_every", "guided_warmup"}
             if unknown:
-                raise ValueError(f"cache takes method, every, order, warmup and guided_every; unknown: "
+                raise ValueError(f"cache takes method, every, order, warmup, guided_every and guided_warmup; unknown: "
                                  f"{', '.join(sorted(unknown))}")
             if "method" not in value:
                 raise ValueError("cache needs a method: \"reuse\" or \"taylor\" (or send \"off\")")
@@ -95,10 +102,8 @@ class Cache:
         for name, preset in PRESETS.items():
             if preset == self:
                 return name
-        out = asdict(self)
-        if not self.guided_every:  # unset: what a job stored before the field existed says, and reads back
-            del out["guided_every"]
-        return out
+        # the guided fields only where set: what a job stored before they existed says, and reads back
+        return {k: v for k, v in asdict(self).items() if v or k not in ("guided_every", "guided_warmup")}
 
 
 OFF = Cache()
@@ -134,7 +139,11 @@ def _schedule(cache: Cache, steps: int, g_start: int, g_stop: int) -> tuple[tupl
         if i in edges:
             run_start = i
         # the cadence counts from the run's start, or from the end of the warm-up within the first run
-        every = cache.guided_every if cache.guided_every and g_start <= i < g_stop else cache.every
-        run.append(i < cache.warmup or (i - max(run_start, cache.warmup)) % every == 0)
+        guided = g_start <= i < g_stop
+        every = cache.guided_every if cache.guided_every and guided else cache.every
+        origin = max(run_start, cache.warmup)  # where the cadence counts from
+        if guided and cache.guided_warmup:
+            origin = g_start + cache.guided_warmup - 1
+        run.append(i < cache.warmup or (guided and i - g_start < cache.guided_warmup) or (i - origin) % every == 0)
         reset.append(i in edges)
     return tuple(run), tuple(reset)

@@ -28,6 +28,7 @@ MIX = [
     (4, 8, 16, "dpm-solver++", 10, 4.0, (0.0, 0.6), REUSE3, 3),
     (5, 9, 17, "ddim", 6, 3.0, (0.2, 0.8), Cache("taylor", every=2, order=1), 4),
     (6, 2, 18, "dpm-solver++", 11, 4.0, (0.0, 0.5), GUIDED2, 2),
+    (8, 6, 19, "ddim", 9, 3.0, (0.0, 0.6), Cache("taylor", every=3, order=1, guided_every=2, guided_warmup=2), 1),
 ]
 
 
@@ -190,6 +191,13 @@ def test_a_cadence_of_its_own_inside_the_guidance_interval():
     assert rows_per_iteration("dpm-solver++", 15, 4.0, (0.0, 0.5), GUIDED2) == (
         1, 0, 0, 1, 0, 0, 1, 0, 2, 0, 2, 0, 2, 0, 2)
     assert Cache("taylor", every=1, order=2, guided_every=2).on  # caching inside the interval only
+    # the first two guided iterations always run, the cadence counting on from the second (13 steps: 7, 8, 10, 12)
+    warm = Cache("taylor", every=3, order=2, guided_every=2, guided_warmup=2)
+    assert rows_per_iteration("dpm-solver++", 13, 4.0, (0.0, 0.5), warm) == (1, 0, 0, 1, 0, 0, 1, 2, 2, 0, 2, 0, 2)
+    assert computed(Cache("reuse", every=4, guided_warmup=3), 10, range(4, 10)) == (
+        True, False, False, False, True, True, True, False, False, False)
+    assert warm.describe() in PRESETS or warm.describe() == {"method": "taylor", "every": 3, "order": 2, "warmup": 0,
+                                                             "guided_every": 2, "guided_warmup": 2}
     assert Cache.parse({"method": "taylor", "every": 3, "order": 2, "guided_every": 2}) == GUIDED2
     # a job's status names the field only where it is set (what a stored job said before it existed)
     assert "guided_every" not in Cache("taylor", every=3, order=2).describe()
@@ -203,6 +211,7 @@ def test_a_cadence_of_its_own_inside_the_guidance_interval():
     ({"method": "taylor", "every": 2, "order": 1, "skip": 1}, "unknown"), ({"every": 2}, "method"),
     ({"method": "reuse", "every": 2.5}, "integer"), (3, "string or an object"),
     ({"method": "taylor", "every": 2, "order": 1, "guided_every": 11}, "guided_every"),
+    ({"method": "taylor", "every": 2, "order": 1, "guided_warmup": -1}, "guided_warmup"),
 ])
 def test_bad_cache_settings_name_the_field(value, words):
     with pytest.raises(SettingError) as e:
