@@ -86,7 +86,7 @@ def start_or_resume(client: httpx.Client, args, out: Path) -> dict:
 
 def download(client: httpx.Client, out: Path, shard: dict) -> bool:
     """Fetch a finished shard unless a file with its SHA-256 is there; True if it was fetched."""
-    path = out / shard["file"]
+    path = out / Path(shard["file"]).name  # a name, never a path the server could aim elsewhere
     if path.exists() and hashlib.sha256(path.read_bytes()).hexdigest() == shard["sha256"]:
         return False
     r = client.get(shard["url"])

@@ -269,7 +269,7 @@ class SlotBatch:
 
     def _advance(self, a: _Arrangement, slots: Sequence[int] | None) -> None:
         a.iteration.add_(1)
-        if a.partial:  # rare (the out-of-memory fallback): only these slots' iterations moved
+        if a.partial:  # only these slots' iterations moved (out-of-memory halves; background samples pausing)
             for s in slots:
                 self._host[s].base -= 1
         else:

@@ -124,14 +124,15 @@ def test_bad_datasets_are_422_naming_the_field(alice, body, field):
 
 
 @pytest.mark.slow
-def test_kill_9_mid_dataset_then_restart_makes_only_the_missing_shards(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_a_stop_mid_dataset_then_restart_makes_only_the_missing_shards(tmp_path, stop):
     data = ["--data-dir", str(tmp_path / "store")]
     body = {"classes": "all", "per_class": 8, "shard_size": 8, **dict(SAMPLING, steps=40)}
     with run_server(tmp_path, *data) as s, s.client() as c:
         dataset_id = c.post("/datasets", json=body).json()["id"]
         wait_until(lambda: c.get(f"/datasets/{dataset_id}").json()["shards_done"] >= 2, 120, "two shards")
-        s.proc.send_signal(signal.SIGKILL)
-        s.proc.wait(30)
+        s.proc.send_signal(stop)
+        s.proc.wait(60)
     with run_server(tmp_path, *data) as s, s.client() as c:
         status = finished(c, dataset_id, timeout=240)
         made = s.metric("dit_dataset_images_total")  # images this process generated

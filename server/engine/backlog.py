@@ -69,7 +69,10 @@ def _work_ahead(timeline: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _share(request: EngineRequest, step: int, queued: bool) -> tuple[int, int, float, int]:
-    """(waiting, work, rows, requests) that one request adds to the load."""
+    """(waiting, work, rows, requests) that one request adds to the load: none for a background one (a
+    dataset's), which takes only the rows interactive requests leave and never holds them back."""
+    if request.background:
+        return 0, 0, 0.0, 0
     n, timeline = request.num_images, request.timeline
     work = n * _work_ahead(timeline)[min(step, len(timeline))]
     if queued:

@@ -21,7 +21,7 @@ from .docs import ASSETS_PATH, DOCS_ASSETS, install_docs
 from .errors import install_error_handlers
 from .middleware import BodyLimit, RequestContext
 from .routes import datasets, generate, jobs, system, webhook_secret
-from .schemas import GenerateRequest, JobRequest
+from .schemas import DatasetRequest, GenerateRequest, JobRequest
 from .webhooks import Webhooks
 
 
@@ -50,7 +50,8 @@ def create_app(settings: Settings, engine=None, shared_store: bool = False) -> F
     app.state.service, app.state.webhooks = service, webhooks
     install_middleware(app, settings, service)
     install_error_handlers(app, {"/generate": list(GenerateRequest.model_fields),
-                                 "/jobs": list(JobRequest.model_fields)})
+                                 "/jobs": list(JobRequest.model_fields),
+                                 "/datasets": list(DatasetRequest.model_fields)})
     install_docs(app, service, keyed=bool(api_keys(settings)))
     app.mount(ASSETS_PATH, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")  # before /static
     app.mount("/static", StaticFiles(directory=system.STATIC), name="static")

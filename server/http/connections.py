@@ -12,8 +12,9 @@ The rule, in the HTTP protocol uvicorn runs for each connection (its httptools o
   connection is in a request), the new one is answered 503 and closed.
 So a flood of half-open connections holds at most `max_connections` sockets, for at most
 `header_timeout` seconds each, and a client that sends its request at once is served meanwhile.
-Why in the server and not in a proxy in front: the single server, the compose file and the Ray app all
-run this code; a proxy would protect only the deployments that have one.
+Why in the server and not in a proxy in front: the single server and the compose file run it with no
+more parts (a proxy would protect only the deployments that have one). On Ray Serve, HTTP is Serve's own
+proxy, which this does not cover.
 """
 
 from __future__ import annotations

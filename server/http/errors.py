@@ -69,6 +69,7 @@ ERROR_STATUSES = {
          "(overloaded), this API key has --max-requests-per-key in flight (key_quota_exceeded), or too many "
          "async jobs are held (too_many_jobs), or this key's datasets are running (too_many_datasets); see Retry-After",
     500: "generation failed (generation_failed)",
+    501: "datasets on a fleet of several front-ends (datasets_unavailable)",
     503: "not ready, shutting down (not_ready), the engine died and restarts (engine_died), or the job store does "
          "not answer (store_unavailable, job requests only); see Retry-After",
     504: "no result before the request's deadline (deadline_exceeded)",

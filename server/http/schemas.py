@@ -42,14 +42,10 @@ def _check_cache(value: Any) -> Any:
 CacheSetting = Annotated[Any, AfterValidator(_check_cache)]
 
 
-class GenerateRequest(BaseModel):
-    """The /generate body. Unknown fields are rejected (422), so a typo such as "cfg" does not silently take
-    the default. What depends on this server (--max-steps, --max-images, the cfg_scale range) and on its
-    model (class_id's maximum) is checked at the door (server/service/requests.py) and written into the
-    OpenAPI schema once the model is loaded (server/http/docs.py), so /docs shows the real bounds."""
+class StrictBody(BaseModel):
+    """A request body: unknown fields are refused (422), so that a typo does not silently take a default."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={
-        "oneOf": [{"required": ["class_id"]}, {"required": ["class_name"]}]})
+    model_config = ConfigDict(extra="forbid")
 
     @model_validator(mode="before")
     @classmethod
@@ -63,6 +59,16 @@ class GenerateRequest(BaseModel):
                 raise PydanticCustomError("unknown_fields", "{count} unknown fields",
                                           {"count": len(unknown), "first": unknown[:UNKNOWN_FIELDS_SHOWN]})
         return data
+
+
+class GenerateRequest(StrictBody):
+    """The /generate body. Unknown fields are rejected (422), so a typo such as "cfg" does not silently take
+    the default. What depends on this server (--max-steps, --max-images, the cfg_scale range) and on its
+    model (class_id's maximum) is checked at the door (server/service/requests.py) and written into the
+    OpenAPI schema once the model is loaded (server/http/docs.py), so /docs shows the real bounds."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "oneOf": [{"required": ["class_id"]}, {"required": ["class_name"]}]})
 
     class_id: StrictInt | None = Field(None, ge=0, description="class index, 0..num_classes-1 (see GET /classes); "
                                        "give class_id or class_name")
@@ -156,11 +162,9 @@ class ClassesResponse(BaseModel):
     classes: list[ClassOut]
 
 
-class DatasetRequest(BaseModel):
+class DatasetRequest(StrictBody):
     """The POST /datasets body: which classes, how many images of each, the /generate sampling settings,
     a base seed (image k of class c has seed + c x 1,000,000 + k), and the shards' format and size."""
-
-    model_config = ConfigDict(extra="forbid")
 
     classes: Literal["all"] | Annotated[list[StrictInt | StrictStr], Field(min_length=1, max_length=1000)] = Field(
         description="\"all\", or class ids and names (as class_name takes them)")
@@ -176,5 +180,6 @@ class DatasetRequest(BaseModel):
     format: Literal["webdataset", "npz"] = Field("webdataset", description="webdataset: tar shards of {key}.png + "
                                                  "{key}.json; npz: arr_0 uint8 (N, H, W, 3) as the ADM evaluation "
                                                  "suite reads it, arr_1 the class ids")
-    shard_size: StrictInt = Field(1000, ge=1, le=100_000, description="images per shard")
+    shard_size: StrictInt = Field(1000, ge=1, le=5000, description="images per shard (a shard is assembled in "
+                                  "memory before it is written)")
     tag: StrictStr | None = Field(None, max_length=256, description="any client text, echoed in the status")

@@ -107,7 +107,8 @@ class Webhooks:
 
     def secret_of(self, owner: str | None) -> str:
         """The whsec_ secret that signs deliveries of jobs of `owner` (a key's hash; None without keys)."""
-        assert self.secret is not None
+        if self.secret is None:  # a delivery left by a process that had a secret, to one that has none
+            raise ValueError("this server has no --webhook-secret to sign with")
         return key_secret(self.secret, owner) if self.keyed and owner is not None else self.secret
 
     def _signer(self, owner: str | None) -> Webhook:
@@ -165,7 +166,11 @@ class Webhooks:
 
     async def _deliver(self, job_id: str, owner: str | None, url: str, body: bytes) -> None:
         try:
-            delivered = await self._tries(job_id, owner, url, body)
+            try:
+                delivered = await self._tries(job_id, owner, url, body)
+            except Exception:  # a bug here must still end the delivery, logged and recorded
+                log.exception("webhook undelivered: job %s: the delivery failed", job_id)
+                delivered = False
             self.metrics.webhook_deliveries.labels("delivered" if delivered else "undelivered").inc()
             if self.on_result is not None:
                 await asyncio.to_thread(self.on_result, job_id, delivered)
@@ -202,11 +207,11 @@ class Webhooks:
             self._client = httpx.AsyncClient(follow_redirects=False, timeout=self.try_deadline,
                                              limits=httpx.Limits(max_connections=None, max_keepalive_connections=32),
                                              headers={"User-Agent": "dit-serve-webhook"})
-        now = datetime.now(UTC)
-        headers = {"Content-Type": "application/json", "webhook-id": job_id,
-                   "webhook-timestamp": str(int(now.timestamp())),
-                   "webhook-signature": self._signer(owner).sign(job_id, now, body)}
         try:
+            now = datetime.now(UTC)
+            headers = {"Content-Type": "application/json", "webhook-id": job_id,
+                       "webhook-timestamp": str(int(now.timestamp())),
+                       "webhook-signature": self._signer(owner).sign(job_id, now, body)}
             async with asyncio.timeout(self.try_deadline):
                 # The answer's status line and headers only: leaving the block unread closes the
                 # connection instead of reading a body the receiver may make endless.

@@ -28,6 +28,7 @@ import shutil
 import tarfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,6 +177,8 @@ class Datasets:
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        # Shards are assembled and written off the encoders' threads (interactive answers use those).
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="dataset-shards")
 
     # ---- the API --------------------------------------------------------------------------------------
     def create(self, spec: DatasetSpec, owner: str | None) -> Dataset:
@@ -370,7 +373,7 @@ class Datasets:
         with self._lock:
             d, shard, start, tries = self._chunks.pop(job.id)
         self._wake.set()
-        if d.status != "running":
+        if d.status != "running" or self._stopping:  # a stop: the dataset goes on at the next start
             return
         if job.error is not None:
             retry = job.error.kind in (ErrorKind.ENGINE_DIED, ErrorKind.NOT_READY, ErrorKind.DEADLINE_EXCEEDED)
@@ -389,7 +392,7 @@ class Datasets:
         if sum(len(v) for v in pending.values()) == len(items):
             images = [png for s in sorted(pending) for png in pending[s]]
             del d.pending[shard]
-            self.service.encoder.submit(self._write_shard, d, shard, images)
+            self._writer.submit(self._write_shard, d, shard, images)
 
     def _write_shard(self, d: Dataset, shard: int, images: list[bytes]) -> None:
         spec, items = d.spec, d.spec.shard_items(shard)
@@ -452,8 +455,9 @@ class Datasets:
         (log.info if status == "done" else log.warning)("dataset %s %s%s", d.id, status, f": {error}" if error else "")
         try:
             with self.db.begin() as c:
-                c.execute(update(datasets_table).where(datasets_table.c.id == d.id).values(
-                    status=status, error=error, ended=d.ended, images_done=d.images_done))
+                running = (datasets_table.c.id == d.id) & (datasets_table.c.status == "running")
+                c.execute(update(datasets_table).where(running)
+                          .values(status=status, error=error, ended=d.ended, images_done=d.images_done))
         except SQLAlchemyError as e:
             log.error("dataset %s: its end could not be written (%s)", d.id, e)
 

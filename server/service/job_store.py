@@ -145,7 +145,7 @@ class JobStore:
                  shared: bool = False, lease: float = LEASE_SECONDS, renew: float = RENEW_SECONDS):
         """shared: this process is one front-end of a fleet, which shares the store with the others."""
         self.url, self.ttl, self.max_jobs, self.max_per_key = url, ttl, max_jobs, max_per_key
-        self.lease, self.renew = lease, renew
+        self.lease, self.renew, self.shared = lease, renew, shared
         self.where = url.split("@")[-1] if "://" in url else url  # no password in messages
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"  # this process, in leases
         self._live: dict[str, Job] = {}  # jobs of this process not yet written as ended
@@ -494,7 +494,9 @@ class JobStore:
                      if self._written_steps.get(i) != j.request.step]
         mine = jobs_table.c.holder == self.holder
         with self.db.begin() as c:
-            c.execute(update(frontends_table).where(frontends_table.c.holder == self.holder).values(heartbeat=now))
+            beat = update(frontends_table).where(frontends_table.c.holder == self.holder).values(heartbeat=now)
+            if not c.execute(beat).rowcount:  # its row was removed (a long outage): written again
+                c.execute(insert(frontends_table).values(holder=self.holder, shared=int(self.shared), heartbeat=now))
             c.execute(update(jobs_table).where(mine).values(lease_until=now + self.lease))
             if moved:
                 c.execute(update(jobs_table).where(jobs_table.c.id == bindparam("job"), mine)
@@ -505,6 +507,8 @@ class JobStore:
         with self._lock:
             self._written_steps.update((m["job"], m["step"]) for m in moved)
         for job_id, job in live.items():
+            if job.ended or not self.holds(job_id):
+                continue  # its end was written meanwhile
             if job_id not in held:  # its lease ran out (this process lost the store) and another took it
                 log.warning("job %s was taken over by another front-end: dropped here", job_id)
                 job.cancel(FinishReason.CANCELLED)

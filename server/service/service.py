@@ -126,10 +126,6 @@ class Service:
         """A job in the engine, by its id."""
         return self._jobs.get(job_id)
 
-    @property
-    def encoder(self) -> ThreadPoolExecutor:
-        return self._encoder
-
     def _enter(self, job: Job) -> None:
         request = job.request
         with self._lock:  # before the engine has it: its first output may come at once

@@ -86,11 +86,14 @@ async def _find(svc, dataset_id: str, request: Request) -> Dataset:
     return dataset
 
 
-@router.post("", status_code=202, responses=error_responses(401, 422, 429, 503),
+@router.post("", status_code=202, responses=error_responses(401, 422, 429, 501, 503),
              summary="make a dataset: per_class images of each class, written as shards")
 async def create(body: DatasetRequest, request: Request, svc: AnyService):
     if not svc.ready:
         raise not_ready(svc)
+    if svc.jobs.shared:
+        raise ApiError(501, "datasets_unavailable", "datasets are made by one front-end, whose disk holds the "
+                       "shards: this fleet runs several (frontend_replicas > 1); run one for datasets")
     spec = spec_of(svc, body)
     try:
         dataset = await _stored(svc.datasets.create, spec, owner(request))

@@ -45,7 +45,8 @@ async def readyz(svc: AnyService):
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(svc: AnyService):
-    return Response(svc.metrics_text(), media_type=CONTENT_TYPE_LATEST)
+    # off the event loop: a fleet's front-end reads the others' series from the job store
+    return Response(await asyncio.to_thread(svc.metrics_text), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/classes", response_model=ClassesResponse, summary="class ids and names of the loaded model",

@@ -4,6 +4,7 @@ receiver to verify them with (server/http/webhooks.py derives one per key; no ke
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from ..door import owner
@@ -27,4 +28,5 @@ async def webhook_secret(request: Request):
         # Without keys anyone may call this path: the one secret is the operator's to hand out.
         raise ApiError(404, "no_webhook_secret", "this server has no API keys: its deliveries are signed with the "
                        "operator's --webhook-secret; ask the operator for it")
-    return {"secret": webhooks.secret_of(who), "headers": ["webhook-id", "webhook-timestamp", "webhook-signature"]}
+    body = {"secret": webhooks.secret_of(who), "headers": ["webhook-id", "webhook-timestamp", "webhook-signature"]}
+    return JSONResponse(body, headers={"Cache-Control": "no-store"})  # a secret: no cache keeps it

@@ -94,5 +94,7 @@ def _describe(error: ValidationError) -> str:
         elif not err["loc"]:  # a check across arguments
             lines.append(f"  {err['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  {name}: {err['msg']} (got {err['input']!r})")
+            field = Settings.model_fields.get(str(err["loc"][0]))
+            got = "" if field is not None and field.repr is False else f" (got {err['input']!r})"  # secrets unsaid
+            lines.append(f"  {name}: {err['msg'].removeprefix('Value error, ')}{got}")
     return "invalid arguments for server.ray_app:build:\n" + "\n".join(lines)

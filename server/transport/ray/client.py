@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import pickle
 import threading
 import time
 from concurrent.futures import Future
@@ -120,7 +119,7 @@ class FleetEngine(EngineHandle):
             self._reports[report.replica] = (time.monotonic(), report)
         if self.store is not None:  # for the other front-ends (called off the event loop)
             try:
-                self.store.put_report(report.replica, pickle.dumps(report))
+                self.store.put_report(report.replica, report.to_json())
             except Exception as e:  # the store away for a moment: this front-end still has it
                 log.debug("could not share a replica's report: %s", e)
 
@@ -153,7 +152,7 @@ class FleetEngine(EngineHandle):
             for name, heard_wall, blob in rows:
                 heard = now - (now_wall - heard_wall)
                 if name not in self._reports or self._reports[name][0] < heard:
-                    self._reports[name] = (heard, pickle.loads(blob))  # noqa: S301 (written by our front-ends)
+                    self._reports[name] = (heard, Report.from_json(blob))
 
     def _heard(self, replica: str) -> None:
         """A stream item from a replica also says it is alive (its report may wait behind busy requests)."""

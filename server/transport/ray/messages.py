@@ -7,6 +7,8 @@ their own (synchronised) clocks; what a replica measures travels as durations (R
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from ...engine.backlog import Load
@@ -23,3 +25,14 @@ class Report:
     load: Load
     metrics: bytes  # the replica's Prometheus exposition
     owners: dict[str | None, int] = field(default_factory=dict)  # its requests per API key hash (quotas)
+
+    def to_json(self) -> bytes:
+        """For the job store that relays it between front-ends (JSON: nothing in it runs when read)."""
+        return json.dumps({"replica": self.replica, "load": dataclasses.asdict(self.load),
+                           "metrics": self.metrics.decode(), "owners": [[k, n] for k, n in self.owners.items()]}
+                          ).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Report:
+        d = json.loads(data)
+        return cls(d["replica"], Load(**d["load"]), d["metrics"].encode(), {k: n for k, n in d["owners"]})

@@ -98,24 +98,29 @@ class EngineReplica:
         counted = False  # in self._owners
         try:
             try:
-                self.admission.check(request, self.engine.load(), 0, time.time())
+                if not request.background:  # a dataset's chunk waits for free rows instead of a 429
+                    self.admission.check(request, self.engine.load(), 0, time.time())
                 self.engine.submit(request)
             except RequestError as e:
                 yield RequestOutput.failed(request.id, e, replica=self.name)
                 return
-            self._owners[request.owner] += 1
-            counted = True
+            counted = not request.background  # per-key quotas are for interactive requests
+            if counted:
+                self._owners[request.owner] += 1
             while True:
                 output = await stream.get()
                 yield output
                 if output.ended:
                     return
         except (asyncio.CancelledError, GeneratorExit):
-            # the front-end cancelled the call: the client went away or the deadline passed
-            self.engine.cancel(request.id, FinishReason.CANCELLED)
+            # the front-end cancelled the call: the client went away or the deadline passed (unless a run
+            # of the same request again has taken its place: that one is not this call's to cancel)
+            if self._streams.get(request.id) is stream:
+                self.engine.cancel(request.id, FinishReason.CANCELLED)
             raise
         finally:
-            self._streams.pop(request.id, None)
+            if self._streams.get(request.id) is stream:
+                del self._streams[request.id]
             if counted:
                 self._owners[request.owner] -= 1
 
