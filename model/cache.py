@@ -20,10 +20,11 @@ null-class twin) is skipped or computed together: the cache holds the guided com
 
 `guided_every` gives the run with guidance a cadence of its own. There a computed step costs two rows and
 the guided combination is harder to forecast (its error is the scale times the conditional one), while
-the unguided run forgives more: on the embedded model a step forecast inside [0, 0.5] costs about twice
-the x0 error of one outside it (weights/README.md), so the rows are better spent there. `guided_warmup`
+the unguided run forgives more: on the embedded model a step forecast inside [0, 0.5] costs up to three
+times the x0 error of one outside it (weights/README.md), so the rows are better spent there. `guided_warmup`
 runs the first iterations of the guided run whatever the cadence (the cadence then counts from the last
-of them): its first steps are the hardest to forecast (the guided combination changes fastest there).
+of them): its first steps are the hardest to forecast (the guided combination changes fastest there). Pick
+a cadence that computes the last iteration: forecasting it cost 2 of FID there, the most of any step.
 
 Settings: "off" (every iteration runs: today's bytes), a preset name (PRESETS), or a mapping
 {"method": "reuse" | "taylor", "every": N, "order": 1 | 2, "warmup": W, "guided_every": M,
