@@ -155,7 +155,7 @@ def main() -> None:
     p.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES),
                    help="FP8 variants of the embedded-model run")
     p.add_argument("--model", default=str(ROOT / "weights/fashion_dit.safetensors"))
-    p.add_argument("--classifier", default=str(ROOT / "tests/assets/fashion_classifier.safetensors"))
+    p.add_argument("--classifier", default=str(ROOT / "weights/fashion_classifier.safetensors"))
     p.add_argument("--data-dir", default=str(DEFAULT_DIR))
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU emulation of FP8 (e4m3)")

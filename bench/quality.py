@@ -39,6 +39,7 @@ from model.denoise import rows_per_iteration
 from model.samplers import Sampling
 from training.classifier import load_classifier
 from training.data import DEFAULT_DIR, load_split
+from training.judge import feature_fid, to_model_input
 
 # The frontier of weights/README.md, most telling first (a partial run still answers): the declared
 # defaults of before (DPM-Solver++ 20, cfg 2, guided throughout), intervals that skip the high-noise
@@ -119,23 +120,6 @@ def qualifies(row: Row, today: Row) -> str | None:
     return None
 
 
-def feature_fid(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Frechet distance between Gaussians fitted to two (N, D) feature sets (float64, no scipy)."""
-    a, b = a.double(), b.double()
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
-    vals, vecs = torch.linalg.eigh(cov_a)
-    sqrt_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
-    # tr(sqrt(cov_a cov_b)) = sum of sqrt eigenvalues of the PSD matrix sqrt_a cov_b sqrt_a
-    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
-    return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
-
-
-def to_model_input(images: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) grey-as-RGB -> (N, 1, H, W) in [-1, 1]."""
-    return images[..., 0].float().div(127.5).sub(1).unsqueeze(1)
-
-
 @torch.no_grad()
 def generate(pipe: Pipeline, labels: list[int], seeds: list[int], s: Setting,
              batch: int = 200) -> tuple[torch.Tensor, float]:
@@ -155,7 +139,7 @@ def generate(pipe: Pipeline, labels: list[int], seeds: list[int], s: Setting,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="weights/fashion_dit.safetensors")
-    p.add_argument("--classifier", default="tests/assets/fashion_classifier.safetensors")
+    p.add_argument("--classifier", default="weights/fashion_classifier.safetensors")
     p.add_argument("--data-dir", default=str(DEFAULT_DIR))
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--settings", nargs="+", default=FRONTIER, help="sampler:steps:cfg[:lo-hi] (default: the frontier)")

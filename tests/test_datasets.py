@@ -178,3 +178,23 @@ def test_paused_background_samples_give_the_images_they_would_alone(alice):
             key: v for key, v in dict(SAMPLING, steps=30).items() if key != "seed"}})
         stored = pixels(shard.extractfile(name).read())
         assert np.abs(pixels(alone.content) - stored).max() <= 1, name
+
+
+def test_dit_eval_judges_the_shards_and_merges_them(alice, tmp_path):
+    from conftest import require_installed
+
+    from training.data import DEFAULT_DIR
+
+    require_installed(DEFAULT_DIR.exists(), "Fashion-MNIST", "apt-get install dataset-fashion-mnist")
+    r = alice.post("/datasets", json={"classes": "all", "per_class": 10, "shard_size": 50, **SAMPLING})
+    status = finished(alice, r.json()["id"])
+    for entry in alice.get(f"/datasets/{status['id']}/manifest").json()["shards"]:
+        (tmp_path / entry["file"]).write_bytes(alice.get(entry["url"]).content)
+    merged = tmp_path / "all.npz"
+    run = subprocess.run([sys.executable, "-m", "dit_client.evaluate", str(tmp_path), "--merge", str(merged)],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    result = json.loads((tmp_path / "evaluation.json").read_text())
+    assert result["images"] == 100 and 0.5 < result["class_agreement"] <= 1 and result["feature_fid"] > 0, result
+    data = np.load(merged)
+    assert data["arr_0"].shape == (100, 28, 28, 3) and sorted(set(data["arr_1"].tolist())) == list(range(10))

@@ -12,7 +12,7 @@ from training.classifier import load_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
 WEIGHTS = ROOT / "weights" / "fashion_dit.safetensors"
-CLASSIFIER = Path(__file__).parent / "assets" / "fashion_classifier.safetensors"
+CLASSIFIER = Path(__file__).parent.parent / "weights" / "fashion_classifier.safetensors"
 
 
 def test_shipped_model_generates_the_requested_classes():

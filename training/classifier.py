@@ -1,6 +1,6 @@
 """An independent Fashion-MNIST classifier that judges generated images (quality check and tests).
 
-    python -m training.classifier --out tests/assets/fashion_classifier.safetensors
+    python -m training.classifier --out weights/fashion_classifier.safetensors
 
 A small CNN trained on the training split; its 256-d penultimate features also serve the feature-FID.
 """
@@ -55,7 +55,7 @@ def accuracy(model: FashionCNN, x: torch.Tensor, y: torch.Tensor) -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=str(DEFAULT_DIR))
-    p.add_argument("--out", default="tests/assets/fashion_classifier.safetensors")
+    p.add_argument("--out", default="weights/fashion_classifier.safetensors")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)

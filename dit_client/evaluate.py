@@ -1,0 +1,78 @@
+"""dit-eval DIR: judge a dataset's shards (from `dit-generate dataset`, or GET /datasets/{id}/shards/{k}).
+
+For the embedded Fashion-MNIST model: class agreement and feature-FID against as many Fashion-MNIST test
+images, with the project's own judge (training/judge.py: its classifier ships in weights/, the test set
+comes from Debian's dataset-fashion-mnist or --data-dir), written to DIR/evaluation.json: the paper's
+protocol (FID-50K) at the embedded model's scale. For an ImageNet model the judge does not apply: `--merge
+FILE.npz` writes the shards as the one `.npz` (arr_0 uint8 (N, H, W, 3), arr_1 labels) that the ADM
+evaluation suite reads:
+    python evaluator.py VIRTUAL_imagenet256_labeled.npz FILE.npz   (github.com/openai/guided-diffusion)
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def read_shards(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Every image of the folder's shards (tar: {key}.png + {key}.json; npz: arr_0, arr_1), in shard order."""
+    images, labels = [], []
+    for path in sorted(folder.glob("shard-*")):
+        if path.suffix == ".npz":
+            data = np.load(path)
+            images.append(data["arr_0"])
+            labels.append(data["arr_1"])
+        elif path.suffix == ".tar":
+            with tarfile.open(path) as tar:
+                members = {m.name: m for m in tar.getmembers()}
+                keys = sorted(name[:-4] for name in members if name.endswith(".png"))
+                images.append(np.stack([np.asarray(Image.open(io.BytesIO(tar.extractfile(members[k + ".png"]).read()))
+                                                   .convert("RGB")) for k in keys]))
+                labels.append(np.array([json.loads(tar.extractfile(members[k + ".json"]).read())["class_id"]
+                                        for k in keys]))
+    if not images:
+        raise SystemExit(f"dit-eval: no shard-*.tar or shard-*.npz files in {folder}")
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="dit-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("folder", type=Path, help="the dataset's folder (its shard files)")
+    p.add_argument("--merge", type=Path, help="also write every image as one .npz (the ADM suite's input)")
+    p.add_argument("--data-dir", help="Fashion-MNIST's IDX files (default: Debian's dataset-fashion-mnist)")
+    args = p.parse_args(argv)
+    images, labels = read_shards(args.folder)
+    if args.merge is not None:
+        np.savez(args.merge, arr_0=images, arr_1=labels)
+        print(f"{args.merge}: {len(images)} images")
+    if images.shape[1:] != (28, 28, 3):
+        print(f"dit-eval: {images.shape[1]}x{images.shape[2]} images: the Fashion-MNIST judge does not apply; run "
+              "the ADM evaluation suite on the merged .npz (see --help)", file=sys.stderr)
+        return 0 if args.merge is not None else 2
+    import torch
+
+    from training.judge import judge
+
+    kwargs = {"data_dir": args.data_dir} if args.data_dir else {}
+    try:
+        result = judge(torch.from_numpy(images), torch.from_numpy(labels), **kwargs)
+    except FileNotFoundError as e:
+        print(f"dit-eval: {e}", file=sys.stderr)
+        return 1
+    (args.folder / "evaluation.json").write_text(json.dumps(result, indent=1))
+    print(f"{args.folder}: {result['images']} images, class agreement {result['class_agreement']:.1%}, "
+          f"feature-FID {result['feature_fid']:.2f} (against as many Fashion-MNIST test images)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The project's judge of generated Fashion-MNIST images: an independent classifier (training/classifier.py,
+weights in weights/fashion_classifier.safetensors) whose agreement with the requested classes, and the
+Frechet distance between its penultimate features of generated and real test images (feature-FID),
+measure a model or a dataset: the paper's protocol (FID-50K with Inception features) at the embedded
+model's scale. bench/quality.py and `dit-eval` (dit_client/evaluate.py) both use it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .classifier import load_classifier
+from .data import DEFAULT_DIR, load_split
+
+CLASSIFIER = Path(__file__).resolve().parent.parent / "weights" / "fashion_classifier.safetensors"
+
+
+def feature_fid(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Frechet distance between Gaussians fitted to two (N, D) feature sets (float64, no scipy)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    vals, vecs = torch.linalg.eigh(cov_a)
+    sqrt_a = vecs @ torch.diag(vals.clamp(min=0).sqrt()) @ vecs.T
+    # tr(sqrt(cov_a cov_b)) = sum of sqrt eigenvalues of the PSD matrix sqrt_a cov_b sqrt_a
+    cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
+    return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def to_model_input(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) grey-as-RGB -> (N, 1, H, W) in [-1, 1]."""
+    return images[..., 0].float().div(127.5).sub(1).unsqueeze(1)
+
+
+@torch.no_grad()
+def judge(images: torch.Tensor, labels: torch.Tensor, *, classifier: Path = CLASSIFIER,
+          data_dir: Path | str = DEFAULT_DIR, seed: int = 0) -> dict:
+    """Class agreement and feature-FID of uint8 (N, 28, 28, 3) images against as many test images."""
+    net = load_classifier(classifier)
+    x = to_model_input(images)
+    x_test, _ = load_split("test", data_dir)
+    reference = x_test[torch.randperm(len(x_test), generator=torch.Generator().manual_seed(seed))[:len(x)]]
+    feats = torch.cat([net.features(x[i:i + 1000]) for i in range(0, len(x), 1000)])
+    agree = torch.cat([net(x[i:i + 1000]).argmax(1) for i in range(0, len(x), 1000)]) == labels
+    return {"images": len(x), "class_agreement": round(agree.float().mean().item(), 4),
+            "feature_fid": round(feature_fid(feats, net.features(reference)), 3)}
