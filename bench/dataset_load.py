@@ -4,7 +4,8 @@
 
 In one run, on one server:
   idle        single-image /generate requests one after another: their latency (p50, p99);
-  saturated   8 closed-loop clients of 16-image requests for 20 s: the engine's images/s, every row busy;
+  saturated   4 closed-loop clients of 16-image requests for 20 s (64 images asked for at once, more than
+              the 64-row budget holds): the engine's images/s with every row busy;
   dataset     a dataset alone (`--images` images, default settings): its images/s, as a share of the
               saturated rate (target >= 90%);
   beside      the same single-image requests while a dataset runs: their p99 against the idle p99
@@ -47,7 +48,7 @@ def p(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, int(q * len(values)))]
 
 
-async def saturated(url: str, clients: int = 8, seconds: float = 20.0) -> float:
+async def saturated(url: str, clients: int = 4, seconds: float = 20.0) -> float:
     """The engine's images/s with every row busy: closed-loop clients of 16-image requests at the dataset's
     settings (the defaults), each honouring Retry-After on a 429."""
     done = 0
