@@ -144,6 +144,7 @@ def test_a_stop_mid_dataset_then_restart_makes_only_the_missing_shards(tmp_path,
     assert len(keys) == len(set(keys)) == 160  # 80 images, each a .png and a .json, no duplicate
 
 
+@pytest.mark.slow
 def test_the_cli_downloads_the_shards_and_resumes(server, tmp_path):
     out = tmp_path / "ds"
     cmd = [sys.executable, "-m", "dit_client", "dataset", "--url", server.url, "--classes", "0,bag", "--per-class",
@@ -159,6 +160,7 @@ def test_the_cli_downloads_the_shards_and_resumes(server, tmp_path):
     assert again.returncode == 0 and "(0 shards fetched now)" in again.stdout, again.stderr
 
 
+@pytest.mark.slow
 def test_paused_background_samples_give_the_images_they_would_alone(alice):
     """Interactive requests beside a dataset make its samples pause (and resume) mid-denoising: its images
     are still those /generate makes alone."""
@@ -180,6 +182,7 @@ def test_paused_background_samples_give_the_images_they_would_alone(alice):
         assert np.abs(pixels(alone.content) - stored).max() <= 1, name
 
 
+@pytest.mark.slow
 def test_dit_eval_judges_the_shards_and_merges_them(alice, tmp_path):
     from conftest import require_installed
 
