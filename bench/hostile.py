@@ -290,7 +290,7 @@ def main() -> None:
         return
     commit = subprocess.run(["git", "-C", str(args.root), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    report = {"root": str(args.root), "commit": commit}
+    report = {"commit": commit}  # the tree by its commit, not by a path of this machine
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases.split(","):
             receivers = Receivers()
