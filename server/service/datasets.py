@@ -231,19 +231,26 @@ class Datasets:
     def cancel(self, dataset: Dataset) -> None:
         """Stop a running dataset: its chunks leave the engine, its finished shards stay until expiry."""
         self._end(dataset, "cancelled", None)
+        self._cancel_chunks(lambda d: d is dataset)
+
+    def remove(self, dataset: Dataset) -> None:
+        """Delete an ended dataset: its rows and its files."""
+        self._delete(dataset.id)
+
+    def _delete(self, dataset_id: str) -> None:
+        with self.db.begin() as c:
+            c.execute(delete(shards_table).where(shards_table.c.dataset_id == dataset_id))
+            c.execute(delete(datasets_table).where(datasets_table.c.id == dataset_id))
+        shutil.rmtree(self.root / dataset_id, ignore_errors=True)
+
+    def _cancel_chunks(self, which) -> None:
+        """The chunks in the engine of the datasets `which` selects leave it at its next step."""
         with self._lock:
-            chunks = [job_id for job_id, (d, *_) in self._chunks.items() if d is dataset]
+            chunks = [job_id for job_id, (d, *_) in self._chunks.items() if which(d)]
         for job_id in chunks:
             job = self.service.job(job_id)
             if job is not None:
                 job.cancel()
-
-    def remove(self, dataset: Dataset) -> None:
-        """Delete an ended dataset: its rows and its files."""
-        with self.db.begin() as c:
-            c.execute(delete(shards_table).where(shards_table.c.dataset_id == dataset.id))
-            c.execute(delete(datasets_table).where(datasets_table.c.id == dataset.id))
-        shutil.rmtree(self.root / dataset.id, ignore_errors=True)
 
     # ---- running ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -256,12 +263,7 @@ class Datasets:
         all); the datasets stay running in the store, for the next start."""
         self._stopping = True
         self._wake.set()
-        with self._lock:
-            chunks = list(self._chunks)
-        for job_id in chunks:
-            job = self.service.job(job_id)
-            if job is not None:
-                job.cancel()
+        self._cancel_chunks(lambda d: True)
         try:
             with self.db.begin() as c:
                 c.execute(update(datasets_table).where(datasets_table.c.holder == self.holder,
@@ -438,10 +440,7 @@ class Datasets:
         for dataset_id in ended:
             folder = self.root / dataset_id
             used -= sum(f.stat().st_size for f in folder.rglob("*") if f.is_file()) if folder.exists() else 0
-            shutil.rmtree(folder, ignore_errors=True)
-            with self.db.begin() as c:
-                c.execute(delete(shards_table).where(shards_table.c.dataset_id == dataset_id))
-                c.execute(delete(datasets_table).where(datasets_table.c.id == dataset_id))
+            self._delete(dataset_id)
             if used + size <= self.max_bytes:
                 return
         raise DatasetFull(f"the datasets' files would exceed --max-dataset-bytes ({self.max_bytes} bytes)")
@@ -466,10 +465,7 @@ class Datasets:
             old = c.execute(select(datasets_table.c.id).where(datasets_table.c.ended < time.time() - self.ttl)
                             ).scalars().all()
         for dataset_id in old:
-            with self.db.begin() as c:
-                c.execute(delete(shards_table).where(shards_table.c.dataset_id == dataset_id))
-                c.execute(delete(datasets_table).where(datasets_table.c.id == dataset_id))
-            shutil.rmtree(self.root / dataset_id, ignore_errors=True)
+            self._delete(dataset_id)
 
 
 def _key(spec: DatasetSpec, i: int) -> str:
