@@ -110,6 +110,7 @@ class EngineRequest:
     owner: str | None = None  # a hash of the caller's API key (never the key), None without keys
     previews: bool = False  # send small images of the predicted x0 while denoising
     background: bool = False  # a dataset's work: its samples join only when no interactive request waits
+    affinity: str | None = None  # requests with one affinity go to one engine replica (a dataset's shard)
 
     status: RequestStatus = RequestStatus.QUEUED
     step: int = 0  # denoising steps done by its slowest sample (0 until all its samples are admitted)
@@ -125,7 +126,7 @@ class EngineRequest:
     def fresh(self) -> EngineRequest:
         """A copy as it left the door, for an engine in this same process (a pipe or Ray copies anyway)."""
         return EngineRequest(self.id, self.class_id, self.seeds, self.sampling, self.arrival, self.deadline,
-                             self.owner, self.previews, self.background)
+                             self.owner, self.previews, self.background, self.affinity)
 
     @property
     def num_images(self) -> int:

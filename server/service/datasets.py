@@ -359,7 +359,8 @@ class Datasets:
         now = time.time()
         request = EngineRequest(f"{d.id}.{start}.{tries}", class_id,
                                 tuple(image_seed(spec.seed, class_id, k0 + i) for i in range(stop - start)),
-                                spec.sampling, now, now + CHUNK_DEADLINE, d.owner or None, background=True)
+                                spec.sampling, now, now + CHUNK_DEADLINE, d.owner or None, background=True,
+                                affinity=f"{d.id}/{shard}")
         name = spec.class_names[spec.classes.index(class_id)]
         job = Job(request, spec.model, name, format="png", separate=True)
         with self._lock:
