@@ -12,35 +12,14 @@ evaluation suite reads:
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
-import tarfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+import torch
 
-
-def read_shards(folder: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Every image of the folder's shards (tar: {key}.png + {key}.json; npz: arr_0, arr_1), in shard order."""
-    images, labels = [], []
-    for path in sorted(folder.glob("shard-*")):
-        if path.suffix == ".npz":
-            data = np.load(path)
-            images.append(data["arr_0"])
-            labels.append(data["arr_1"])
-        elif path.suffix == ".tar":
-            with tarfile.open(path) as tar:
-                members = {m.name: m for m in tar.getmembers()}
-                keys = sorted(name[:-4] for name in members if name.endswith(".png"))
-                images.append(np.stack([np.asarray(Image.open(io.BytesIO(tar.extractfile(members[k + ".png"]).read()))
-                                                   .convert("RGB")) for k in keys]))
-                labels.append(np.array([json.loads(tar.extractfile(members[k + ".json"]).read())["class_id"]
-                                        for k in keys]))
-    if not images:
-        raise SystemExit(f"dit-eval: no shard-*.tar or shard-*.npz files in {folder}")
-    return np.concatenate(images), np.concatenate(labels)
+from training.judge import judge, read_shards
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", type=Path, help="also write every image as one .npz (the ADM suite's input)")
     p.add_argument("--data-dir", help="Fashion-MNIST's IDX files (default: Debian's dataset-fashion-mnist)")
     args = p.parse_args(argv)
-    images, labels = read_shards(args.folder)
+    try:
+        images, labels = read_shards(sorted(args.folder.glob("shard-*")))
+    except ValueError:
+        raise SystemExit(f"dit-eval: no shard-*.tar or shard-*.npz files in {args.folder}") from None
     if args.merge is not None:
         np.savez(args.merge, arr_0=images, arr_1=labels)
         print(f"{args.merge}: {len(images)} images")
@@ -58,10 +40,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dit-eval: {images.shape[1]}x{images.shape[2]} images: the Fashion-MNIST judge does not apply; run "
               "the ADM evaluation suite on the merged .npz (see --help)", file=sys.stderr)
         return 0 if args.merge is not None else 2
-    import torch
-
-    from training.judge import judge
-
     kwargs = {"data_dir": args.data_dir} if args.data_dir else {}
     try:
         result = judge(torch.from_numpy(images), torch.from_numpy(labels), **kwargs)

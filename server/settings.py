@@ -129,6 +129,9 @@ class Settings(BaseSettings):
     dataset_ttl: float = Field(7 * 86400.0, gt=0, description="seconds a dataset's shards are kept after it ended")
     max_dataset_bytes: int = Field(20 * 2**30, ge=1, description="bytes of dataset shards kept on disk at most "
                                    "(ended datasets are deleted, oldest first, to make room)")
+    judge_data: Path = Field(Path("/usr/share/datasets/fashion-mnist"), description="Fashion-MNIST's test set (IDX "
+                             "files) for datasets made with evaluate: true; Debian's dataset-fashion-mnist puts "
+                             "it here")
     encode_threads: int = Field(2, ge=1, description="threads encoding images off the device thread")
     warmup: bool = Field(True, description="run a short generation before reporting ready")
     engine: Literal["process", "thread"] = Field(

@@ -348,7 +348,7 @@ def test_a_version_1_store_gains_the_lease_columns_and_its_pending_jobs_are_clai
                 if c.name not in leave]
 
     old = MetaData()  # the tables as version 1 made them
-    Table("dit_jobs", old, *columns(job_store.jobs_table, leave=job_store.V2_COLUMNS))
+    Table("dit_jobs", old, *columns(job_store.jobs_table, leave=job_store.ADDED_COLUMNS["dit_jobs"]))
     Table("dit_meta", old, *columns(job_store.meta_table))
     db = create_engine(url)
     with db.begin() as c:
@@ -361,3 +361,28 @@ def test_a_version_1_store_gains_the_lease_columns_and_its_pending_jobs_are_clai
     store = _store(url)
     assert [j.id for j in store.claim()[0]] == ["left"]
     store.close()
+
+
+def test_a_version_2_store_gains_the_datasets_columns(tmp_path):
+    from sqlalchemy import Column, MetaData, Table, create_engine, inspect, insert
+
+    from server.service import datasets, job_store
+
+    url = f"sqlite:///{tmp_path / 'jobs.db'}"
+    old = MetaData()  # the datasets' tables as version 2 made them
+    for table in (job_store.meta_table, datasets.datasets_table, datasets.shards_table):
+        leave = job_store.ADDED_COLUMNS.get(table.name, {})
+        Table(table.name, old, *[Column(c.name, c.type, primary_key=c.primary_key, nullable=c.nullable)
+                                 for c in table.columns if c.name not in leave])
+    db = create_engine(url)
+    with db.begin() as c:
+        old.create_all(c)
+        c.execute(insert(old.tables["dit_meta"]).values(key="schema", value="2"))
+    db.dispose()
+    _store(url).close()
+    db = create_engine(url)
+    with db.begin() as c:
+        for table in ("dit_datasets", "dit_shards"):
+            have = {column["name"] for column in inspect(c).get_columns(table)}
+            assert set(job_store.ADDED_COLUMNS[table]) <= have, (table, have)
+    db.dispose()

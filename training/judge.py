@@ -2,13 +2,19 @@
 weights in weights/fashion_classifier.safetensors) whose agreement with the requested classes, and the
 Frechet distance between its penultimate features of generated and real test images (feature-FID),
 measure a model or a dataset: the paper's protocol (FID-50K with Inception features) at the embedded
-model's scale. bench/quality.py and `dit-eval` (dit_client/evaluate.py) both use it."""
+model's scale. bench/quality.py, `dit-eval` (dit_client/evaluate.py) and the server's datasets made with
+`evaluate: true` use it."""
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .classifier import load_classifier
 from .data import DEFAULT_DIR, load_split
@@ -26,6 +32,28 @@ def feature_fid(a: torch.Tensor, b: torch.Tensor) -> float:
     # tr(sqrt(cov_a cov_b)) = sum of sqrt eigenvalues of the PSD matrix sqrt_a cov_b sqrt_a
     cross = torch.linalg.eigvalsh(sqrt_a @ cov_b @ sqrt_a).clamp(min=0).sqrt().sum()
     return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
+
+
+def read_shards(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Every image of a dataset's shards (tar: {key}.png + {key}.json; npz: arr_0, arr_1), in the order
+    given: uint8 (N, H, W, 3) images and (N,) class ids."""
+    images, labels = [], []
+    for path in paths:
+        if path.suffix == ".npz":
+            data = np.load(path)
+            images.append(data["arr_0"])
+            labels.append(data["arr_1"])
+        elif path.suffix == ".tar":
+            with tarfile.open(path) as tar:
+                members = {m.name: m for m in tar.getmembers()}
+                keys = sorted(name[:-4] for name in members if name.endswith(".png"))
+                images.append(np.stack([np.asarray(Image.open(io.BytesIO(tar.extractfile(members[k + ".png"]).read()))
+                                                   .convert("RGB")) for k in keys]))
+                labels.append(np.array([json.loads(tar.extractfile(members[k + ".json"]).read())["class_id"]
+                                        for k in keys]))
+    if not images:
+        raise ValueError(f"no shard files (.tar or .npz) among {len(paths)} paths")
+    return np.concatenate(images), np.concatenate(labels)
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,11 @@ def _quality(ranges: dict[str, float], media: str, *, explicit: bool = False) ->
     return next((ranges[c] for c in candidates if c in ranges), 0.0)
 
 
+def wants_stream(accept: str) -> bool:
+    """Whether the Accept header asks for server-sent events (q > 0, named)."""
+    return _quality(_accepted(accept), STREAM, explicit=True) > 0
+
+
 def negotiate(body, accept: str) -> tuple[str, str]:
     """(what to answer, image format): the answer is STREAM or JSON when the Accept header names it with
     q > 0 (in that order), else an image: the body's `format` (an explicit ask), or the image type the
@@ -146,7 +151,8 @@ def render(service: Service, job: Job, images: list[bytes] | None = None) -> Res
     return Response(images[0], media_type=MEDIA_TYPES[job.format], headers=headers(job))
 
 
-def _event(name: str, data: dict) -> str:
+def event(name: str, data: dict) -> str:
+    """One server-sent event."""
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
@@ -179,11 +185,11 @@ async def progress_events(service: Service, job: Job) -> AsyncIterator[str]:
             now = progress(job)
             if now != last:
                 last = now
-                yield _event("progress", now)
+                yield event("progress", now)
             preview = job.preview
             if preview is not None and preview is not shown:
                 shown = preview
-                yield _event("preview", preview_body(job, *preview))
+                yield event("preview", preview_body(job, *preview))
             try:
                 await asyncio.wait_for(changed.wait(), timeout=max(0.0, job.request.deadline - time.time()))
             except TimeoutError:
@@ -193,10 +199,10 @@ async def progress_events(service: Service, job: Job) -> AsyncIterator[str]:
                                                    "timeout")) from None
         outcome(job)
         service.metrics.images.inc(job.request.num_images)
-        yield _event("progress", {"step": job.request.steps, "steps": job.request.steps, "status": "done"})
-        yield _event("result", json_body(job))
+        yield event("progress", {"step": job.request.steps, "steps": job.request.steps, "status": "done"})
+        yield event("result", json_body(job))
     except ApiError as e:
-        yield _event("error", e.body())
+        yield event("error", e.body())
     finally:
         job.unlisten(changed)
         if not job.ended:

@@ -38,6 +38,8 @@ def create_app(settings: Settings, engine=None, shared_store: bool = False) -> F
     async def lifespan(app: FastAPI):
         ready, loop = asyncio.Event(), asyncio.get_running_loop()
         service.on_ready = lambda: loop.call_soon_threadsafe(ready.set)
+        service.datasets.on_end = lambda d: webhooks.deliver_soon(loop, d.id, d.owner or None, d.webhook_url,
+                                                                  d.status_json, service.datasets.delivered)
         service.start()  # loads and warms up on its own thread; /readyz says when it is done
         resuming = asyncio.create_task(jobs.resume(app, ready))  # the job store's unfinished jobs, once ready
         yield

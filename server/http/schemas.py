@@ -183,3 +183,8 @@ class DatasetRequest(StrictBody):
     shard_size: StrictInt = Field(1000, ge=1, le=5000, description="images per shard (a shard is assembled in "
                                   "memory before it is written)")
     tag: StrictStr | None = Field(None, max_length=256, description="any client text, echoed in the status")
+    webhook_url: StrictStr | None = Field(None, max_length=2048, description="POSTed the dataset's status JSON "
+                                          "when it ends, signed as for jobs (the operator must allow its host)")
+    evaluate: StrictBool = Field(False, description="once every image is made, judge them (class agreement and "
+                                 "feature-FID against the Fashion-MNIST test set, by the project's classifier) "
+                                 "into the status and manifest: the embedded Fashion-MNIST model only")

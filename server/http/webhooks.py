@@ -1,7 +1,7 @@
-"""Webhooks: when an async job ends (done, failed, cancelled, timed out), POST its status JSON to the
-`webhook_url` it was submitted with, signed as the Standard Webhooks spec says (standardwebhooks.com;
+"""Webhooks: when an async job or a dataset ends (done, failed, cancelled, timed out), POST its status JSON
+to the `webhook_url` it was submitted with, signed as the Standard Webhooks spec says (standardwebhooks.com;
 the `standardwebhooks` package signs here and verifies at the receiver):
-    webhook-id: <the job's id>          the same on every try (and after a restart): receivers dedupe by it
+    webhook-id: <the job's or dataset's id>  the same on every try (and after a restart): receivers dedupe by it
     webhook-timestamp: <unix seconds>   fresh on every try: receivers refuse ones older than 5 minutes
     webhook-signature: v1,<base64 HMAC-SHA256(secret, "<id>.<timestamp>.<raw body>")>
 
@@ -148,23 +148,31 @@ class Webhooks:
             if not final():
                 log.info("webhook of job %s waits: the job runs again at the next start", job_id)
                 return
-            try:
-                loop.call_soon_threadsafe(self._start, job_id, owner, url, payload)
-            except RuntimeError:  # the loop has closed: the process is exiting
-                log.error("webhook undelivered: job %s ended after shutdown", job_id)
+            self.deliver_soon(loop, job_id, owner, url, payload)
 
         job.done.add_done_callback(on_done)
 
-    def _start(self, job_id: str, owner: str | None, url: str, payload: Callable[[], dict]) -> None:
+    def deliver_soon(self, loop: asyncio.AbstractEventLoop, job_id: str, owner: str | None, url: str,
+                     payload: Callable[[], dict], on_result: Callable[[str, bool], None] | None = None) -> None:
+        """From any thread: deliver `payload()` from `loop` (the app's); `on_result` (else the server's
+        one) hears the outcome."""
+        try:
+            loop.call_soon_threadsafe(self._start, job_id, owner, url, payload, on_result or self.on_result)
+        except RuntimeError:  # the loop has closed: the process is exiting
+            log.error("webhook undelivered: %s ended after shutdown", job_id)
+
+    def _start(self, job_id: str, owner: str | None, url: str, payload: Callable[[], dict],
+               on_result: Callable[[str, bool], None] | None) -> None:
         if self._closed:
-            log.error("webhook undelivered: job %s ended after the shutdown grace period", job_id)
+            log.error("webhook undelivered: %s ended after the shutdown grace period", job_id)
             return
         body = json.dumps(payload(), separators=(",", ":")).encode()
-        task = asyncio.get_running_loop().create_task(self._deliver(job_id, owner, url, body))
+        task = asyncio.get_running_loop().create_task(self._deliver(job_id, owner, url, body, on_result))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, job_id: str, owner: str | None, url: str, body: bytes) -> None:
+    async def _deliver(self, job_id: str, owner: str | None, url: str, body: bytes,
+                       on_result: Callable[[str, bool], None] | None) -> None:
         try:
             try:
                 delivered = await self._tries(job_id, owner, url, body)
@@ -172,8 +180,8 @@ class Webhooks:
                 log.exception("webhook undelivered: job %s: the delivery failed", job_id)
                 delivered = False
             self.metrics.webhook_deliveries.labels("delivered" if delivered else "undelivered").inc()
-            if self.on_result is not None:
-                await asyncio.to_thread(self.on_result, job_id, delivered)
+            if on_result is not None:
+                await asyncio.to_thread(on_result, job_id, delivered)
         except asyncio.CancelledError:  # left pending: a job store delivers it again after a restart
             log.error("webhook undelivered: job %s to %s was still pending at the end of the shutdown grace "
                       "period", job_id, urlsplit(url).hostname)

@@ -17,6 +17,7 @@ from typing import Literal
 import numpy as np
 
 from ..engine.request import EngineRequest, FinishReason, RequestError, RequestStatus
+from .listeners import Listeners
 
 ImageFormat = Literal["png", "jpeg", "webp"]
 
@@ -39,7 +40,7 @@ class Job:
     done: Future = field(default_factory=Future)  # resolves (to None) when the job has its images or its error
     cancel_reason: FinishReason | None = None  # asked for by this side; the engine confirms with an error
     on_cancel: Callable[[FinishReason], None] | None = field(default=None, repr=False)
-    _listeners: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=list, repr=False)
+    _listeners: Listeners = field(default_factory=Listeners, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -105,18 +106,10 @@ class Job:
 
     # ---- push: whoever streams the job listens, and is woken by every change ----------------------------
     def listen(self) -> asyncio.Event:
-        """An event on this event loop, set whenever the job changes (clear it before reading the job)."""
-        event = asyncio.Event()
-        self._listeners.append((asyncio.get_running_loop(), event))
-        return event
+        return self._listeners.listen()
 
     def unlisten(self, event: asyncio.Event) -> None:
-        self._listeners[:] = [(loop, e) for loop, e in self._listeners if e is not event]
+        self._listeners.unlisten(event)
 
     def changed(self) -> None:
-        """From any thread: wake the listeners (no cost without any)."""
-        for loop, event in tuple(self._listeners):
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # that loop has closed
-                pass
+        self._listeners.changed()

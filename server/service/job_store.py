@@ -56,6 +56,7 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     select,
     update,
 )
@@ -68,7 +69,8 @@ from .job import Job
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: leases (holder, lease_until, cancel_requested), dit_frontends, dit_replicas
+SCHEMA_VERSION = 3  # 2: leases (holder, lease_until, cancel_requested), dit_frontends, dit_replicas;
+# 3: datasets' webhooks and evaluation, the replicas that made each shard
 PENDING = "pending"  # not ended: queued or running (in this process, or when the last one stopped)
 MAX_STARTS = 3  # a job that was running when the engine died this many times fails (it may be what kills it)
 RETRY_WRITE_SECONDS = 2.0  # a job's end that could not be written is tried again this often
@@ -102,8 +104,12 @@ jobs_table = Table(
     Column("cancel_requested", Integer, nullable=False, default=0),  # a DELETE through another front-end
     UniqueConstraint("owner", "idempotency_key"),
 )
-# Columns added by schema version 2, for a store made by version 1.
-V2_COLUMNS = {"holder": "VARCHAR(128)", "lease_until": "FLOAT", "cancel_requested": "INTEGER NOT NULL DEFAULT 0"}
+# Columns added to a table after it was first made: a store made before gets them when it is opened.
+ADDED_COLUMNS = {
+    "dit_jobs": {"holder": "VARCHAR(128)", "lease_until": "FLOAT", "cancel_requested": "INTEGER NOT NULL DEFAULT 0"},
+    "dit_datasets": {"webhook_url": "VARCHAR(2048)", "webhook_state": "VARCHAR(16)", "evaluation": "TEXT"},
+    "dit_shards": {"replicas": "TEXT"},
+}
 frontends_table = Table(
     "dit_frontends", metadata,
     Column("holder", String(128), primary_key=True), Column("shared", Integer, nullable=False),
@@ -189,9 +195,8 @@ class JobStore:
                     raise StoreError(f"the job store {self.where} has schema version {version}, newer than this "
                                      f"server's ({SCHEMA_VERSION}): run the newer server, or point --job-store / "
                                      "--data-dir at another store")
-                if version is not None and int(version) < 2:  # leases: the columns version 1 lacks
-                    for name, kind in V2_COLUMNS.items():
-                        c.exec_driver_sql(f"ALTER TABLE dit_jobs ADD COLUMN {name} {kind}")
+                if version is not None and int(version) < SCHEMA_VERSION:
+                    _add_columns(c)
                 metadata.create_all(c)
                 if version is None:
                     c.execute(insert(meta_table).values(key="schema", value=str(SCHEMA_VERSION)))
@@ -637,3 +642,14 @@ def _job_from_row(row) -> Job:
         job.done.set_result(None)  # done: its images are in the store
     return job
 
+
+def _add_columns(c) -> None:
+    """The columns of ADDED_COLUMNS that an older store's tables lack (tables it lacks are made whole)."""
+    schema = inspect(c)
+    for table, columns in ADDED_COLUMNS.items():
+        if not schema.has_table(table):
+            continue
+        have = {column["name"] for column in schema.get_columns(table)}
+        for name, kind in columns.items():
+            if name not in have:
+                c.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")

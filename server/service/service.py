@@ -63,7 +63,7 @@ class Service:
                              settings.max_jobs_per_key, shared=shared_store)
         self.datasets = Datasets(self, self.jobs.db, self.jobs.holder, settings.data_dir, ttl=settings.dataset_ttl,
                                  max_bytes=settings.max_dataset_bytes, max_per_key=settings.max_datasets_per_key,
-                                 lease=self.jobs.lease)
+                                 lease=self.jobs.lease, judge_data=settings.judge_data)
         self.admission = Admission(settings.max_queue, settings.max_requests_per_key, settings.deadline_admission)
         self.on_readiness: Callable[[bool, str], None] | None = None  # told every change (the probe port)
         self._status = "starting"

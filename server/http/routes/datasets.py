@@ -1,8 +1,11 @@
 """Dataset jobs: many images per class as shards (server/service/datasets.py).
 
-    POST /datasets                 {classes, per_class, sampling settings, seed, format, shard_size} -> 202
+    POST /datasets                 {classes, per_class, sampling settings, seed, format, shard_size,
+                                   webhook_url, evaluate} -> 202
     GET /datasets                  the caller's datasets, newest first
-    GET /datasets/{id}             status, images done / total, images/s, ETA, shards done
+    GET /datasets/{id}             status, images done / total, images/s, ETA, shards done; with
+                                   Accept: text/event-stream, `progress` events as it changes, then
+                                   `result` (the manifest) or `error`
     GET /datasets/{id}/manifest    the finished shards: file, images, bytes, SHA-256, URL
     GET /datasets/{id}/shards/{k}  a finished shard (while the others are made)
     DELETE /datasets/{id}          cancel a running dataset (its finished shards stay until expiry);
@@ -16,20 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import random
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from sqlalchemy.exc import SQLAlchemyError
 
 from ...engine.request import ErrorKind, RequestError
 from ...service.datasets import CLASS_STRIDE, Dataset, DatasetFull, DatasetSpec
 from ...service.requests import InvalidSettings, default_cache, resolve_class
+from .. import answers
 from ..door import AnyService, not_ready, owner
 from ..errors import ApiError, error_responses
 from ..schemas import DatasetRequest
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 MEDIA = {"webdataset": "application/x-tar", "npz": "application/octet-stream"}
+KEEPALIVE_SECONDS = 15.0  # a comment line this often keeps proxies from closing a quiet stream
 
 
 def spec_of(svc, body: DatasetRequest) -> DatasetSpec:
@@ -63,11 +69,27 @@ def spec_of(svc, body: DatasetRequest) -> DatasetSpec:
     except Exception as e:  # a SettingError naming its field
         problems.append((getattr(e, "field", None), str(e)))
         sampling = None
+    if body.evaluate:
+        problems += _judge_problems(info, settings)
     if problems:
         raise ApiError.invalid(problems)
     seed = body.seed if body.seed is not None else random.randrange(2**52 - CLASS_STRIDE * len(info.class_names))
     return DatasetSpec(tuple(classes), body.per_class, sampling, seed, body.format, body.shard_size, info.name,
-                       tuple(info.class_names[c] for c in classes), body.tag)
+                       tuple(info.class_names[c] for c in classes), body.tag, body.evaluate)
+
+
+def _judge_problems(info, settings) -> list[tuple[str, str]]:
+    """Why `evaluate: true` cannot be done here: the judge is a Fashion-MNIST classifier."""
+    from training.data import CLASS_NAMES
+
+    if (info.space, info.image_size, list(info.class_names)) != ("pixel", 28, CLASS_NAMES):
+        return [("evaluate", f"the judge is a Fashion-MNIST classifier: it applies to the embedded model only, not "
+                 f"{info.name}; ask for format npz and run the ADM evaluation suite on the shards (dit-eval --merge, "
+                 "see the README)")]
+    if not settings.judge_data.is_dir():
+        return [("evaluate", f"the Fashion-MNIST test set is not at {settings.judge_data} on this server: its "
+                 "operator can install it (apt-get install dataset-fashion-mnist) or give --judge-data")]
+    return []
 
 
 async def _stored(fn, *args):
@@ -95,8 +117,9 @@ async def create(body: DatasetRequest, request: Request, svc: AnyService):
         raise ApiError(501, "datasets_unavailable", "datasets are made by one front-end, whose disk holds the "
                        "shards: this fleet runs several (frontend_replicas > 1); run one for datasets")
     spec = spec_of(svc, body)
+    url = request.app.state.webhooks.check(body.webhook_url) if body.webhook_url is not None else None
     try:
-        dataset = await _stored(svc.datasets.create, spec, owner(request))
+        dataset = await _stored(svc.datasets.create, spec, owner(request), url)
     except DatasetFull as e:
         raise ApiError(429, "too_many_datasets", f"{e}: wait for one to end, or DELETE one", retry_after=60) from e
     return JSONResponse(dataset.status_json(), status_code=202, headers={"Location": f"/datasets/{dataset.id}"})
@@ -107,9 +130,55 @@ async def listing(request: Request, svc: AnyService, limit: int = Query(50, ge=1
     return {"datasets": [d.status_json() for d in await _stored(svc.datasets.of, owner(request), limit)]}
 
 
-@router.get("/{dataset_id}", responses=error_responses(401, 404, 503), summary="a dataset's status and progress")
+@router.get("/{dataset_id}", responses={200: {"content": {"application/json": {}, "text/event-stream": {}}},
+                                        **error_responses(401, 404, 503)},
+            summary="a dataset's status and progress (with Accept: text/event-stream, as events)")
 async def get_status(dataset_id: str, request: Request, svc: AnyService):
-    return (await _find(svc, dataset_id, request)).status_json()
+    dataset = await _find(svc, dataset_id, request)
+    if answers.wants_stream(request.headers.get("accept", "")):
+        return StreamingResponse(_events(svc, dataset_id, request), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return dataset.status_json()
+
+
+async def _events(svc, dataset_id: str, request: Request) -> AsyncIterator[str]:
+    """`progress` (the status) whenever images or shards are made, then `result` (the manifest) once done,
+    or `error` (failed, cancelled, deleted). Woken by the dataset's changes; a dataset this process does
+    not run yet (a restart, before it is taken up) is looked up again each second."""
+    last = None
+    while True:
+        dataset = await _stored(svc.datasets.get, dataset_id, owner(request))
+        if dataset is None:
+            yield answers.event("error", ApiError(404, "unknown_dataset", f"dataset {dataset_id} was deleted").body())
+            return
+        changed = dataset.listeners.listen()
+        try:
+            while dataset.status == "running":
+                changed.clear()  # before reading: a change after this wakes the next wait
+                now = dataset.status_json()
+                seen = (now["images_generated"], now["shards_done"])
+                if seen != last:
+                    last = seen
+                    yield answers.event("progress", now)
+                if not svc.datasets.runs(dataset):
+                    break
+                try:
+                    await asyncio.wait_for(changed.wait(), KEEPALIVE_SECONDS)
+                except TimeoutError:
+                    yield ": keep-alive\n\n"
+        finally:
+            dataset.listeners.unlisten(changed)
+        if dataset.status != "running":
+            break
+        await asyncio.sleep(1.0)
+    final = dataset.status_json()
+    yield answers.event("progress", final)
+    if dataset.status == "done":
+        yield answers.event("result", {**final, "shards": await _stored(svc.datasets.manifest, dataset)})
+    else:
+        why = dataset.error or f"the dataset was {dataset.status}"
+        code = 409 if dataset.status == "cancelled" else 500
+        yield answers.event("error", ApiError(code, f"dataset_{dataset.status}", why).body())
 
 
 @router.get("/{dataset_id}/manifest", responses=error_responses(401, 404, 503),
