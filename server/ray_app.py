@@ -25,6 +25,8 @@ defaults changed here, and why:
     in-flight requests: target_ongoing_requests = target_queue_depth.
   - graceful_shutdown_timeout_s > request_timeout: a replica being removed finishes what it admitted.
   - health checks every 5 s call the engine's own check (device usable, engine thread alive).
+  - the engine's request router: a dataset shard's chunks go to one replica, and new shards to the
+    replica making the fewest (server/transport/ray/router.py); other requests as Serve's default.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from .http.app import create_app
 from .logs import setup_logging
@@ -43,6 +46,7 @@ from .transport.ray.args import FleetArgs, parse_args, shared_store
 from .transport.ray.client import FleetEngine
 from .transport.ray.messages import Report
 from .transport.ray.replica import EngineReplica
+from .transport.ray.router import AffinityRouter
 
 FRONTEND, ENGINE = "Frontend", "Engine"
 LOOK_BACK_MIN_S = 11.0
@@ -73,6 +77,7 @@ def engine_options(fleet: FleetArgs, settings: Settings) -> dict[str, Any]:
         max_queued_requests=max(1, settings.max_queue),
         graceful_shutdown_timeout_s=settings.drain_timeout, graceful_shutdown_wait_loop_s=1.0,
         health_check_period_s=5.0, health_check_timeout_s=30.0,
+        request_router_config=RequestRouterConfig(request_router_class=AffinityRouter),
         **replicas(fleet),
     )
 

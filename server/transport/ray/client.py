@@ -1,8 +1,9 @@
 """The front-end's handle on a fleet of engine replicas (Ray Serve): the calls of EngineProcess
 (start, submit, cancel, load, metrics_text, stop...), made through a deployment handle.
 
-Each request is one streaming call to whichever replica Serve's router picks (the one with the shorter
-queue of two); its items are the engine's RequestOutputs, forwarded as they come. Cancelling a request
+Each request is one streaming call to whichever replica the router picks (the one with the shorter
+queue of two; a dataset's chunk, its shard's replica: router.py); its items are the engine's
+RequestOutputs, forwarded as they come. Cancelling a request
 cancels the call, and the replica drops the request at its next step. A replica that dies with requests
 in it fails them with 503 `engine_died`; a request it had not taken yet goes to another replica (once).
 Replicas report every second (load, metrics, requests per API key); one silent for STALE_SECONDS counts
