@@ -61,12 +61,13 @@ def _ready(url: str) -> bool:
 
 @contextlib.contextmanager
 def run_server(tmp_path: Path, *args: str, wait_ready: bool = True, env: dict | None = None, timeout: float = 120,
-               own_group: bool = False):
+               own_group: bool = False, prefix: list[str] = ()):
     """The server on a free port; `own_group`: in a process group of its own, as a shell runs it (so that
-    a test can signal the group, as Ctrl-C does)."""
+    a test can signal the group, as Ctrl-C does); `prefix`: a command that execs the server's (its pid
+    stays the server's)."""
     port = free_port()
     log = tmp_path / f"server-{port}.log"
-    cmd = [sys.executable, "-m", "server", "--port", str(port), "--host", "127.0.0.1", "--threads", "2", *args]
+    cmd = [*prefix, sys.executable, "-m", "server", "--port", str(port), "--host", "127.0.0.1", "--threads", "2", *args]
     if "--data-dir" not in args and "--job-store" not in args:  # each server its own job store
         cmd += ["--data-dir", str(tmp_path / f"data-{port}")]
     full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))

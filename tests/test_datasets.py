@@ -1,8 +1,10 @@
 """Dataset jobs through the real server (server/service/datasets.py, server/http/routes/datasets.py): a
 10 x 8 dataset in both formats, read back with the `webdataset` package and numpy; any image equals
-/generate with its documented seed; shards served while the others are made; cancel; per-key isolation;
-bad input named; and (slow) kill -9 mid-dataset: the restarted server finishes it, making only the shards
-not yet written."""
+/generate with its documented seed; shards served while the others are made; progress as server-sent
+events; a signed webhook at the end; the judge's figures with `evaluate`; cancel; per-key isolation; bad
+input named; and (slow) kill -9 mid-dataset: the restarted server finishes it, making only the shards not
+yet written; a webhook left undelivered by a kill is delivered after the restart; a full disk mid-dataset
+fails it with its finished shards kept."""
 
 from __future__ import annotations
 
@@ -15,14 +17,18 @@ import signal
 import subprocess
 import sys
 import tarfile
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 from PIL import Image
 from server_harness import run_server, wait_until
+from webhook_receiver import Receiver, verify
 
 ALICE, BOB = "alice-key", "bob-key"
+SECRET = "whsec_" + "dGVzdC1zZWNyZXQtb2YtdGhpcy1zZXJ2ZXItMzItYnl0ZXM="  # base64 of 32 bytes
+WEBHOOKS = ("--webhook-secret", SECRET, "--webhook-allow-hosts", '["127.0.0.1"]')
 SAMPLING = {"sampler": "ddim", "steps": 6, "cfg_scale": 2.0, "seed": 77}
 
 
@@ -36,8 +42,16 @@ def seed_of(base: int, class_id: int, k: int) -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with run_server(tmp_path_factory.mktemp("datasets"), env={"DIT_API_KEYS": json.dumps([ALICE, BOB])}) as s:
+    keys = {"DIT_API_KEYS": json.dumps([ALICE, BOB])}
+    with run_server(tmp_path_factory.mktemp("datasets"), *WEBHOOKS, env=keys) as s:
         yield s
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    r = Receiver()
+    yield r
+    r.http.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -116,11 +130,135 @@ def test_a_dataset_belongs_to_its_key_and_is_cancelled_or_deleted(server, alice)
     ({"classes": "all", "per_class": 10_000}, "per_class"),  # 100,000 images: above --max-dataset-images
     ({"classes": ["no such class"], "per_class": 8}, "classes"),
     ({"classes": "all", "per_class": 8, "colour": "red"}, "colour"),
+    ({"classes": "all", "per_class": 8, "webhook_url": "http://example.com/hook"}, "webhook_url"),  # not allowed
 ])
 def test_bad_datasets_are_422_naming_the_field(alice, body, field):
     r = alice.post("/datasets", json=body)
     assert r.status_code == 422, r.text
     assert r.json()["error"]["field"] == field, r.json()
+
+
+def events_of(c: httpx.Client, path: str) -> list[tuple[str, dict]]:
+    """A server-sent event stream, read to its end: (event, data) pairs."""
+    out, name = [], None
+    with c.stream("GET", path, headers={"Accept": "text/event-stream"}) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.status_code
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                out.append((name, json.loads(line.removeprefix("data: "))))
+    return out
+
+
+def test_progress_streams_as_events_then_the_manifest(alice):
+    dataset_id = alice.post("/datasets", json={"classes": [0, 1], "per_class": 16, "shard_size": 8,
+                                               **dict(SAMPLING, steps=20)}).json()["id"]
+    events = events_of(alice, f"/datasets/{dataset_id}")
+    names = [name for name, _ in events]
+    assert names[-1] == "result" and set(names[:-1]) == {"progress"}, names
+    made = [data["images_generated"] for _, data in events[:-1]]
+    assert made == sorted(made) and made[-1] == 32 and events[-2][1]["status"] == "done", made
+    result = events[-1][1]
+    assert result["id"] == dataset_id and [e["shard"] for e in result["shards"]] == [0, 1, 2, 3]
+    assert len({tuple(e["replicas"]) for e in result["shards"]}) == 1 == len(result["shards"][0]["replicas"])
+    # an ended dataset's stream: its last state and its result at once
+    assert [name for name, _ in events_of(alice, f"/datasets/{dataset_id}")] == ["progress", "result"]
+
+
+def test_a_dataset_with_a_webhook_is_delivered_signed_when_it_ends(alice, receiver):
+    secret = alice.get("/webhooks/secret").json()["secret"]
+    r = alice.post("/datasets", json={"classes": ["bag"], "per_class": 4, "shard_size": 4, "tag": "hooked",
+                                      "webhook_url": receiver.url + "/ok", **SAMPLING})
+    dataset_id = r.json()["id"]
+    assert r.json()["webhook_state"] is None  # nothing to deliver until it ends
+    delivery = receiver.wait_for(dataset_id, 1)[0]
+    body = verify(delivery, secret)  # signed with alice's own secret, as her jobs' webhooks are
+    assert delivery["headers"]["webhook-id"] == dataset_id
+    assert (body["status"], body["images_done"], body["tag"]) == ("done", 4, "hooked"), body
+    wait_until(lambda: alice.get(f"/datasets/{dataset_id}").json()["webhook_state"] == "delivered", 30,
+               "the delivery to be recorded")
+
+
+def test_evaluate_puts_the_judges_figures_in_the_status_and_manifest(alice, tmp_path):
+    import torch
+    from conftest import require_installed
+
+    from training.data import DEFAULT_DIR
+    from training.judge import judge, read_shards
+
+    require_installed(DEFAULT_DIR.exists(), "Fashion-MNIST", "apt-get install dataset-fashion-mnist")
+    r = alice.post("/datasets", json={"classes": "all", "per_class": 10, "shard_size": 50, "format": "npz",
+                                      "evaluate": True, **SAMPLING})
+    assert r.json()["evaluate"] is True and r.json()["evaluation"] is None
+    status = finished(alice, r.json()["id"])
+    manifest = alice.get(f"/datasets/{status['id']}/manifest").json()
+    evaluation = manifest["evaluation"]
+    assert evaluation == status["evaluation"] and evaluation["images"] == 100, evaluation
+    paths = []
+    for entry in manifest["shards"]:
+        paths.append(tmp_path / entry["file"])
+        paths[-1].write_bytes(alice.get(entry["url"]).content)
+    images, labels = read_shards(paths)  # the judge run here on the served shards says the same
+    here = judge(torch.from_numpy(images), torch.from_numpy(labels))
+    assert {k: evaluation[k] for k in here} == here and 0.5 < here["class_agreement"] <= 1
+
+
+@pytest.mark.slow
+def test_a_webhook_left_undelivered_by_a_kill_is_delivered_after_the_restart(tmp_path):
+    receiver = Receiver()
+    receiver.refusing = True  # 503: the server retries (1, 2, 4... s) until it is killed
+    data = ["--data-dir", str(tmp_path / "store"), *WEBHOOKS]
+    body = {"classes": [3], "per_class": 4, "shard_size": 4, "webhook_url": receiver.url + "/ok", **SAMPLING}
+    try:
+        with run_server(tmp_path, *data) as s, s.client() as c:
+            dataset_id = c.post("/datasets", json=body).json()["id"]
+            receiver.wait_for(dataset_id, 1)
+            assert c.get(f"/datasets/{dataset_id}").json()["webhook_state"] == "pending"
+            s.proc.kill()
+            s.proc.wait(30)
+        receiver.refusing = False
+        with run_server(tmp_path, *data) as s, s.client() as c:
+            wait_until(lambda: c.get(f"/datasets/{dataset_id}").json()["webhook_state"] == "delivered", 60,
+                       "the webhook to be delivered after the restart")
+        last = receiver.of(dataset_id)[-1]
+        assert last["code"] == 200 and last["headers"]["webhook-id"] == dataset_id
+        assert verify(last, SECRET)["status"] == "done"  # no API keys: the server's secret signs it
+    finally:
+        receiver.http.shutdown()
+
+
+@pytest.mark.slow
+def test_a_full_disk_fails_the_dataset_and_keeps_its_finished_shards(tmp_path):
+    """The shards' folder is a 48 KiB tmpfs (mounted in a mount namespace of the server's own, as an
+    unprivileged user can): two npz shards of eight 28x28 images (19 KB each) fit, the third does not."""
+    import shutil
+
+    from conftest import require_installed
+    require_installed(shutil.which("unshare") is not None, "unshare", "apt-get install util-linux")
+    store = tmp_path / "store"
+    (store / "datasets").mkdir(parents=True)
+    mount = ["unshare", "-r", "-m", "sh", "-c", 'mount -t tmpfs -o size=48k tmpfs "$0" && exec "$@"',
+             str(store / "datasets")]
+    with run_server(tmp_path, "--data-dir", str(store), "--judge-data", str(tmp_path / "none"), prefix=mount) as s, \
+            s.client() as c:
+        r = c.post("/datasets", json={"classes": "all", "per_class": 8, "format": "npz", "evaluate": True})
+        assert r.status_code == 422 and r.json()["error"]["field"] == "evaluate", r.text  # no test set here
+        body = {"classes": "all", "per_class": 8, "shard_size": 8, "format": "npz", **SAMPLING}
+        dataset_id = c.post("/datasets", json=body).json()["id"]
+        wait_until(lambda: c.get(f"/datasets/{dataset_id}").json()["status"] != "running", 120, "the dataset")
+        status = c.get(f"/datasets/{dataset_id}").json()
+        assert status["status"] == "failed" and "No space left on device" in status["error"], status
+        assert "the finished shards stay" in status["error"]
+        shards = c.get(f"/datasets/{dataset_id}/manifest").json()["shards"]
+        assert len(shards) == status["shards_done"] == 2, shards
+        for entry in shards:  # each served whole
+            data = c.get(entry["url"]).content
+            assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+            assert np.load(io.BytesIO(data))["arr_0"].shape == (8, 28, 28, 3)
+        seen = sorted(p.name for p in (Path(f"/proc/{s.proc.pid}/root") / store.relative_to("/") / "datasets" /
+                                       dataset_id).iterdir())  # the folder as the server sees it
+        assert seen == ["shard-00000.npz", "shard-00001.npz"], seen  # no part of the third
 
 
 @pytest.mark.slow
