@@ -196,6 +196,7 @@ class Datasets:
         self._running: dict[str, Dataset] = {}  # run here, in creation order
         self._chunks: dict[str, tuple[Dataset, int, int, int]] = {}  # job id -> (dataset, shard, start, tries)
         self._lock = threading.Lock()
+        self._creating = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -205,7 +206,9 @@ class Datasets:
     # ---- the API --------------------------------------------------------------------------------------
     def create(self, spec: DatasetSpec, owner: str | None, webhook_url: str | None = None) -> Dataset:
         dataset = Dataset(secrets.token_urlsafe(12), owner or "", spec, "running", time.time(), webhook_url=webhook_url)
-        with self.db.begin() as c:
+        # One front-end runs datasets (a shared store refuses them), so a lock here makes the count and the
+        # insert one step: two requests at once cannot both pass --max-datasets-per-key.
+        with self._creating, self.db.begin() as c:
             mine = c.execute(select(func.count()).select_from(datasets_table).where(
                 datasets_table.c.owner == dataset.owner, datasets_table.c.status == "running")).scalar()
             if mine >= self.max_per_key:
