@@ -11,6 +11,7 @@ import os
 import random
 import signal
 import tarfile
+import time
 
 import httpx
 import pytest
@@ -108,33 +109,45 @@ FLEET = {"threads": 1, "max_batch_rows": 16, "request_timeout": 60, "log_format"
          "min_replicas": 2, "max_replicas": 2, "deadline_admission": False}
 
 
-def replica_steps(url: str) -> dict[str, float]:
-    """Each engine replica's dit_denoise_steps_total, from the front-end's /metrics."""
-    out = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith("dit_denoise_steps_total{"):
-            out[line.split('replica="', 1)[1].split('"', 1)[0]] = float(line.split()[-1])
-    return out
-
-
 @pytest.mark.slow
-def test_a_dataset_spreads_over_the_replicas_and_survives_a_replica_kill(tmp_path_factory):
+def test_a_dataset_is_made_as_whole_shards_by_both_replicas_and_survives_a_replica_kill(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rayds")
     with ray_cluster(tmp) as url:
         deploy(url, dict(FLEET, data_dir=str(tmp / "data")))
         pids = engine_pids(2)
         with httpx.Client(base_url=url, timeout=60) as c:
             body = {"classes": "all", "per_class": 16, "shard_size": 32, "steps": 30, "sampler": "ddim", "seed": 3}
+            started = time.monotonic()
             dataset_id = c.post("/datasets", json=body).json()["id"]
-            wait_until(lambda: len([v for v in replica_steps(url).values() if v > 0]) == 2, 120,
-                       "both replicas to work on the dataset")
-            victim, pid = next(iter(pids.items()))
-            os.kill(pid, signal.SIGKILL)
+
+            def shards() -> list[dict]:
+                return c.get(f"/datasets/{dataset_id}/manifest").json()["shards"]
+
+            def one_from_each() -> list[dict] | None:
+                done = shards()
+                return done if {r for e in done for r in e["replicas"]} == set(pids) else None
+
+            # Each replica has finished a shard of its own: then kill one, mid-dataset (5 shards of 2 chunks).
+            before = wait_until(one_from_each, 600, "a finished shard from each replica", interval=0.5)
+            victim = before[-1]["replicas"][0]  # either one: each is making a shard now
+            os.kill(pids[victim], signal.SIGKILL)
+            killed = time.monotonic()
             wait_until(lambda: c.get(f"/datasets/{dataset_id}").json()["status"] != "running", 600, "the dataset",
                        interval=1)
+            print(f"\n{len(before)} shards before the kill at {killed - started:.0f} s; the dataset ended "
+                  f"{time.monotonic() - killed:.0f} s after it")
             status = c.get(f"/datasets/{dataset_id}").json()
             assert status["status"] == "done" and status["images_done"] == 160, status
+            after = shards()
             names = []
-            for entry in c.get(f"/datasets/{dataset_id}/manifest").json()["shards"]:
+            for entry in after:
                 names += [m.name for m in tarfile.open(fileobj=io.BytesIO(c.get(entry["url"]).content)).getmembers()]
             assert len(names) == len(set(names)) == 320  # 160 images, a .png and a .json each, none twice
+    # Before the kill every shard was made by one replica, and both made some.
+    assert all(len(e["replicas"]) == 1 for e in before), before
+    # After it, only a shard the victim was making can have two makers (its chunks finished there are kept,
+    # the rest made elsewhere); the dataset has at most 2 chunks in the engines (max_batch_rows 16), so at
+    # most 2 such shards. Every other shard is one replica's.
+    split = [e for e in after if len(e["replicas"]) > 1]
+    assert len(split) <= 2 and all(victim in e["replicas"] for e in split), after
+    print("makers per shard:", [e["replicas"] for e in after])

@@ -206,12 +206,13 @@ class FleetEngine(EngineHandle):
 
     async def _run(self, request: EngineRequest) -> None:
         for attempt in range(1 + RETRIES):
-            if await self._attempt(request, last=attempt == RETRIES):
+            request = await self._attempt(request, last=attempt == RETRIES)
+            if request is None:
                 return
 
-    async def _attempt(self, request: EngineRequest, last: bool) -> bool:
-        """One call to a replica. False when the request may go to another replica: the one it reached died
-        or refused it (queue full, busy, broken) before taking it."""
+    async def _attempt(self, request: EngineRequest, last: bool) -> EngineRequest | None:
+        """One call to a replica. None once the request has ended; else the request to send to another
+        replica: the one it reached died or refused it (queue full, busy, broken) before taking it."""
         taken, replica = False, None  # taken: the replica's engine holds the request (it said so)
         stream = self.streams.run.remote(request)
         try:
@@ -220,7 +221,9 @@ class FleetEngine(EngineHandle):
                     error = output.error
                     if error is not None and not taken and not last and error.kind.retry_elsewhere:
                         log.info("engine replica refused a request (%s); sending it to another", error.kind)
-                        return False
+                        # a shard's chunk without its shard: the router would send it to the same replica
+                        # until Serve replaces that one (router.py), and the dataset retries only so often
+                        return dataclasses.replace(request, affinity=None)
                     taken, replica = True, output.replica
                     self._heard(replica)
                     if output.ended and self.backlog.remove(request.id) is None:
@@ -240,7 +243,7 @@ class FleetEngine(EngineHandle):
             stream.cancel()  # it may only be unreachable for now: let it drop the request if it still runs
             if not taken and not last:
                 log.warning("an engine replica died before it took a request; sending it to another: %s", e)
-                return False
+                return request  # (the router moves a dead replica's shards on)
             log.error("engine replica %s died with a request in it: %s", replica, e)
             self._end(request.id, RequestError(ErrorKind.ENGINE_DIED, f"the engine replica {replica or '(not known)'} "
                                                "stopped while it held this request; try again (Ray Serve is "
@@ -248,7 +251,7 @@ class FleetEngine(EngineHandle):
         except RayTaskError as e:
             log.error("engine replica %s failed a request: %s", replica, e)
             self._end(request.id, RequestError(ErrorKind.GENERATION_FAILED, f"the engine replica failed: {e.cause!r}"))
-        return True
+        return None
 
     def arm_fault(self, kind: str, count: int) -> None:
         """Arms whichever replica the router picks (tests run one replica when they use faults)."""
