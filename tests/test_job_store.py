@@ -364,7 +364,7 @@ def test_a_version_1_store_gains_the_lease_columns_and_its_pending_jobs_are_clai
 
 
 def test_a_version_2_store_gains_the_datasets_columns(tmp_path):
-    from sqlalchemy import Column, MetaData, Table, create_engine, inspect, insert
+    from sqlalchemy import Column, MetaData, Table, create_engine, insert, inspect
 
     from server.service import datasets, job_store
 
