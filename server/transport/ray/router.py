@@ -116,6 +116,11 @@ def affinity_of(pending_request: PendingRequest | None) -> str | None:
     return args[0].affinity if args and isinstance(args[0], EngineRequest) else None
 
 
+def name_of(replica: RunningReplica) -> str:
+    """A replica's name as the replica says it (replica.py: `Engine#<id>`, in X-Replica and the manifest)."""
+    return f"{replica.replica_id.deployment_id.name}#{replica.replica_id.unique_id}"
+
+
 class AffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     """Serve's default choice (power of two, same node first) for requests without an affinity; the
     affinity's replica for the others. No FIFOMixin: it would hand a replica chosen for one request to
@@ -134,7 +139,7 @@ class AffinityRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             return await PowerOfTwoChoicesRequestRouter.choose_replicas(self, candidate_replicas, pending_request)
         # Candidates are the replicas Serve knows alive: one it found dead (a failed call, a failed probe)
         # or removed is not among them.
-        by_name = {r.replica_id.unique_id: r for r in candidate_replicas}
+        by_name = {name_of(r): r for r in candidate_replicas}
         cache = self.replica_queue_len_cache
         name = self.affinities.replica(affinity, list(by_name), lambda n: cache.get(by_name[n].replica_id))
         # Its replica full: try again after Serve's backoff, not in a tight loop of queue probes.
