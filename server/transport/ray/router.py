@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # How long and how many affinities are remembered. An affinity is in use while its shard is made: its chunks
 # come one after another, each within about one chunk's time of the last, but a background chunk waits
-# behind interactive work for as long as that lasts. An hour outlasts any such pause; forgetting sooner
+# behind interactive work for as long as that lasts. An hour outlasts all but long pauses; forgetting
 # would only let a shard's later chunks land on another replica (the shard is still whole and right, it
 # just loses the one-replica bound on a kill). 10,000 entries (about a megabyte) is far more than the
 # shards one front-end has in flight; beyond it the least recently used go first.
