@@ -386,3 +386,18 @@ def test_a_version_2_store_gains_the_datasets_columns(tmp_path):
             have = {column["name"] for column in inspect(c).get_columns(table)}
             assert set(job_store.ADDED_COLUMNS[table]) <= have, (table, have)
     db.dispose()
+
+
+def test_a_front_end_whose_clock_is_behind_keeps_its_jobs(pg):
+    """Leases are on the database's clock: a host whose clock is 30 s behind (60 leases) writes leases that
+    the others read as live, not as run out long ago (its job would run twice)."""
+    import time
+
+    behind = _front_end(pg.url, clock=lambda: time.time() - 30)
+    other = _front_end(pg.url)
+    behind.add(_job("mine"))
+    wait_until(lambda: len(behind._written_steps) == 1, 10, "its first renewal")
+    assert other.claim() == ([], []) and behind.holds("mine")
+    assert abs(behind.now() - other.now()) < 1.0
+    behind.close()
+    other.close()

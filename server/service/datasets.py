@@ -323,7 +323,7 @@ class Datasets:
         run here, ended ones whose webhook was not delivered are delivered from here."""
         if not self.service.can_resume:
             return
-        now = time.time()
+        now = self.service.jobs.now()  # heartbeats are on the store's clock
         live = select(frontends_table.c.holder).where(frontends_table.c.heartbeat > now - self.lease)
         with self.db.begin() as c:
             orphan = ((datasets_table.c.status == "running") | (datasets_table.c.webhook_state == "pending")) & (

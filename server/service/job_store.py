@@ -148,8 +148,10 @@ def store_url(job_store: str | None, data_dir: Path) -> str:
 
 class JobStore:
     def __init__(self, url: str, ttl: float, max_jobs: int, max_per_key: int | None = None, *,
-                 shared: bool = False, lease: float = LEASE_SECONDS, renew: float = RENEW_SECONDS):
-        """shared: this process is one front-end of a fleet, which shares the store with the others."""
+                 shared: bool = False, lease: float = LEASE_SECONDS, renew: float = RENEW_SECONDS,
+                 clock: Callable[[], float] = time.time):
+        """shared: this process is one front-end of a fleet, which shares the store with the others.
+        clock: this host's wall clock (a test gives one that is off)."""
         self.url, self.ttl, self.max_jobs, self.max_per_key = url, ttl, max_jobs, max_per_key
         self.lease, self.renew, self.shared = lease, renew, shared
         self.where = url.split("@")[-1] if "://" in url else url  # no password in messages
@@ -158,7 +160,12 @@ class JobStore:
         self._deferred: set[str] = set()  # left pending for the next start (shutdown)
         self._written_steps: dict[str, int] = {}  # the progress last written, per live job
         self._lock = threading.Lock()
+        self._clock, self._skew = clock, 0.0
         self.db = self._open(url)
+        # Leases and heartbeats are written by one host and read by others: on PostgreSQL they are on the
+        # database's clock (this host's, corrected by the offset measured at each renewal), so that hosts
+        # whose clocks differ by more than a lease cannot take each other's live jobs.
+        self._db_clock = None if url.startswith("sqlite") else select(func.extract("epoch", func.clock_timestamp()))
         self._register(shared)
         # Given the jobs claimed (on the keeper's thread); None: no claims. Claims are made only while
         # can_claim() says the engine would run them (else their starts would be counted for nothing).
@@ -208,14 +215,26 @@ class JobStore:
             raise StoreError(f"cannot open the job store {self.where}: {_reason(e)}; {hint}") from e
         return db
 
+    def now(self) -> float:
+        """The store's clock (unix seconds): the database's on PostgreSQL, this host's on SQLite."""
+        return self._clock() + self._skew
+
+    def _sync_clock(self, c) -> None:
+        if self._db_clock is not None:
+            before = self._clock()
+            db_now = float(c.execute(self._db_clock).scalar())
+            self._skew = db_now - (before + self._clock()) / 2
+
     def _register(self, shared: bool) -> None:
         """Write this process's heartbeat; refuse a store that another live server uses, unless both are
         front-ends of one fleet (two servers would each run the other's jobs as their own). A server that
         was killed left a heartbeat: one of this host that no longer runs is seen at once; one of another
         host (a re-created container) is waited for until its heartbeat is older than a lease."""
-        deadline = time.time() + self.lease + self.renew
+        with self.db.begin() as c:
+            self._sync_clock(c)
+        deadline = self.now() + self.lease + self.renew
         while True:
-            now = time.time()
+            now = self.now()
             with self.db.begin() as c:
                 others = c.execute(select(frontends_table).where(frontends_table.c.heartbeat > now - self.lease)
                                    ).mappings().all()
@@ -238,7 +257,7 @@ class JobStore:
         row = dict(id=job.id, owner=r.owner or "", idempotency_key=idempotency_key, fingerprint=fingerprint,
                    request=json.dumps(_request_record(job)), status=PENDING, step=0, starts=1, tag=job.tag,
                    webhook_url=job.webhook_url, webhook_state="pending" if job.webhook_url else None,
-                   created=job.created, holder=self.holder, lease_until=time.time() + self.lease)
+                   created=job.created, holder=self.holder, lease_until=self.now() + self.lease)
         try:
             with self.db.begin() as c:
                 self._expire(c)
@@ -317,7 +336,7 @@ class JobStore:
         """Cancel a pending job that no engine of this process runs: one held by another front-end is
         flagged, and its holder cancels it at its next renewal (within RENEW_SECONDS); one no one holds
         ends cancelled here, and is not claimed."""
-        now = time.time()
+        now = self.now()
         try:
             with self.db.begin() as c:
                 pending = (jobs_table.c.id == job.id) & (jobs_table.c.status == PENDING)
@@ -352,7 +371,7 @@ class JobStore:
         """Take the jobs no one holds: (pending ones to submit again, in submission order; ended ones whose
         webhook is still to deliver). Each start is counted: a job started MAX_STARTS times (its engine
         died with it each time) is written as failed instead, and one cancelled meanwhile as cancelled."""
-        now = time.time()
+        now = self.now()
         with self.db.begin() as c:
             taken = c.execute(update(jobs_table).where(
                 _free(now), (jobs_table.c.status == PENDING) | (jobs_table.c.webhook_state == "pending")).values(
@@ -458,7 +477,7 @@ class JobStore:
     def _after_end(self, job: Job) -> dict:
         """An ended job stays held while its webhook is to be delivered (by this process); else it is free."""
         if job.webhook_url is not None:
-            return {"holder": self.holder, "lease_until": time.time() + self.lease}
+            return {"holder": self.holder, "lease_until": self.now() + self.lease}
         return {"holder": None, "lease_until": None}
 
     def _forget(self, job_id: str) -> None:
@@ -492,13 +511,14 @@ class JobStore:
                 log.exception("renewing the job store's leases failed")
 
     def _renew(self) -> None:
-        now = time.time()
         with self._lock:
             live = dict(self._live)
             moved = [{"job": i, "step": j.request.step} for i, j in live.items()
                      if self._written_steps.get(i) != j.request.step]
         mine = jobs_table.c.holder == self.holder
         with self.db.begin() as c:
+            self._sync_clock(c)
+            now = self.now()
             beat = update(frontends_table).where(frontends_table.c.holder == self.holder).values(heartbeat=now)
             if not c.execute(beat).rowcount:  # its row was removed (a long outage): written again
                 c.execute(insert(frontends_table).values(holder=self.holder, shared=int(self.shared), heartbeat=now))
@@ -524,11 +544,11 @@ class JobStore:
         """An engine replica's report (a fleet's front-end heard it), for every front-end to read."""
         with self.db.begin() as c:
             if not c.execute(update(replicas_table).where(replicas_table.c.name == name)
-                             .values(heard=time.time(), report=report)).rowcount:
-                c.execute(insert(replicas_table).values(name=name, heard=time.time(), report=report))
+                             .values(heard=self.now(), report=report)).rowcount:
+                c.execute(insert(replicas_table).values(name=name, heard=self.now(), report=report))
 
     def reports(self, since: float) -> list[tuple[str, float, bytes]]:
-        """(replica, when heard on the wall clock, report) of the replicas heard since `since`."""
+        """(replica, when heard on the store's clock, report) of the replicas heard since `since`."""
         with self.db.begin() as c:
             c.execute(delete(replicas_table).where(replicas_table.c.heard < since - 3600))
             return [tuple(r) for r in c.execute(select(replicas_table).where(replicas_table.c.heard >= since))]
@@ -543,7 +563,7 @@ class JobStore:
         """(holder, exposition) of the other live front-ends that shared theirs."""
         with self.db.begin() as c:
             rows = c.execute(select(frontends_table.c.holder, frontends_table.c.metrics).where(
-                frontends_table.c.heartbeat > time.time() - self.lease, frontends_table.c.holder != self.holder,
+                frontends_table.c.heartbeat > self.now() - self.lease, frontends_table.c.holder != self.holder,
                 frontends_table.c.metrics.is_not(None))).all()
         return [tuple(row) for row in rows]
 

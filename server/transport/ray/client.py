@@ -143,7 +143,7 @@ class FleetEngine(EngineHandle):
 
     def _read_reports(self) -> None:
         """The reports other front-ends heard (through the store), where newer than those heard here."""
-        now_wall, now = time.time(), time.monotonic()
+        now_wall, now = self.store.now(), time.monotonic()  # the store's clock: the one reports are heard on
         try:
             rows = self.store.reports(since=now_wall - STALE_SECONDS)
         except Exception as e:
