@@ -19,7 +19,10 @@ records the clock value at which its first slot flips; the rows are rearranged o
 Step caching (model/cache.py): a sample with a cache runs the network only at the iterations its
 schedule selects; at the others its output (guided eps and variance values) is taken from the cache,
 which lives in three more device rows per slot (the last computed output and its first and second
-differences) and is advanced with vectorised ops like the rest. Which rows run is looked up on the
+differences) and is advanced with vectorised ops like the rest. A feature-level cache ("taylor-features")
+keeps the same three for the hidden state entering the final layer, (T, D) per slot, and three more for the
+null-class twin's; at every step the batch's rows take the final layer on their features (forecast, or
+computed where the network ran) instead of the network's last part. Which rows run is looked up on the
 device (a schedule table, like the coefficients) and gathered with an argsort, so a steady cached step
 still builds nothing from Python data and never syncs; the host knows how many rows run at each step
 from the same fixed schedules (counted once per arrangement), which is all it needs for the forward's
@@ -90,6 +93,7 @@ class _Slot:
     base: int  # its iteration is the batch's clock - base
     cached: bool  # it has a step cache (some iterations take no forward row)
     computed: np.ndarray  # (steps,) bool: the iterations at which the network runs for it
+    features: bool = False  # its cache forecasts the final layer's input features
 
     def next_flip(self, iteration: int) -> int | None:
         """The iteration, after `iteration`, at which it starts or stops being guided (None: never)."""
@@ -110,9 +114,10 @@ class Posterior:
 
 # Columns of the per-row integer table `SlotBatch.meta`: iterations done, class, first coefficient row, noise
 # key (from the seed); for the step cache: first schedule row, the last computed iteration, computed
-# iterations since the history started, the forecast's order (0 = reuse the last output).
-ITER, LABEL, ROW0, KEY, SCHED, LAST, COUNT, ORDER = range(8)
-META_COLUMNS = 8
+# iterations since the history started, the forecast's order (0 = reuse the last output); for a feature-level
+# cache: computed iterations in the null-class twin's history, and 1 where the cache forecasts features.
+ITER, LABEL, ROW0, KEY, SCHED, LAST, COUNT, ORDER, UCOUNT, LEVEL = range(10)
+META_COLUMNS = 10
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ class _Arrangement:
     counts: tuple[tuple[int, int], ...] = ()  # per step from clock0: (rows that run F, guided ones among them Gc)
     unguided: torch.Tensor | None = None  # (B,) int64: 1 for rows [G, B)
     labels: torch.Tensor | None = None  # (B,) the LABEL column
+    features: bool = False  # some stepped sample forecasts features: the computed rows run features + head
 
     @property
     def caching(self) -> bool:
@@ -154,11 +160,14 @@ class SlotBatch:
         self._capacity = 0
         self.x = torch.empty(0, *self.shape, device=dev)  # (S, C, H, W) float32
         self.x0_prev = torch.empty(0, *self.shape, device=dev)  # (S, C, H, W) last predicted x0
-        self.meta = torch.empty(0, META_COLUMNS, dtype=torch.int64, device=dev)  # (S, 8) columns ITER..ORDER
+        self.meta = torch.empty(0, META_COLUMNS, dtype=torch.int64, device=dev)  # (S, 10) columns ITER..LEVEL
         self.scale = torch.empty(0, dtype=torch.float32, device=dev)  # (S,) guidance scale
         # The step cache, allocated when the first cached sample joins: per slot the last computed output
         # (guided eps, then variance values) and its first and second differences per iteration.
         self.cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # 3 x (S, C_out, H, W)
+        # The feature-level cache, allocated when the first such sample joins: per slot the last computed
+        # features and their two differences, then the same for the null-class twin.
+        self.feature_cache: tuple[torch.Tensor, ...] | None = None  # 6 x (S, T, D) float32
         self._grow(capacity)
         # Which iterations run, per (cache, steps, guided run), as consecutive rows (columns: runs, resets).
         self.schedules = torch.empty(0, 2, dtype=torch.int64, device=dev)  # (R', 2)
@@ -197,25 +206,27 @@ class SlotBatch:
         # One staging copy per kind for all joining samples (pinned on CUDA, so it can run async).
         if self.cached is None and any(j.sampling.cache.on for j in joins):
             self._allocate_cache()
+        if self.feature_cache is None and any(j.sampling.cache.features for j in joins):
+            self._allocate_feature_cache()
         staged = [[r, j.index, j.label, self._plan_rows(j.sampler, j.steps), j.seed, self._schedule_rows(j.sampling),
-                   j.index, 0, j.sampling.cache.order] for j, r in zip(joins, rows, strict=True)]
-        # (N, 9): row, ITER, LABEL, ROW0, seed, SCHED, LAST, COUNT, ORDER
+                   j.index, 0, j.sampling.cache.order, 0, int(j.sampling.cache.features)]
+                  for j, r in zip(joins, rows, strict=True)]
+        # (N, 11): row, ITER, LABEL, ROW0, seed, SCHED, LAST, COUNT, ORDER, UCOUNT, LEVEL
         ints = self._to_device(torch.tensor(staged, dtype=torch.int64))
         at, seeds = ints[:, 0], ints[:, 4]
         self.meta[at] = torch.cat([ints[:, 1:4], noise_lib.stream_keys(seeds)[:, None], ints[:, 5:]], dim=1)
         self.scale[at] = self._to_device(torch.tensor([j.cfg_scale for j in joins], dtype=torch.float32))
         self.x[at] = noise_lib.initial_noise(seeds, self.shape) if x is None else x.to(self.device, torch.float32)
         self.x0_prev[at] = 0.0
-        if self.cached is not None:
-            for t in self.cached:
-                t[at] = 0.0
+        for t in (*(self.cached or ()), *(self.feature_cache or ())):
+            t[at] = 0.0
         for k, (j, r) in enumerate(zip(joins, rows, strict=True)):
             self._active.append(j.slot)
             self._row[j.slot] = r
             s = j.sampling
             runs = np.array(cache_lib.computed(s.cache, s.steps, s.guided), dtype=np.int64)
             self._host[j.slot] = _Slot(j.steps, s.guided, plan(j.sampler, j.steps).stochastic, self._clock - j.index,
-                                       s.cache.on, runs)
+                                       s.cache.on, runs, s.cache.features)
             if generators is not None and generators[k] is not None:
                 self._generators[j.slot] = generators[k]
         self._arranged = None
@@ -300,8 +311,20 @@ class SlotBatch:
             x_c = a.x.index_select(0, idx)  # (F, C, H, W)
             t_c, y_c = t.index_select(0, idx), a.labels.index_select(0, idx)
             null = torch.full((g_rows,), self.denoiser.null_class, dtype=torch.int64, device=self.device)
-            out = self.denoiser.forward(torch.cat([x_c, x_c[:g_rows]]), torch.cat([t_c, t_c[:g_rows]]),
-                                        torch.cat([y_c, null]))  # (F + Gc, C_out, H, W)
+            x_in, t_in, y_in = torch.cat([x_c, x_c[:g_rows]]), torch.cat([t_c, t_c[:g_rows]]), torch.cat([y_c, null])
+        if a.features:  # every row's output from the final layer on its features, forecast or computed
+            h_cond, h_null = self._forecast_features(a.guided, c1.view(-1, 1, 1), c2.view(-1, 1, 1))
+            if f_rows:
+                h = self.denoiser.features(x_in, t_in, y_in).float()  # (F + Gc, T, D)
+                h_cond.index_copy_(0, idx, h[:f_rows])
+                h_null.index_copy_(0, idx[:g_rows], h[f_rows:])
+            out = self.denoiser.head(torch.cat([h_cond, h_null]), torch.cat([t, t[:a.guided]]), a.y)  # (B + G, ...)
+            eps_h, var_h = self.denoiser.guide(out, n, a.guided, a.scales)
+            # an output-level row takes it where it ran, its own forecast elsewhere
+            from_head = (runs.bool() | self.meta[:n, LEVEL].bool()).view(-1, 1, 1, 1)
+            pred = torch.where(from_head, torch.cat([eps_h, var_h], dim=1), pred)
+        elif f_rows:
+            out = self.denoiser.forward(x_in, t_in, y_in)  # (F + Gc, C_out, H, W)
             scales = self.scale.index_select(0, idx[:g_rows]).view(-1, 1, 1, 1)
             eps_c, var_c = self.denoiser.guide(out, f_rows, g_rows, scales)
             pred.index_copy_(0, idx, torch.cat([eps_c, var_c], dim=1))
@@ -310,8 +333,9 @@ class SlotBatch:
         if a.noisy.numel():  # as in `step`: the noise of DDPM does not depend on caching
             sigma = self.denoiser.noise_scale(k.index_select(1, a.noisy), var_values.index_select(0, a.noisy))
             mean.index_add_(0, a.noisy, sigma * self._noise(a, it.index_select(0, a.noisy)))
-        # The computed rows' history: differences per iteration, none across a new run of guidance.
-        fresh = ~resets
+        # The computed rows' history: differences per iteration, none across a new run of guidance (a
+        # feature-level cache's own history runs on: the sample's features are one function of t).
+        fresh = ~resets | self.meta[:n, LEVEL].bool()
         valid1 = ((count >= 1) & fresh).float().view(-1, 1, 1, 1) / gap
         valid2 = ((count >= 2) & fresh).float().view(-1, 1, 1, 1) / gap
         new_d1 = (pred - f).mul_(valid1)
@@ -320,16 +344,55 @@ class SlotBatch:
         on = ran.view(-1, 1, 1, 1)
         new = (torch.where(on, pred, f), torch.where(on, new_d1, d1), torch.where(on, new_d2, d2))
         new_last = torch.where(ran, it, last)
-        new_count = torch.where(ran, torch.where(resets, 1, count + 1), count)
+        new_count = torch.where(ran, torch.where(fresh, count + 1, 1), count)
+        if a.features:
+            new += self._feature_history(a.guided, (h_cond, h_null), ran, resets, gap.view(-1, 1, 1), valid1, valid2)
         # Written back only now: a step that fails (e.g. out of memory) leaves the state as it was.
         a.x.copy_(mean)
         a.x0_prev.copy_(x0)
-        for dst, src in zip((f, d1, d2), new, strict=True):
+        state = [f, d1, d2]
+        if a.features:  # the rows' feature histories, their guided twins', the twins' counts
+            state += [*(t_[:n] for t_ in self.feature_cache[:3]), *(t_[:a.guided] for t_ in self.feature_cache[3:]),
+                      self.meta[:a.guided, UCOUNT]]
+        for dst, src in zip(state, new, strict=True):
             dst.copy_(src)
         last.copy_(new_last)
         count.copy_(new_count)
         self.rows_computed = f_rows + g_rows
         self._advance(a, slots)
+
+    def _forecast_features(self, g: int, c1: torch.Tensor, c2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The features forecast for the stepped rows (B, T, D) and for the first g rows' null-class twins
+        (G, T, D), c1 and c2 (B, 1, 1) the rows' coefficients of d1 and d2."""
+        n = c1.shape[0]
+        f, d1, d2, uf, ud1, ud2 = (t_[:n] for t_ in self.feature_cache)
+        h_cond = torch.addcmul(f, c1, d1).addcmul_(c2, d2)
+        h_null = torch.addcmul(uf[:g], c1[:g], ud1[:g]).addcmul_(c2[:g], ud2[:g])
+        return h_cond, h_null
+
+    def _feature_history(self, g: int, h: tuple[torch.Tensor, torch.Tensor], ran: torch.Tensor, resets: torch.Tensor,
+                         gap: torch.Tensor, valid1: torch.Tensor, valid2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The feature histories after this step: (f, d1, d2) of the rows (B, T, D) each, of the first g rows'
+        twins (G, T, D) each (the guided rows: the others' twins keep theirs), and the twins' UCOUNT (G,).
+        valid1/valid2: the rows' 1 / gap where their history has one / two earlier points (B, 1, 1, 1); gap
+        (B, 1, 1). The twins' history starts afresh with the guided run."""
+        n = ran.shape[0]
+        f, d1, d2 = (t_[:n] for t_ in self.feature_cache[:3])
+        uf, ud1, ud2 = (t_[:g] for t_ in self.feature_cache[3:])
+        on = ran.view(-1, 1, 1)
+        new_d1 = (h[0] - f).mul_(valid1.view(-1, 1, 1))
+        new_d2 = (new_d1 - d1).mul_(valid2.view(-1, 1, 1))
+        cond = (torch.where(on, h[0], f), torch.where(on, new_d1, d1), torch.where(on, new_d2, d2))
+        ucount = self.meta[:g, UCOUNT]
+        fresh = ~resets[:g]
+        u1 = ((ucount >= 1) & fresh).float().view(-1, 1, 1) / gap[:g]
+        u2 = ((ucount >= 2) & fresh).float().view(-1, 1, 1) / gap[:g]
+        new_ud1 = (h[1] - uf).mul_(u1)
+        new_ud2 = (new_ud1 - ud1).mul_(u2)
+        on = on[:g]
+        null = (torch.where(on, h[1], uf), torch.where(on, new_ud1, ud1), torch.where(on, new_ud2, ud2))
+        new_ucount = torch.where(ran[:g], torch.where(fresh, ucount + 1, 1), ucount)
+        return (*cond, *null, new_ucount)
 
     @torch.no_grad()
     def posterior(self) -> Posterior:
@@ -388,7 +451,8 @@ class SlotBatch:
         if any(h.cached for h in hosts.values()):
             until = self._clock + 1 if subset is not None else expires
             caching = dict(clock0=self._clock, counts=self._counts(order[:n], g, until),
-                           unguided=(torch.arange(n, device=self.device) >= g).long(), labels=self.meta[:n, LABEL])
+                           unguided=(torch.arange(n, device=self.device) >= g).long(), labels=self.meta[:n, LABEL],
+                           features=any(h.features for h in hosts.values()))
         arranged = _Arrangement(
             n=n, guided=g, expires=expires, partial=subset is not None,
             x=self.x[:n], x_guided=self.x[:g], x0_prev=self.x0_prev[:n], iteration=self.meta[:n, ITER],
@@ -426,7 +490,7 @@ class SlotBatch:
             return
         self._arranged = None
         src = self._to_device(torch.tensor(perm, dtype=torch.int64))
-        state = (self.x, self.x0_prev, self.meta, self.scale, *(self.cached or ()))
+        state = (self.x, self.x0_prev, self.meta, self.scale, *(self.cached or ()), *(self.feature_cache or ()))
         moved = [t.index_select(0, src) for t in state]
         for t, m in zip(state, moved, strict=True):
             t[: len(perm)].copy_(m)
@@ -461,6 +525,11 @@ class SlotBatch:
         shape = (self._capacity, self.denoiser.model.config.out_channels, *self.shape[1:])
         self.cached = tuple(torch.zeros(shape, device=self.device) for _ in range(3))
 
+    def _allocate_feature_cache(self) -> None:
+        cfg = self.denoiser.model.config
+        shape = (self._capacity, (cfg.input_size // cfg.patch_size) ** 2, cfg.hidden_size)  # (S, T, D)
+        self.feature_cache = tuple(torch.zeros(shape, device=self.device) for _ in range(6))
+
     def _grow(self, needed: int) -> None:
         if needed <= self._capacity:
             return
@@ -475,4 +544,6 @@ class SlotBatch:
             setattr(self, name, grown(getattr(self, name)))
         if self.cached is not None:
             self.cached = tuple(grown(t) for t in self.cached)
+        if self.feature_cache is not None:
+            self.feature_cache = tuple(grown(t) for t in self.feature_cache)
         self._capacity = cap

@@ -1,6 +1,7 @@
-"""Step caching inside the in-flight batch (model/cache.py, SlotBatch): a cached batch of mixed samples equals
-each sample run alone with the same setting; skipped iterations take no forward row; a steady cached step
-builds no tensor from Python data and never syncs; "off" never enters the cached path."""
+"""Step caching inside the in-flight batch (model/cache.py, SlotBatch): a cached batch of mixed samples (caches
+of the model output and of the final layer's input features) equals each sample run alone with the same
+setting; skipped iterations take no forward row; a steady cached step builds no tensor from Python data and
+never syncs; "off" never enters the cached path."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from conftest import rel_err
 from test_batch import _CountOps
 
 from model import Denoiser, Join, SlotBatch, initial_noise, sample
+from model.batch import COUNT, LEVEL, UCOUNT
 from model.cache import PRESETS, Cache, computed
 from model.denoise import rows_per_iteration
 from model.samplers import Sampling, SettingError
@@ -18,6 +20,7 @@ TAYLOR2 = Cache("taylor", every=2, order=2)
 TAYLOR1_W2 = Cache("taylor", every=3, order=1, warmup=2)
 REUSE3 = Cache("reuse", every=3)
 GUIDED2 = Cache("taylor", every=3, order=2, guided_every=2)  # its own cadence inside the guidance interval
+FEATURES = Cache("taylor-features", every=3, order=2, guided_every=2, guided_warmup=2)  # forecasts the features
 # (slot, label, seed, sampler, steps, cfg_scale, interval, cache, joins before step k)
 MIX = [
     (0, 5, 11, "ddpm", 8, 4.0, (0.0, 1.0), TAYLOR2, 0),
@@ -29,6 +32,9 @@ MIX = [
     (5, 9, 17, "ddim", 6, 3.0, (0.2, 0.8), Cache("taylor", every=2, order=1), 4),
     (6, 2, 18, "dpm-solver++", 11, 4.0, (0.0, 0.5), GUIDED2, 2),
     (8, 6, 19, "ddim", 9, 3.0, (0.0, 0.6), Cache("taylor", every=3, order=1, guided_every=2, guided_warmup=2), 1),
+    (9, 1, 20, "dpm-solver++", 10, 4.0, (0.0, 0.6), FEATURES, 1),
+    (10, 44, 21, "ddpm", 7, 2.0, (0.3, 1.0), Cache("taylor-features", every=2, order=1), 3),
+    (11, 45, 22, "ddim", 8, 1.0, (0.0, 1.0), Cache("taylor-features", every=3, order=2), 0),
 ]
 
 
@@ -136,6 +142,32 @@ def test_taylor_forecasts_an_output_linear_in_t_exactly_and_reuse_does_not(tiny_
     assert rel_err(sample(net, noise, [0, 1], cache=Cache("reuse", every=3, warmup=2), **kw), off) > 1e-3
 
 
+def test_the_feature_cache_runs_the_final_layer_on_the_features(tiny_dit):
+    """head(features(x)) is the forward; the feature cache differs from the output cache and from off; the
+    sample's feature history runs on across the guidance edge, its null-class twin's starts there."""
+    den = Denoiser(tiny_dit)
+    x, t, y = initial_noise([1, 2, 3], (4, 8, 8)), torch.tensor([999, 500, 3]), torch.tensor([1, 2, 1000])
+    assert rel_err(den.head(den.features(x, t, y), t, y), tiny_dit(x, t, y)) <= 1e-6
+    noise = initial_noise([3], (4, 8, 8))
+    kw = dict(cfg_scale=4.0, steps=12, sampler="dpm-solver++", seeds=[3], guidance_interval=(0.0, 0.5))
+    off = sample(tiny_dit, noise, [5], **kw)
+    feats = sample(tiny_dit, noise, [5], cache=FEATURES, **kw)
+    outputs = sample(tiny_dit, noise, [5], cache=Cache("taylor", every=3, order=2, guided_every=2, guided_warmup=2),
+                     **kw)
+    assert rel_err(feats, off) > 1e-3 and rel_err(feats, outputs) > 1e-3
+    batch = SlotBatch(den)
+    batch.join([Join(0, 5, 3, Sampling("dpm-solver++", 12, 4.0, (0.0, 0.5), FEATURES))])
+    guided = Sampling("dpm-solver++", 12, 4.0, (0.0, 0.5)).guided  # iterations 7..11 (computed: 0, 3, 6, 7, 8)
+    assert guided.start == 7 and batch.feature_cache[0].shape[1:] == (16, 128)  # (S, T, D)
+    for _ in range(guided.start + 2):
+        batch.step()
+    assert batch.meta[0, COUNT].item() == 5 and batch.meta[0, UCOUNT].item() == 2
+    assert batch.meta[0, LEVEL].item() == 1
+    # the preset: 11 rows at DPM-Solver++ 13 steps (0, 3, 6, then the pairs 7, 8, 10, 12)
+    assert PRESETS["features3g2"] == FEATURES and FEATURES.describe() == "features3g2"
+    assert rows_per_iteration("dpm-solver++", 13, 4.25, (0.0, 0.5), FEATURES) == (1, 0, 0, 1, 0, 0, 1, 2, 2, 0, 2, 0, 2)
+
+
 def test_half_batch_cached_steps_equal_whole_steps(tiny_dit):
     """The out-of-memory fallback steps a cached batch in two subsets; the result is the same."""
     joins = _joins([(*m[:8], 0) for m in MIX])
@@ -212,6 +244,7 @@ def test_a_cadence_of_its_own_inside_the_guidance_interval():
     ({"method": "reuse", "every": 2.5}, "integer"), (3, "string or an object"),
     ({"method": "taylor", "every": 2, "order": 1, "guided_every": 11}, "guided_every"),
     ({"method": "taylor", "every": 2, "order": 1, "guided_warmup": -1}, "guided_warmup"),
+    ({"method": "taylor-features", "every": 2}, "order must be 1 or 2 for taylor-features"),
 ])
 def test_bad_cache_settings_name_the_field(value, words):
     with pytest.raises(SettingError) as e:
