@@ -190,7 +190,7 @@ def test_evaluate_puts_the_judges_figures_in_the_status_and_manifest(alice, tmp_
     require_installed(DEFAULT_DIR.exists(), "Fashion-MNIST", "apt-get install dataset-fashion-mnist")
     r = alice.post("/datasets", json={"classes": "all", "per_class": 10, "shard_size": 50, "format": "npz",
                                       "evaluate": True, **SAMPLING})
-    assert r.json()["evaluate"] is True and r.json()["evaluation"] is None
+    assert r.json()["evaluate"] == "judge" and r.json()["evaluation"] is None
     status = finished(alice, r.json()["id"])
     manifest = alice.get(f"/datasets/{status['id']}/manifest").json()
     evaluation = manifest["evaluation"]
@@ -202,6 +202,31 @@ def test_evaluate_puts_the_judges_figures_in_the_status_and_manifest(alice, tmp_
     images, labels = read_shards(paths)  # the judge run here on the served shards says the same
     here = judge(torch.from_numpy(images), torch.from_numpy(labels))
     assert {k: evaluation[k] for k in here} == here and 0.5 < here["class_agreement"] <= 1
+
+
+def test_evaluate_for_a_model_the_judge_does_not_know_writes_the_adm_suites_npz(tmp_path):
+    """An ImageNet-class model (the tiny DiT fixture: 1000 classes, a VAE, 64x64 images): `evaluate` gives
+    every image in the one .npz the ADM suite reads, equal to the shards' images in order."""
+    from conftest import FIXTURES
+
+    from training.judge import read_shard
+
+    with run_server(tmp_path, "--model", str(FIXTURES / "tiny_dit_diffusers")) as s, s.client() as c:
+        r = c.post("/datasets", json={"classes": [0, 5], "per_class": 3, "shard_size": 4, "steps": 4, "seed": 1,
+                                      "evaluate": True})
+        assert r.status_code == 202 and r.json()["evaluate"] == "adm", r.text
+        assert c.get(f"/datasets/{r.json()['id']}/adm.npz").status_code in (409, 200)  # 409 until it is written
+        status = finished(c, r.json()["id"])
+        evaluation = status["evaluation"]
+        assert evaluation["images"] == 6 and "evaluator.py VIRTUAL_imagenet64_labeled.npz" in evaluation["command"]
+        adm = np.load(io.BytesIO(c.get(evaluation["adm_npz"]).content))
+        shards = []
+        for entry in c.get(f"/datasets/{status['id']}/manifest").json()["shards"]:
+            shards.append(tmp_path / entry["file"])
+            shards[-1].write_bytes(c.get(entry["url"]).content)
+    images = np.concatenate([read_shard(p)[0] for p in shards])
+    assert adm["arr_0"].dtype == np.uint8 and adm["arr_0"].shape == (6, 64, 64, 3)
+    assert np.array_equal(adm["arr_0"], images) and adm["arr_1"].tolist() == [0, 0, 0, 5, 5, 5]
 
 
 @pytest.mark.slow

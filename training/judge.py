@@ -34,26 +34,27 @@ def feature_fid(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross).item()
 
 
+def read_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A dataset shard's images, uint8 (N, H, W, 3), and their (N,) class ids: a tar ({key}.png +
+    {key}.json, in key order) or an npz (arr_0, arr_1)."""
+    if path.suffix == ".npz":
+        data = np.load(path)
+        return data["arr_0"], data["arr_1"]
+    with tarfile.open(path) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        keys = sorted(name[:-4] for name in members if name.endswith(".png"))
+        images = np.stack([np.asarray(Image.open(io.BytesIO(tar.extractfile(members[k + ".png"]).read()))
+                                      .convert("RGB")) for k in keys])
+        labels = np.array([json.loads(tar.extractfile(members[k + ".json"]).read())["class_id"] for k in keys])
+    return images, labels
+
+
 def read_shards(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """Every image of a dataset's shards (tar: {key}.png + {key}.json; npz: arr_0, arr_1), in the order
-    given: uint8 (N, H, W, 3) images and (N,) class ids."""
-    images, labels = [], []
-    for path in paths:
-        if path.suffix == ".npz":
-            data = np.load(path)
-            images.append(data["arr_0"])
-            labels.append(data["arr_1"])
-        elif path.suffix == ".tar":
-            with tarfile.open(path) as tar:
-                members = {m.name: m for m in tar.getmembers()}
-                keys = sorted(name[:-4] for name in members if name.endswith(".png"))
-                images.append(np.stack([np.asarray(Image.open(io.BytesIO(tar.extractfile(members[k + ".png"]).read()))
-                                                   .convert("RGB")) for k in keys]))
-                labels.append(np.array([json.loads(tar.extractfile(members[k + ".json"]).read())["class_id"]
-                                        for k in keys]))
-    if not images:
+    """Every image of a dataset's shard files (.tar or .npz; others are passed over), in the order given."""
+    read = [read_shard(p) for p in paths if p.suffix in (".tar", ".npz")]
+    if not read:
         raise ValueError(f"no shard files (.tar or .npz) among {len(paths)} paths")
-    return np.concatenate(images), np.concatenate(labels)
+    return np.concatenate([images for images, _ in read]), np.concatenate([labels for _, labels in read])
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:

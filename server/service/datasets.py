@@ -28,6 +28,7 @@ import shutil
 import tarfile
 import threading
 import time
+import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ CHUNK_TRIES = 3  # a chunk whose engine died with it this many times fails the d
 CHUNK_DEADLINE = 24 * 3600.0  # seconds: a background chunk may wait long behind interactive work
 LOOP_SECONDS = 1.0  # how often the runner checks for datasets to take up and files to expire
 FORMATS = ("webdataset", "npz")
+ADM_FILE = "adm.npz"  # evaluate: true for a model the judge does not know: every image, for the ADM suite
 
 datasets_table = Table(
     "dit_datasets", metadata,
@@ -67,7 +69,7 @@ datasets_table = Table(
     Column("ended", Float),
     Column("webhook_url", String(2048)),  # POSTed the status JSON when it ends (server/http/webhooks.py)
     Column("webhook_state", String(16)),  # pending, delivered or undelivered (none without a webhook)
-    Column("evaluation", Text),  # JSON: the judge's figures, for a dataset made with evaluate: true
+    Column("evaluation", Text),  # JSON: what evaluate: true gave (the judge's figures, or the ADM suite's .npz)
 )
 shards_table = Table(
     "dit_shards", metadata,
@@ -97,7 +99,9 @@ class DatasetSpec:
     model: str
     class_names: tuple[str, ...]  # of `classes`, for the images' metadata
     tag: str | None = None
-    evaluate: bool = False  # judge the images once all are made (the embedded Fashion-MNIST model only)
+    # Once all images are made: "judge" (the embedded Fashion-MNIST model): the project's judge's figures;
+    # "adm" (any other model): every image in the one .npz the ADM evaluation suite reads; None: nothing.
+    evaluate: str | None = None
 
     @property
     def total(self) -> int:
@@ -129,7 +133,7 @@ class DatasetSpec:
         s = d["sampling"]
         sampling = Sampling(s["sampler"], s["steps"], s["cfg_scale"], tuple(s["guidance_interval"]), s["cache"])
         return cls(tuple(d["classes"]), d["per_class"], sampling, d["seed"], d["format"], d["shard_size"],
-                   d["model"], tuple(d["class_names"]), d["tag"], d.get("evaluate", False))
+                   d["model"], tuple(d["class_names"]), d["tag"], d.get("evaluate"))
 
     def describe(self) -> dict:
         return json.loads(self.to_json())
@@ -472,11 +476,13 @@ class Datasets:
             log.error("dataset %s: shard %d written but not recorded (%s); it is made again after a restart",
                       d.id, shard, e)
         if finished:
-            if spec.evaluate:
-                d.evaluation = self._evaluate(d)
+            if spec.evaluate == "judge":
+                d.evaluation = self._judge(d)
+            elif spec.evaluate == "adm":
+                d.evaluation = self._adm_npz(d)
             self._end(d, "done", None)
 
-    def _evaluate(self, d: Dataset) -> dict:
+    def _judge(self, d: Dataset) -> dict:
         """Class agreement and feature-FID of the dataset's images by the project's judge (training/judge.py:
         its classifier ships in weights/), against as many Fashion-MNIST test images; or what kept it from it."""
         started = time.monotonic()
@@ -511,6 +517,44 @@ class Datasets:
             if used + size <= self.max_bytes:
                 return
         raise DatasetFull(f"the datasets' files would exceed --max-dataset-bytes ({self.max_bytes} bytes)")
+
+    def _adm_npz(self, d: Dataset) -> dict:
+        """Every image of the dataset in one .npz (`arr_0` uint8 (N, H, W, 3), `arr_1` class ids), as the
+        original sample_ddp.py writes it for the ADM evaluation suite; written shard by shard, so that
+        50,000 images need no more memory than one shard."""
+        from training.judge import read_shard
+
+        shards = sorted((self.root / d.id).glob("shard-*"))
+        try:
+            first, _ = read_shard(shards[0])
+            shape = (d.spec.total, *first.shape[1:])
+            self._make_room(math.prod(shape) + 8 * d.spec.total, d.id)
+            path = self.root / d.id / ADM_FILE
+            tmp = path.with_suffix(".part")
+            labels = []
+            with zipfile.ZipFile(tmp, "w", allowZip64=True) as z:
+                with z.open("arr_0.npy", "w", force_zip64=True) as f:
+                    np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+                    for shard in shards:
+                        images, ids = read_shard(shard)
+                        f.write(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
+                        labels.append(ids)
+                with z.open("arr_1.npy", "w") as f:
+                    np.lib.format.write_array(f, np.concatenate(labels).astype(np.int64))
+            os.replace(tmp, path)
+        except (OSError, DatasetFull) as e:
+            (self.root / d.id / ADM_FILE).with_suffix(".part").unlink(missing_ok=True)
+            log.error("dataset %s: the ADM .npz could not be written: %s", d.id, e)
+            return {"error": f"the ADM suite's .npz could not be written ({e}); download the shards and run "
+                    "dit-eval --merge on them"}
+        return {"adm_npz": f"/datasets/{d.id}/{ADM_FILE}", "images": shape[0], "bytes": path.stat().st_size,
+                "command": f"python evaluator.py VIRTUAL_imagenet{shape[1]}_labeled.npz {ADM_FILE}",
+                "suite": "github.com/openai/guided-diffusion, evaluations/ (its README links the reference "
+                         "batches)"}
+
+    def adm_file(self, d: Dataset) -> Path | None:
+        path = self.root / d.id / ADM_FILE
+        return path if path.exists() else None
 
     def _end(self, d: Dataset, status: str, error: str | None) -> None:
         with self._lock:

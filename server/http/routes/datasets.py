@@ -8,6 +8,7 @@
                                    `result` (the manifest) or `error`
     GET /datasets/{id}/manifest    the finished shards: file, images, bytes, SHA-256, URL
     GET /datasets/{id}/shards/{k}  a finished shard (while the others are made)
+    GET /datasets/{id}/adm.npz     evaluate: true, a model the judge does not know: every image, one .npz
     DELETE /datasets/{id}          cancel a running dataset (its finished shards stay until expiry);
                                    delete an ended one with its files (404 afterwards)
 
@@ -69,27 +70,25 @@ def spec_of(svc, body: DatasetRequest) -> DatasetSpec:
     except Exception as e:  # a SettingError naming its field
         problems.append((getattr(e, "field", None), str(e)))
         sampling = None
+    evaluate = None
     if body.evaluate:
-        problems += _judge_problems(info, settings)
+        evaluate = "judge" if _judged(info) else "adm"
+        if evaluate == "judge" and not settings.judge_data.is_dir():
+            problems.append(("evaluate", f"the Fashion-MNIST test set is not at {settings.judge_data} on this "
+                             "server: its operator can install it (apt-get install dataset-fashion-mnist) or give "
+                             "--judge-data"))
     if problems:
         raise ApiError.invalid(problems)
     seed = body.seed if body.seed is not None else random.randrange(2**52 - CLASS_STRIDE * len(info.class_names))
     return DatasetSpec(tuple(classes), body.per_class, sampling, seed, body.format, body.shard_size, info.name,
-                       tuple(info.class_names[c] for c in classes), body.tag, body.evaluate)
+                       tuple(info.class_names[c] for c in classes), body.tag, evaluate)
 
 
-def _judge_problems(info, settings) -> list[tuple[str, str]]:
-    """Why `evaluate: true` cannot be done here: the judge is a Fashion-MNIST classifier."""
+def _judged(info) -> bool:
+    """Whether the project's judge (a Fashion-MNIST classifier) knows this model's images: the embedded one."""
     from training.data import CLASS_NAMES
 
-    if (info.space, info.image_size, list(info.class_names)) != ("pixel", 28, CLASS_NAMES):
-        return [("evaluate", f"the judge is a Fashion-MNIST classifier: it applies to the embedded model only, not "
-                 f"{info.name}; ask for format npz and run the ADM evaluation suite on the shards (dit-eval --merge, "
-                 "see the README)")]
-    if not settings.judge_data.is_dir():
-        return [("evaluate", f"the Fashion-MNIST test set is not at {settings.judge_data} on this server: its "
-                 "operator can install it (apt-get install dataset-fashion-mnist) or give --judge-data")]
-    return []
+    return (info.space, info.image_size, list(info.class_names)) == ("pixel", 28, CLASS_NAMES)
 
 
 async def _stored(fn, *args):
@@ -203,6 +202,21 @@ async def shard(dataset_id: str, k: int, request: Request, svc: AnyService):
                        f"({len(dataset.shards_done)} of {dataset.spec.shards} are); see its manifest", retry_after=5)
     media = MEDIA[dataset.spec.format]
     return FileResponse(path, media_type=media, filename=path.name)
+
+
+@router.get("/{dataset_id}/adm.npz", response_class=FileResponse, responses=error_responses(401, 404, 409, 503),
+            summary="every image in the one .npz the ADM evaluation suite reads (evaluate: true, models the judge "
+                    "does not know)")
+async def adm_npz(dataset_id: str, request: Request, svc: AnyService):
+    dataset = await _find(svc, dataset_id, request)
+    if dataset.spec.evaluate != "adm":
+        raise ApiError(404, "unknown_file", f"dataset {dataset_id} was not made with evaluate: true for a model the "
+                       "judge does not know: it has no ADM .npz (its shards are in its manifest)")
+    path = svc.datasets.adm_file(dataset)
+    if path is None:
+        raise ApiError(409, "not_finished", f"dataset {dataset_id} is {dataset.status}: its ADM .npz is written once "
+                       "every image is made", retry_after=5)
+    return FileResponse(path, media_type=MEDIA["npz"], filename=path.name)
 
 
 @router.delete("/{dataset_id}", responses=error_responses(401, 404, 503),
