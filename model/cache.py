@@ -16,7 +16,8 @@ row, which in a continuous batch frees the row for another request's sample. Two
   forecast (its adaLN takes this iteration's t and the class) and combine the pair as at a computed step.
   The final layer is a small part of a forward (~0.4% of the embedded model's MACs, ~0.01% of DiT-XL/2's) and is not
   counted as a row. The sample's feature history runs on across the guidance edges (its features are one
-  function of t there); the twin's starts with the guided run.
+  function of t there); the twin's starts with the guided run. It always computes the last iteration (a
+  forecast there costs the most; see below), so that it can serve as a default at any step count.
 
 Which iterations run is fixed in advance (no look at the data), so a scheduler knows a cached sample's
 forward rows at each of its iterations exactly: the first `warmup` iterations run, then one in `every`.
@@ -161,6 +162,7 @@ def _schedule(cache: Cache, steps: int, g_start: int, g_stop: int) -> tuple[tupl
         origin = max(run_start, cache.warmup)  # where the cadence counts from
         if guided and cache.guided_warmup:
             origin = g_start + cache.guided_warmup - 1
-        run.append(i < cache.warmup or (guided and i - g_start < cache.guided_warmup) or (i - origin) % every == 0)
+        run.append(i < cache.warmup or (guided and i - g_start < cache.guided_warmup) or (i - origin) % every == 0
+                   or (cache.features and i == steps - 1))
         reset.append(i in edges)
     return tuple(run), tuple(reset)

@@ -166,6 +166,9 @@ def test_the_feature_cache_runs_the_final_layer_on_the_features(tiny_dit):
     # the preset: 11 rows at DPM-Solver++ 13 steps (0, 3, 6, then the pairs 7, 8, 10, 12)
     assert PRESETS["features3g2"] == FEATURES and FEATURES.describe() == "features3g2"
     assert rows_per_iteration("dpm-solver++", 13, 4.25, (0.0, 0.5), FEATURES) == (1, 0, 0, 1, 0, 0, 1, 2, 2, 0, 2, 0, 2)
+    # it computes the last iteration at any step count (at 15: 0, 3, 6, the pairs 8, 9, 11, 13 and 14)
+    assert rows_per_iteration("dpm-solver++", 15, 4.25, (0.0, 0.5), FEATURES) == (
+        1, 0, 0, 1, 0, 0, 1, 0, 2, 2, 0, 2, 0, 2, 2)
 
 
 def test_half_batch_cached_steps_equal_whole_steps(tiny_dit):
