@@ -18,7 +18,8 @@ from server_harness import ROOT, run_server, wait_until
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with run_server(tmp_path_factory.mktemp("srv"), "--max-batch-rows", "64") as s:
+    # --max-steps 1000: the batch-mix test's companion outlasts its mix even where this process is starved
+    with run_server(tmp_path_factory.mktemp("srv"), "--max-batch-rows", "64", "--max-steps", "1000") as s:
         yield s
 
 
@@ -89,7 +90,7 @@ def test_same_seed_within_one_grey_level_in_any_batch_mix(server):
     with server.client() as c, cf.ThreadPoolExecutor(13) as pool:
         # A long companion runs before the target is sent and still runs after it is answered: the engine
         # steps every sample in flight in one batch, so each of the target's steps was one of its batches.
-        companion = c.post("/jobs", json={"class_id": 0, "steps": 250, "sampler": "ddim", "cfg_scale": 1.0}).json()
+        companion = c.post("/jobs", json={"class_id": 0, "steps": 1000, "sampler": "ddim", "cfg_scale": 1.0}).json()
         wait_until(lambda: c.get(companion["status_url"]).json()["step"] > 0, 60, "the companion to run")
         futures = [pool.submit(c.post, "/generate", json=o) for o in others[:6]]
         target = pool.submit(c.post, "/generate", json=req)
@@ -97,7 +98,7 @@ def test_same_seed_within_one_grey_level_in_any_batch_mix(server):
         assert all(f.result().status_code == 200 for f in futures)
         mixed = pixels(target.result().content)
         after = c.delete(companion["status_url"]).json()
-    assert after["status"] == "cancelled" and after["step"] < 250  # it was still running: cancelled, not done
+    assert after["status"] == "cancelled" and after["step"] < 1000  # it was still running: cancelled, not done
     assert np.abs(alone - mixed).max() <= 1
 
 
@@ -147,13 +148,15 @@ def test_step_cache_in_the_answer_the_png_the_job_and_info(server):
         wait_until(lambda: c.get(job["status_url"]).json()["status"] == "done", 60, "the cached job")
         status = c.get(job["status_url"]).json()
         result = c.get(job["result_url"])
-    assert info["defaults"]["cache"] == "off" and info["cache_presets"]["taylor2"]["method"] == "taylor"
-    assert plain.content == off.content  # off: the bytes of a server without caches (no cache in the metadata)
-    assert "cache" not in json.loads(Image.open(io.BytesIO(plain.content)).info["parameters"])
+    # the embedded model declares a cached default (weights/README.md, issue 29): a request naming none gets it
+    assert info["defaults"]["cache"] == "features3g2" and info["cache_presets"]["taylor2"]["method"] == "taylor"
+    assert json.loads(Image.open(io.BytesIO(plain.content)).info["parameters"])["cache"] == "features3g2"
+    assert "cache" not in json.loads(Image.open(io.BytesIO(off.content)).info["parameters"])  # off: no cache
+    assert not np.array_equal(pixels(plain.content), pixels(off.content))
     assert cached.json()["cache"] == "taylor2"
     image = base64.b64decode(cached.json()["images"][0]["data"])
     assert json.loads(Image.open(io.BytesIO(image)).info["parameters"])["cache"] == "taylor2"
-    assert not np.array_equal(pixels(image), pixels(plain.content))  # it skipped the network at some steps
+    assert not np.array_equal(pixels(image), pixels(off.content))  # it skipped the network at some steps
     assert job["cache"] == custom and status["cache"] == custom
     assert json.loads(Image.open(io.BytesIO(result.content)).info["parameters"])["cache"] == custom
 
@@ -202,7 +205,7 @@ def test_classes_info_docs_and_unknown_paths(server):
         assert info["image_size"] == 28 and info["policy"] == "continuous" and info["num_classes"] == 10
         assert c.get("/docs").status_code == 200
         schema = c.get("/openapi.json").json()
-        assert schema["components"]["schemas"]["GenerateRequest"]["properties"]["steps"]["anyOf"][0]["maximum"] == 250
+        assert schema["components"]["schemas"]["GenerateRequest"]["properties"]["steps"]["anyOf"][0]["maximum"] == 1000
         missing = c.get("/nope")
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
         assert c.get("/healthz").json() == {"status": "alive"}
