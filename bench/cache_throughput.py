@@ -1,12 +1,15 @@
 """The server's images/s at saturation with and without a step cache, in one run.
 
     python bench/cache_throughput.py [--cache taylor2] [--clients 64] [--seconds 30] [--rounds 2]
+    python bench/cache_throughput.py --cache features3g2 --request '{"steps": 13, "cfg_scale": 4.25}'
 
-Two servers of the real CLI, one after the other on this machine: the uncached default and the same
-server with `--cache PRESET` (every request that names no cache gets it), alternated (uncached, cached,
-uncached, cached for --rounds 2), so that a slow spell of a shared machine hits both. Against each, 64
-closed-loop clients each send one default request (one image, the model's declared settings) after the
-other. Per run: images/s over the measured window (after a warm-up), forward rows per image from
+Two servers of the real CLI, one after the other on this machine: the uncached one (`--cache off`) and the
+same server with `--cache PRESET` (every request that names no cache gets it; `default`: the model's
+declared default, no flag), alternated (uncached, cached, uncached, cached for --rounds 2), so that a slow
+spell of a shared machine hits both. Against each, 64 closed-loop clients each send one default request (one
+image, the model's declared settings) after the other; `--request` adds fields to the cached server's
+requests (a setting whose cache is tuned to other steps or scale), `--baseline` to the uncached one's. Per
+run: images/s over the measured window (after a warm-up), forward rows per image from
 dit_forward_rows_computed_total (the rows computed, not planned), the mean samples per forward, and where
 the machine's CPU went in the window (cores busy on average: the engine process, the front-end process,
 these clients, and everything else on the machine).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import resource
 import statistics
@@ -86,30 +90,32 @@ def scrape(url: str) -> dict[str, float]:
     return out
 
 
-async def client(url: str, k: int, end: float, out: list) -> None:
+async def client(url: str, k: int, end: float, out: list, extra: dict) -> None:
     async with httpx.AsyncClient(base_url=url, timeout=300) as c:
         n = 0
         while time.monotonic() < end:
-            r = await c.post("/generate", json={"class_id": k % 10, "seed": 1000 * k + n})
+            r = await c.post("/generate", json={"class_id": k % 10, "seed": 1000 * k + n, **extra})
             out.append(r.status_code)
             n += 1
 
 
-async def drive(url: str, clients: int, seconds: float) -> list[int]:
+async def drive(url: str, clients: int, seconds: float, extra: dict) -> list[int]:
     out: list[int] = []
     end = time.monotonic() + seconds
-    await asyncio.gather(*(client(url, k, end, out) for k in range(clients)))
+    await asyncio.gather(*(client(url, k, end, out, extra) for k in range(clients)))
     return out
 
 
-def run_server(cache: str | None, args) -> dict:
+def run_server(cache: str, args) -> dict:
+    """One server: cache "off" (the uncached one, its requests with --baseline's fields) or the cached one."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     data_dir = tempfile.mkdtemp(prefix="dit-bench-")  # a job store of its own, never the user's
     cmd = [sys.executable, "-m", "server", "--port", str(port), "--log-level", "warning", "--max-batch-rows",
            str(args.max_batch_rows), "--max-queue", "1000", "--request-timeout", "600", "--data-dir", data_dir]
-    if cache is not None:
+    if cache != "default":
         cmd += ["--cache", cache]
+    extra = json.loads(args.baseline if cache == "off" else args.request)
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
@@ -121,9 +127,9 @@ def run_server(cache: str | None, args) -> dict:
                 return False
 
         wait_until(ready, 120, "the server")
-        asyncio.run(drive(url, args.clients, args.warmup))
+        asyncio.run(drive(url, args.clients, args.warmup, extra))
         before, cpu0, t0 = scrape(url), cpu_split(proc.pid), time.monotonic()
-        codes = asyncio.run(drive(url, args.clients, args.seconds))
+        codes = asyncio.run(drive(url, args.clients, args.seconds, extra))
         wall, after, cpu1 = time.monotonic() - t0, scrape(url), cpu_split(proc.pid)
     finally:
         proc.terminate()
@@ -133,7 +139,7 @@ def run_server(cache: str | None, args) -> dict:
     images = d.get("dit_images_generated_total", 0) or ok
     cores = {k: (cpu1[k] - cpu0[k]) / wall for k in cpu0}  # mean cores busy in the window
     cores["other"] = max(0.0, cores.pop("machine") - cores["engine"] - cores["frontend"] - cores["clients"])
-    return {"cache": cache or "off", "images_per_s": ok / wall, "errors": len(codes) - ok,
+    return {"cache": cache, "images_per_s": ok / wall, "errors": len(codes) - ok,
             "rows_per_image": d["dit_forward_rows_computed_total"] / max(1, images),
             "samples_per_forward": d["dit_batch_size_sum"] / max(1, d["dit_batch_size_count"]),
             "cores": {k: round(v, 2) for k, v in cores.items()}}
@@ -141,7 +147,11 @@ def run_server(cache: str | None, args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--cache", default="taylor2", help="the cached server's --cache (a preset or a JSON object)")
+    p.add_argument("--cache", default="taylor2", help="the cached server's --cache (a preset, a JSON object, "
+                   "or 'default': the model's declared default)")
+    p.add_argument("--request", default="{}", help="JSON fields every request to the cached server carries, "
+                   "e.g. '{\"steps\": 13, \"cfg_scale\": 4.25}'")
+    p.add_argument("--baseline", default="{}", help="JSON fields every request to the uncached server carries")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--seconds", type=float, default=30)
     p.add_argument("--warmup", type=float, default=5)
@@ -151,11 +161,11 @@ def main() -> None:
     args = p.parse_args()
     runs = []
     for _ in range(args.rounds):
-        for cache in (None, args.cache):
+        for cache in ("off", args.cache):
             runs.append(run_server(cache, args))
             print(runs[-1], flush=True)
     print(f"\n{args.clients} closed-loop clients, one default image each, {args.seconds:g} s measured per run, "
-          f"uncached and cached alternated x {args.rounds}")
+          f"uncached (requests + {args.baseline}) and cached (+ {args.request}) alternated x {args.rounds}")
     print("| server | images/s (each run) | median | forward rows per image | samples per forward (each run) | "
           "cores busy: engine / front-end / clients / other (each run) | errors |")
     print("|---|---|---|---|---|---|---|")
