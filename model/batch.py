@@ -335,7 +335,7 @@ class SlotBatch:
             mean.index_add_(0, a.noisy, sigma * self._noise(a, it.index_select(0, a.noisy)))
         # The computed rows' history: differences per iteration, none across a new run of guidance (a
         # feature-level cache's own history runs on: the sample's features are one function of t).
-        fresh = ~resets | self.meta[:n, LEVEL].bool()
+        fresh = (~resets | self.meta[:n, LEVEL].bool()) if a.features else ~resets
         valid1 = ((count >= 1) & fresh).float().view(-1, 1, 1, 1) / gap
         valid2 = ((count >= 2) & fresh).float().view(-1, 1, 1, 1) / gap
         new_d1 = (pred - f).mul_(valid1)
