@@ -148,15 +148,13 @@ def test_step_cache_in_the_answer_the_png_the_job_and_info(server):
         wait_until(lambda: c.get(job["status_url"]).json()["status"] == "done", 60, "the cached job")
         status = c.get(job["status_url"]).json()
         result = c.get(job["result_url"])
-    # the embedded model declares a cached default (weights/README.md, issue 29): a request naming none gets it
-    assert info["defaults"]["cache"] == "features3g2" and info["cache_presets"]["taylor2"]["method"] == "taylor"
-    assert json.loads(Image.open(io.BytesIO(plain.content)).info["parameters"])["cache"] == "features3g2"
-    assert "cache" not in json.loads(Image.open(io.BytesIO(off.content)).info["parameters"])  # off: no cache
-    assert not np.array_equal(pixels(plain.content), pixels(off.content))
+    assert info["defaults"]["cache"] == "off" and info["cache_presets"]["taylor2"]["method"] == "taylor"
+    assert plain.content == off.content  # off: the bytes of a server without caches (no cache in the metadata)
+    assert "cache" not in json.loads(Image.open(io.BytesIO(plain.content)).info["parameters"])
     assert cached.json()["cache"] == "taylor2"
     image = base64.b64decode(cached.json()["images"][0]["data"])
     assert json.loads(Image.open(io.BytesIO(image)).info["parameters"])["cache"] == "taylor2"
-    assert not np.array_equal(pixels(image), pixels(off.content))  # it skipped the network at some steps
+    assert not np.array_equal(pixels(image), pixels(plain.content))  # it skipped the network at some steps
     assert job["cache"] == custom and status["cache"] == custom
     assert json.loads(Image.open(io.BytesIO(result.content)).info["parameters"])["cache"] == custom
 
