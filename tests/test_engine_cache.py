@@ -84,3 +84,25 @@ def test_the_budget_holds_with_adaptive_skipping_and_the_metric_counts_computed_
     assert 0 < ran < planned  # the adaptive runner skipped rows the timeline held
     assert h.metrics.forward_rows_total._value.get() == ran
     assert h.metrics.forward_rows._sum.get() == ran
+
+
+def test_samples_that_leave_early_give_back_their_rows_around_cached_steps():
+    """Two samples that leave before steps their cache skips: each refund leaves the timeline whole (the
+    second once found the skipped step's entry gone and stopped the engine)."""
+    from server.engine.slots import SlotTable
+
+    def request(name):
+        r = EngineRequest(name, 1, (0,), Sampling("ddim", 4, 1.0), 0.0, 60.0)
+        r.__dict__["timeline"] = (1, 0, 0, 1)  # computed, two cached steps, computed
+        return r
+
+    table = SlotTable()
+    slots = [table.take(request("a"), 0), table.take(request("b"), 0)]
+    assert [table.rows(t) for t in range(1, 5)] == [2, 0, 0, 2]
+    table.advance()
+    table.release(slots[0])
+    assert [table.rows(t) for t in range(2, 5)] == [0, 0, 1]
+    table.release(slots[1])
+    assert table.ahead == {1: 2}  # the running step's rows leave with past()
+    table.past()
+    assert table.ahead == {}

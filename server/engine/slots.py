@@ -52,7 +52,8 @@ class SlotTable:
         self._finish_at.setdefault(finish, set()).add(slot)
         self._slot_finish[slot] = finish
         for i, rows in enumerate(timeline, start=self.tick + 1):
-            self.ahead[i] = self.ahead.get(i, 0) + rows
+            if rows:  # a cached step adds no entry: `ahead` holds only steps with rows in them
+                self.ahead[i] = self.ahead.get(i, 0) + rows
         return slot
 
     def release(self, slot: int) -> tuple[EngineRequest, int]:
@@ -65,9 +66,13 @@ class SlotTable:
             timeline = request.timeline
             start = finish - len(timeline) + 1  # the step it first ran in
             for tick in range(self.tick + 1, finish + 1):
-                self.ahead[tick] -= timeline[tick - start]
-                if not self.ahead[tick]:
-                    del self.ahead[tick]
+                rows = timeline[tick - start]
+                if rows:
+                    left = self.ahead[tick] - rows
+                    if left:
+                        self.ahead[tick] = left
+                    else:
+                        del self.ahead[tick]
         self._free.append(slot)
         return request, sample
 
