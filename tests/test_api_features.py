@@ -29,7 +29,8 @@ from server.service.class_names import ClassIndex, ClassNameError
 
 ALICE, BOB = "alice-key", "bob-key"
 SECRET = "whsec_" + "dGVzdC1zZWNyZXQtb2YtdGhpcy1zZXJ2ZXItMzItYnl0ZXM="  # base64 of 32 bytes
-HOLD = {"class_id": 1, "steps": 1000, "sampler": "ddim", "cfg_scale": 1.0, "num_images": 16}  # all 16 rows
+HOLD = {"class_id": 1, "steps": 1000, "sampler": "ddim", "cfg_scale": 1.0, "num_images": 16,
+        "cache": "off"}  # all 16 rows at every step (a step cache would leave some free)
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ def test_retries_429_after_retry_after(tmp_path):
     # Two 1000-step jobs fill the one-row batch and the one-place queue until the test cancels them,
     # once the client has been refused: no race with how fast the machine steps.
     with run_server(tmp_path, "--max-queue", "1", "--max-batch-rows", "1", "--max-steps", "1000") as s:
-        long = {"class_id": 1, "steps": 1000, "cfg_scale": 1.0, "sampler": "ddim"}
+        long = {"class_id": 1, "steps": 1000, "cfg_scale": 1.0, "sampler": "ddim", "cache": "off"}
         running = httpx.post(s.url + "/jobs", json=dict(long, seed=0)).json()
         wait_until(lambda: s.metric("dit_active_samples") == 1, 20, "the first job to run")
         waiting = httpx.post(s.url + "/jobs", json=dict(long, seed=1)).json()

@@ -31,5 +31,5 @@ def test_shipped_model_generates_the_requested_classes():
 def test_shipped_config_declares_defaults_and_names():
     config = json.loads(WEIGHTS.with_suffix(".json").read_text())
     assert config["class_names"][7] == "Sneaker" and config["space"] == "pixel"
-    assert set(config["defaults"]) == {"sampler", "steps", "cfg_scale", "guidance_interval"}
+    assert set(config["defaults"]) == {"sampler", "steps", "cfg_scale", "guidance_interval", "cache"}
     assert WEIGHTS.stat().st_size <= 20 * 2**20

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from server_harness import free_port, run_server, wait_until
 
-LONG = {"class_id": 1, "steps": 1000, "cfg_scale": 1.0, "sampler": "ddim"}
+LONG = {"class_id": 1, "steps": 1000, "cfg_scale": 1.0, "sampler": "ddim", "cache": "off"}  # a row each step
 
 
 def engine_pid(server) -> int:

@@ -218,7 +218,7 @@ def test_cancel_stops_the_job_and_frees_its_samples(page, server):
 def test_queue_position_is_shown_while_waiting_and_a_waiting_request_can_be_cancelled(page, server, client):
     rows = client.get("/info").json()["max_batch_rows"]
     filler = {"class_id": 2, "steps": 1000, "sampler": "ddim", "num_images": rows // 2, "cfg_scale": 4.0,
-              "guidance_interval": [0, 1]}  # guided at every step: 2 rows each, the batch full throughout
+              "guidance_interval": [0, 1], "cache": "off"}  # 2 rows each at every step: the batch full throughout
     job = client.post("/jobs", json=filler).json()
     try:
         wait_until(lambda: server.metric("dit_active_samples") == rows // 2, 30, "the batch to be full")

@@ -141,20 +141,22 @@ def test_step_cache_in_the_answer_the_png_the_job_and_info(server):
     custom = {"method": "reuse", "every": 3, "order": 0, "warmup": 1}
     with server.client() as c:
         info = c.get("/info").json()
-        plain = c.post("/generate", json=req)
+        plain = c.post("/generate", json=req)  # the model's default cache
+        named = c.post("/generate", json=dict(req, cache="features3g2"))
         off = c.post("/generate", json=dict(req, cache="off"))
         cached = c.post("/generate", json=dict(req, cache="taylor2"), headers={"Accept": "application/json"})
         job = c.post("/jobs", json=dict(req, cache={"method": "reuse", "every": 3, "warmup": 1})).json()
         wait_until(lambda: c.get(job["status_url"]).json()["status"] == "done", 60, "the cached job")
         status = c.get(job["status_url"]).json()
         result = c.get(job["result_url"])
-    assert info["defaults"]["cache"] == "off" and info["cache_presets"]["taylor2"]["method"] == "taylor"
-    assert plain.content == off.content  # off: the bytes of a server without caches (no cache in the metadata)
-    assert "cache" not in json.loads(Image.open(io.BytesIO(plain.content)).info["parameters"])
+    assert info["defaults"]["cache"] == "features3g2" and info["cache_presets"]["taylor2"]["method"] == "taylor"
+    assert plain.content == named.content and plain.content != off.content
+    assert json.loads(Image.open(io.BytesIO(plain.content)).info["parameters"])["cache"] == "features3g2"
+    assert "cache" not in json.loads(Image.open(io.BytesIO(off.content)).info["parameters"])  # off: no cache named
     assert cached.json()["cache"] == "taylor2"
     image = base64.b64decode(cached.json()["images"][0]["data"])
     assert json.loads(Image.open(io.BytesIO(image)).info["parameters"])["cache"] == "taylor2"
-    assert not np.array_equal(pixels(image), pixels(plain.content))  # it skipped the network at some steps
+    assert not np.array_equal(pixels(image), pixels(off.content))  # it skipped the network at some steps
     assert job["cache"] == custom and status["cache"] == custom
     assert json.loads(Image.open(io.BytesIO(result.content)).info["parameters"])["cache"] == custom
 

@@ -85,9 +85,11 @@ class GenerateRequest(StrictBody):
                                                        "forward rows); [0, 1] guides every step")
     cache: CacheSetting | None = Field(None, json_schema_extra={"anyOf": [{"type": "string"}, {"type": "object"}]},
                                        description="step cache: \"off\" (the network at every "
-                                       "step), a preset (see GET /info), or {\"method\": \"reuse\" | \"taylor\", "
-                                       "\"every\": N, \"order\": 1 | 2, \"warmup\": W}: the network runs at one "
-                                       "step in N, the others reuse or forecast its output (fewer forward rows)")
+                                       "step), a preset (see GET /info), or {\"method\": \"reuse\" | \"taylor\" | "
+                                       "\"taylor-features\", \"every\": N, \"order\": 1 | 2, \"warmup\": W, "
+                                       "\"guided_every\": M, \"guided_warmup\": V}: the network runs at one step in "
+                                       "N, the others reuse or forecast its output or its final features (fewer "
+                                       "forward rows); absent: the model's default (GET /info)")
     num_images: StrictInt = Field(1, ge=1, description="images; > 1 gives a grid")
     format: ImageFormat = Field("png", description="image encoding; when absent, an Accept: image/jpeg or "
                                 "image/webp header picks it")
