@@ -282,7 +282,8 @@ def _throughput_ours(dit: DiT, image_size: int, batch: int, steps: int, guidance
         torch.cuda.empty_cache()
 
 
-STEP_CACHES = ("off", "taylor2", "taylor3")  # model/cache.py presets: the network at every step, 1 in 2, 1 in 3
+STEP_CACHES = ("off", "taylor2", "taylor3", "features3g2")  # model/cache.py presets (features3g2: the reference
+# blocks at its computed steps, which hand out the final layer's input; the fused path has none)
 
 
 def step_cache(cfg: DiTConfig, image_size: int, batch: int, steps: int, guidance: float, reps: int) -> dict:
@@ -566,7 +567,7 @@ def main() -> None:
         sc = results["step_cache"] = step_cache(cfg, image_size, batch, steps, 4.0, reps)
         print(f"\nstep cache, {steps}-step DDIM, cfg 4, batch {batch}, {image_size} px, ours bf16, interleaved:")
         for name, v in sc.items():
-            print(f"  {name:<8} {v['rows_per_image']:>4} rows/image  {v['img_s']:7.2f} img/s  ({v['vs_off']:.2f}x off)",
+            print(f"  {name:<11} {v['rows_per_image']:>4} rows/image  {v['img_s']:7.2f} img/s  ({v['vs_off']:.2f}x off)",
                   flush=True)
 
     def show_precision():
