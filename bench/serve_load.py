@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def run_policy(policy: str, args) -> dict:
            "--max-batch-rows", str(args.max_batch_rows), "--max-queue", "1000", "--request-timeout", "600"]
     if args.model:
         cmd += ["--model", args.model]
+    data = tempfile.TemporaryDirectory()  # its own job store: not the user's, nor another checkout's
+    cmd += ["--data-dir", data.name]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     try:
         def ready():
@@ -76,6 +79,7 @@ def run_policy(policy: str, args) -> dict:
     finally:
         proc.terminate()
         proc.wait(60)
+        data.cleanup()
     ok = [r for r in results if r[1] == 200]
     d = {k: after.get(k, 0) - before.get(k, 0) for k in after}
     model_s = d["dit_step_duration_seconds_sum"] + d["dit_decode_duration_seconds_sum"]
