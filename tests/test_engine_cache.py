@@ -106,3 +106,25 @@ def test_samples_that_leave_early_give_back_their_rows_around_cached_steps():
     assert table.ahead == {1: 2}  # the running step's rows leave with past()
     table.past()
     assert table.ahead == {}
+
+
+def test_background_samples_leave_a_cached_interactive_samples_skipped_steps_nearly_free():
+    """An interactive sample at a step its cache skips (0 rows) is still in flight: background samples take
+    only what keeps that step within BACKGROUND_SLOWDOWN of its cost without them, not the allowance of an
+    engine with nothing interactive (which made a cached request's skipped steps the slowest of all)."""
+    h = _harness(adaptive=False)
+    h.core.scheduler.step_cost = lambda: (0.1, 0.015)  # 100 ms a step + 15 ms a row
+    dataset = _request(h, 1, "off", steps=20, cfg=1.0)
+    dataset.seeds = tuple(range(6))
+    dataset.background = True
+    h.submit(dataset)
+    h.step()  # alone: every background sample runs
+    late = _request(h, 2, TAYLOR3, steps=9, cfg=1.0)  # rows (1, 0, 0, 1, 0, 0, 1, 0, 0)
+    h.submit(late)
+    for _ in range(4):
+        h.step()
+    background = {j.slot for j in h.runner.plans[0].joins}
+    ran = [len(background & set(p.subset or background)) for p in h.runner.plans[1:5]]
+    # 1 interactive row: 1.2 x 115 ms allows 2.5 rows (one background); 0 rows: 0.2 x 100 ms, 1.3 rows (one);
+    # with nothing interactive in flight it would have been all six
+    assert ran == [1, 1, 1, 1], ran

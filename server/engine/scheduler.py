@@ -120,15 +120,19 @@ class Scheduler:
         finish, rows = self.slots.advance()
         subset = None
         if self.slots.background:
-            run, done = self.slots.run_background(self.background_rows(rows) - rows, force=not rows)
+            # Interactive samples in flight, even at a step their cache skips (0 rows): the step stays theirs.
+            interactive = len(self.slots.owner) > len(self.slots.background)
+            run, done = self.slots.run_background(self.background_rows(rows, interactive) - rows,
+                                                  force=not interactive)
             finish = (*finish, *done)
             if len(run) < len(self.slots.background):  # some pause: step the others only
                 subset = tuple(s for s in self.slots.owner if s not in self.slots.background or s in run)
         return StepPlan(joins=tuple(joins), leaves=self.take_leaves(), subset=subset, finish=finish,
                         previews=self._preview_slots(now))
 
-    def background_rows(self, interactive: int) -> int:
-        """The step's rows at most with background samples beside `interactive` rows of interactive ones."""
+    def background_rows(self, rows: int, interactive: bool) -> int:
+        """The step's rows at most with background samples beside `rows` rows of interactive samples
+        (`interactive`: whether any is in flight; a cached one may take no row at this step)."""
         fixed, per_row = self.step_cost()
         if not interactive:
             if per_row <= 0:
@@ -136,9 +140,9 @@ class Scheduler:
             alone = (BACKGROUND_ALONE_STEPS * (fixed + 2 * per_row) - fixed) / per_row
             return max(1, min(self.max_rows, int(alone)))
         if per_row <= 0:
-            return interactive
-        most = (BACKGROUND_SLOWDOWN * (fixed + per_row * interactive) - fixed) / per_row
-        return max(interactive, min(self.max_rows, int(most)))
+            return rows
+        most = (BACKGROUND_SLOWDOWN * (fixed + per_row * rows) - fixed) / per_row
+        return max(rows, min(self.max_rows, int(most)))
 
     def _admit(self, now: float) -> list[Join]:
         joins: list[Join] = []
