@@ -90,7 +90,9 @@ class SlotTable:
         run, finish = [], []
         for slot, done in self.background.items():
             timeline = self.owner[slot][0].timeline
-            need = timeline[done]
+            # A step its cache skips takes no forward row but is not free (the forecast, the final layer, the
+            # update): counted as one here, so that cached background samples do not crowd a step.
+            need = timeline[done] or 1
             if need <= rows or (force and not run):
                 run.append(slot)
                 rows -= need

@@ -74,6 +74,9 @@ class Service:
         self._owned: Counter[str | None] = Counter()  # jobs in the engine per API key hash
         self._lock = threading.Lock()  # _jobs, _owned
         self._encoder = ThreadPoolExecutor(settings.encode_threads, thread_name_prefix="encode")
+        # A dataset's chunks (16 images each) are encoded on a thread of their own: an interactive answer
+        # never waits behind them for an encoder.
+        self._background_encoder = ThreadPoolExecutor(1, thread_name_prefix="encode-background")
         # Called with the reason when the server cannot serve at all (the model cannot be loaded, the engine
         # died): the CLI then exits non-zero, so that an orchestrator sees it and restarts the server.
         self.on_exit_failure: Callable[[str], None] | None = None
@@ -214,7 +217,8 @@ class Service:
                 self._ended(job, out.error)
             else:
                 r.step = r.steps
-                self._encoder.submit(self._encode, job, out.pixels)
+                encoder = self._background_encoder if r.background else self._encoder
+                encoder.submit(self._encode, job, out.pixels)
         job.changed()
 
     def _encode(self, job: Job, pixels: np.ndarray) -> None:
@@ -314,5 +318,6 @@ class Service:
         t0 = time.monotonic()
         self.engine.stop(timeout=self.settings.drain_timeout)
         self._encoder.shutdown(wait=True)
+        self._background_encoder.shutdown(wait=True)
         self.jobs.close()
         log.info("engine drained in %.2f s", time.monotonic() - t0)
