@@ -1,6 +1,6 @@
 """A dataset beside interactive traffic, on the real server (embedded model, default settings, loopback):
 
-    python bench/dataset_load.py [--images 640] [--probes 40] [--json out.json]
+    python bench/dataset_load.py [--images 640] [--probes 200] [--json out.json]
 
 In one run, on one server:
   idle        single-image /generate requests one after another: their latency (p50, p99);
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -44,8 +45,9 @@ def latencies(url: str, count: int) -> list[float]:
 
 
 def p(values: list[float], q: float) -> float:
+    """The q-quantile by nearest rank: of 100 values, p99 is the 99th smallest (not the largest)."""
     values = sorted(values)
-    return values[min(len(values) - 1, int(q * len(values)))]
+    return values[max(0, math.ceil(q * len(values)) - 1)]
 
 
 async def saturated(url: str, clients: int = 4, seconds: float = 20.0) -> float:
@@ -84,7 +86,7 @@ def dataset_rate(url: str, images: int) -> tuple[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=640)
-    ap.add_argument("--probes", type=int, default=100)
+    ap.add_argument("--probes", type=int, default=200)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     report: dict = {}

@@ -128,3 +128,32 @@ def test_background_samples_leave_a_cached_interactive_samples_skipped_steps_nea
     # 1 interactive row: 1.2 x 115 ms allows 2.5 rows (one background); 0 rows: 0.2 x 100 ms, 1.3 rows (one);
     # with nothing interactive in flight it would have been all six
     assert ran == [1, 1, 1, 1], ran
+
+
+def test_background_steps_stay_small_for_a_grace_period_after_interactive_work():
+    """Interactive requests come in runs: one that arrives during a full-size background step waits for it,
+    so for BACKGROUND_GRACE_SECONDS after interactive work background steps stay as small as beside it."""
+    from server.engine.scheduler import BACKGROUND_GRACE_SECONDS
+
+    h = _harness(adaptive=False)
+    h.core.scheduler.step_cost = lambda: (0.1, 0.015)  # 100 ms a step + 15 ms a row
+    dataset = _request(h, 1, "off", steps=40, cfg=1.0)
+    dataset.seeds = tuple(range(6))
+    dataset.background = True
+    h.submit(dataset)
+    h.step()
+    background = {j.slot for j in h.runner.plans[0].joins}
+    late = _request(h, 2, "off", steps=2, cfg=1.0)
+    h.submit(late)
+    h.step()
+    h.step()  # its last step
+    assert h.end(late).error is None
+
+    def running() -> int:
+        h.step()
+        plan = h.runner.plans[-1]
+        return len(background & set(plan.subset)) if plan.subset else len(background)
+
+    assert running() == 1  # within the grace: 0.2 x 100 ms of background rows (one, at least one runs)
+    h.clock.now += BACKGROUND_GRACE_SECONDS
+    assert running() == 6  # after it: the alone allowance, every background sample

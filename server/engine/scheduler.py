@@ -17,7 +17,8 @@ Policies:
 Background samples (a dataset's) join while no interactive request waits, up to the row budget in
 number, and run only at the steps where rows are left (`background_rows`, from the measured step cost):
 alone, steps no longer than BACKGROUND_ALONE_STEPS steps of one guided image (a request arriving during
-one waits at most that); beside interactive samples, only as many rows as keep the step within
+one waits at most that; for BACKGROUND_GRACE_SECONDS after interactive work, as small as beside it);
+beside interactive samples, only as many rows as keep the step within
 BACKGROUND_SLOWDOWN of the step without them. The others pause (keep their state, run no row) for that
 step, so interactive latency stays near what it is on an idle server.
 
@@ -44,6 +45,9 @@ BACKGROUND_SLOWDOWN = 1.2  # beside interactive samples, background rows may mak
 # Alone, background samples take steps no longer than this many steps of one guided image: an interactive
 # request that arrives during one waits at most that long (on a CPU a step's time grows with its rows).
 BACKGROUND_ALONE_STEPS = 6
+# After interactive work, background steps stay as small as beside it for this long: interactive requests
+# come in runs, and one that arrives during a full-size background step waits for that step.
+BACKGROUND_GRACE_SECONDS = 0.5
 
 
 class Scheduler:
@@ -65,6 +69,7 @@ class Scheduler:
         # The step cost (fixed, per_row seconds) the background's share is judged by; (0, 0) = not measured,
         # and then background samples run only when nothing interactive does.
         self.step_cost: Callable[[], tuple[float, float]] = lambda: (0.0, 0.0)
+        self._interactive_until = float("-inf")  # background steps stay small until then (the grace)
 
     # ---- requests in and out ---------------------------------------------------------------------------
     def add(self, request: EngineRequest) -> None:
@@ -122,8 +127,10 @@ class Scheduler:
         if self.slots.background:
             # Interactive samples in flight, even at a step their cache skips (0 rows): the step stays theirs.
             interactive = len(self.slots.owner) > len(self.slots.background)
-            run, done = self.slots.run_background(self.background_rows(rows, interactive) - rows,
-                                                  force=not interactive)
+            if interactive:
+                self._interactive_until = now + BACKGROUND_GRACE_SECONDS
+            run, done = self.slots.run_background(
+                self.background_rows(rows, interactive or now < self._interactive_until) - rows, force=not interactive)
             finish = (*finish, *done)
             if len(run) < len(self.slots.background):  # some pause: step the others only
                 subset = tuple(s for s in self.slots.owner if s not in self.slots.background or s in run)
