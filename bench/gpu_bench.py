@@ -567,8 +567,8 @@ def main() -> None:
         sc = results["step_cache"] = step_cache(cfg, image_size, batch, steps, 4.0, reps)
         print(f"\nstep cache, {steps}-step DDIM, cfg 4, batch {batch}, {image_size} px, ours bf16, interleaved:")
         for name, v in sc.items():
-            print(f"  {name:<11} {v['rows_per_image']:>4} rows/image  {v['img_s']:7.2f} img/s  ({v['vs_off']:.2f}x off)",
-                  flush=True)
+            print(f"  {name:<11} {v['rows_per_image']:>4} rows/image  {v['img_s']:7.2f} img/s  "
+                  f"({v['vs_off']:.2f}x off)", flush=True)
 
     def show_precision():
         errors = results["rel_error_vs_fp32"] = precision(cfg, images)

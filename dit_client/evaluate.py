@@ -16,10 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from training.judge import judge, read_shards
+from training.judge import judge, read_shard, read_shards, write_adm_npz
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,17 +28,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--merge", type=Path, help="also write every image as one .npz (the ADM suite's input)")
     p.add_argument("--data-dir", help="Fashion-MNIST's IDX files (default: Debian's dataset-fashion-mnist)")
     args = p.parse_args(argv)
-    try:
-        images, labels = read_shards(sorted(args.folder.glob("shard-*")))
-    except ValueError:
-        raise SystemExit(f"dit-eval: no shard-*.tar or shard-*.npz files in {args.folder}") from None
-    if args.merge is not None:
-        np.savez(args.merge, arr_0=images, arr_1=labels)
-        print(f"{args.merge}: {len(images)} images")
+    shards = [p for p in sorted(args.folder.glob("shard-*")) if p.suffix in (".tar", ".npz")]
+    if not shards:
+        raise SystemExit(f"dit-eval: no shard-*.tar or shard-*.npz files in {args.folder}")
+    if args.merge is not None:  # shard by shard: the pixels of 50,000 images are never all in memory at once
+        print(f"{args.merge}: {write_adm_npz(shards, args.merge)} images")
+    images, _ = read_shard(shards[0])
     if images.shape[1:] != (28, 28, 3):
         print(f"dit-eval: {images.shape[1]}x{images.shape[2]} images: the Fashion-MNIST judge does not apply; run "
               "the ADM evaluation suite on the merged .npz (see --help)", file=sys.stderr)
         return 0 if args.merge is not None else 2
+    images, labels = read_shards(shards)
     kwargs = {"data_dir": args.data_dir} if args.data_dir else {}
     try:
         result = judge(torch.from_numpy(images), torch.from_numpy(labels), **kwargs)

@@ -23,7 +23,7 @@ from server_harness import ROOT, run_server, wait_until
 # 1 row: one job runs at a time, the others queue behind it. The first job is long (1000 DDIM steps, a few
 # seconds on the CPU), so that while it is at less than half of its steps every job is still unfinished.
 ARGS = ("--max-batch-rows", "1", "--max-steps", "1000", "--no-deadline-admission")
-JOB = {"steps": 20, "sampler": "ddim", "cfg_scale": 1.0}
+JOB = {"steps": 20, "sampler": "ddim", "cfg_scale": 1.0, "cache": "off"}  # a row at every step: one job at a time
 LONG = 1000
 
 

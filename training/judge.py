@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,26 @@ def read_shards(paths: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     if not read:
         raise ValueError(f"no shard files (.tar or .npz) among {len(paths)} paths")
     return np.concatenate([images for images, _ in read]), np.concatenate([labels for _, labels in read])
+
+
+def write_adm_npz(paths: list[Path], out: Path) -> int:
+    """Every image of the shards in one .npz as the original sample_ddp.py writes it for the ADM evaluation
+    suite (`arr_0` uint8 (N, H, W, 3); `arr_1` the class ids, int64), written shard by shard (two passes:
+    one for N, one for the pixels), so that 50,000 images need no more memory than one shard. Returns N."""
+    shards = [p for p in paths if p.suffix in (".tar", ".npz")]
+    if not shards:
+        raise ValueError(f"no shard files (.tar or .npz) among {len(paths)} paths")
+    labels = [read_shard(p)[1] for p in shards]
+    first, _ = read_shard(shards[0])
+    shape = (sum(len(ids) for ids in labels), *first.shape[1:])
+    with zipfile.ZipFile(out, "w", allowZip64=True) as z:
+        with z.open("arr_0.npy", "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+            for path in shards:
+                f.write(np.ascontiguousarray(read_shard(path)[0], dtype=np.uint8).tobytes())
+        with z.open("arr_1.npy", "w") as f:
+            np.lib.format.write_array(f, np.concatenate(labels).astype(np.int64))
+    return shape[0]
 
 
 def to_model_input(images: torch.Tensor) -> torch.Tensor:

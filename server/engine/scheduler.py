@@ -124,11 +124,11 @@ class Scheduler:
             return None
         finish, rows = self.slots.advance()
         subset = None
+        # Interactive samples in flight, even at a step their cache skips (0 rows): the step stays theirs.
+        interactive = len(self.slots.owner) > len(self.slots.background)
+        if interactive:
+            self._interactive_until = now + BACKGROUND_GRACE_SECONDS
         if self.slots.background:
-            # Interactive samples in flight, even at a step their cache skips (0 rows): the step stays theirs.
-            interactive = len(self.slots.owner) > len(self.slots.background)
-            if interactive:
-                self._interactive_until = now + BACKGROUND_GRACE_SECONDS
             run, done = self.slots.run_background(
                 self.background_rows(rows, interactive or now < self._interactive_until) - rows, force=not interactive)
             finish = (*finish, *done)

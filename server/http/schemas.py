@@ -187,6 +187,7 @@ class DatasetRequest(StrictBody):
     tag: StrictStr | None = Field(None, max_length=256, description="any client text, echoed in the status")
     webhook_url: StrictStr | None = Field(None, max_length=2048, description="POSTed the dataset's status JSON "
                                           "when it ends, signed as for jobs (the operator must allow its host)")
-    evaluate: StrictBool = Field(False, description="once every image is made, judge them (class agreement and "
-                                 "feature-FID against the Fashion-MNIST test set, by the project's classifier) "
-                                 "into the status and manifest: the embedded Fashion-MNIST model only")
+    evaluate: StrictBool = Field(False, description="once every image is made, evaluate them into the status and "
+                                 "manifest: for the embedded Fashion-MNIST model, class agreement and feature-FID "
+                                 "against its test set by the project's classifier; for any other model, every "
+                                 "image in the one .npz the ADM evaluation suite reads (GET /datasets/{id}/adm.npz)")

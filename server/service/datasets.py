@@ -28,7 +28,6 @@ import shutil
 import tarfile
 import threading
 import time
-import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,6 +54,9 @@ CHUNK_DEADLINE = 24 * 3600.0  # seconds: a background chunk may wait long behind
 LOOP_SECONDS = 1.0  # how often the runner checks for datasets to take up and files to expire
 FORMATS = ("webdataset", "npz")
 ADM_FILE = "adm.npz"  # evaluate: true for a model the judge does not know: every image, for the ADM suite
+# The ADM suite's ImageNet reference batches, by image size (openai/guided-diffusion, evaluations/README.md)
+ADM_REFERENCE = {64: "VIRTUAL_imagenet64_labeled.npz", 128: "VIRTUAL_imagenet128_labeled.npz",
+                 256: "VIRTUAL_imagenet256_labeled.npz", 512: "VIRTUAL_imagenet512.npz"}
 
 datasets_table = Table(
     "dit_datasets", metadata,
@@ -206,6 +208,7 @@ class Datasets:
         self._thread: threading.Thread | None = None
         # Shards are assembled and written off the encoders' threads (interactive answers use those).
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="dataset-shards")
+        self._evaluator = ThreadPoolExecutor(1, thread_name_prefix="dataset-evaluation")
 
     # ---- the API --------------------------------------------------------------------------------------
     def create(self, spec: DatasetSpec, owner: str | None, webhook_url: str | None = None) -> Dataset:
@@ -354,6 +357,8 @@ class Datasets:
         dataset.done_at_start, dataset.started = dataset.images_done, time.time()
         with self._lock:
             self._running[dataset.id] = dataset
+        if len(dataset.shards_done) == dataset.spec.shards:  # stopped during its evaluation: that is left
+            self._evaluator.submit(self._finish, dataset)
         self._wake.set()
 
     def _in_flight_limit(self) -> int:
@@ -476,11 +481,16 @@ class Datasets:
             log.error("dataset %s: shard %d written but not recorded (%s); it is made again after a restart",
                       d.id, shard, e)
         if finished:
-            if spec.evaluate == "judge":
-                d.evaluation = self._judge(d)
-            elif spec.evaluate == "adm":
-                d.evaluation = self._adm_npz(d)
-            self._end(d, "done", None)
+            self._evaluator.submit(self._finish, d)
+
+    def _finish(self, d: Dataset) -> None:
+        """Every shard is written: the evaluation asked for (on a thread of its own: it may take minutes, and
+        other datasets' shards are written meanwhile), then the end."""
+        if d.spec.evaluate == "judge":
+            d.evaluation = self._judge(d)
+        elif d.spec.evaluate == "adm":
+            d.evaluation = self._adm_npz(d)
+        self._end(d, "done", None)
 
     def _judge(self, d: Dataset) -> dict:
         """Class agreement and feature-FID of the dataset's images by the project's judge (training/judge.py:
@@ -493,10 +503,10 @@ class Datasets:
 
             images, labels = read_shards(sorted((self.root / d.id).glob("shard-*")))
             result = judge(torch.from_numpy(images), torch.from_numpy(labels), data_dir=self.judge_data)
-        except (OSError, ValueError) as e:  # the test set missing (FileNotFoundError) or unreadable
-            log.error("dataset %s: the evaluation failed: %s", d.id, e)
-            return {"error": f"the evaluation failed: {e}; install Debian's dataset-fashion-mnist or give "
-                    "--judge-data, then run dit-eval on the shards"}
+        except Exception as e:  # the test set missing (FileNotFoundError) or unreadable, a shard unreadable...
+            log.exception("dataset %s: the evaluation failed", d.id)
+            return {"error": f"the evaluation failed ({type(e).__name__}: {e}); the shards are made: run dit-eval "
+                    "on them (the judge needs Fashion-MNIST's test set: the server's --judge-data)"}
         log.info("dataset %s judged in %.1f s: %s", d.id, time.monotonic() - started, result)
         return {**result, "judge": "weights/fashion_classifier.safetensors",
                 "reference": "Fashion-MNIST test set, as many images as the dataset"}
@@ -519,36 +529,25 @@ class Datasets:
         raise DatasetFull(f"the datasets' files would exceed --max-dataset-bytes ({self.max_bytes} bytes)")
 
     def _adm_npz(self, d: Dataset) -> dict:
-        """Every image of the dataset in one .npz (`arr_0` uint8 (N, H, W, 3), `arr_1` class ids), as the
-        original sample_ddp.py writes it for the ADM evaluation suite; written shard by shard, so that
-        50,000 images need no more memory than one shard."""
-        from training.judge import read_shard
+        """Every image of the dataset in the one .npz the ADM evaluation suite reads (training/judge.py's
+        write_adm_npz: shard by shard), served at /datasets/{id}/adm.npz; or what kept it from it."""
+        from training.judge import read_shard, write_adm_npz
 
         shards = sorted((self.root / d.id).glob("shard-*"))
+        path = self.root / d.id / ADM_FILE
         try:
             first, _ = read_shard(shards[0])
             shape = (d.spec.total, *first.shape[1:])
             self._make_room(math.prod(shape) + 8 * d.spec.total, d.id)
-            path = self.root / d.id / ADM_FILE
-            tmp = path.with_suffix(".part")
-            labels = []
-            with zipfile.ZipFile(tmp, "w", allowZip64=True) as z:
-                with z.open("arr_0.npy", "w", force_zip64=True) as f:
-                    np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-                    for shard in shards:
-                        images, ids = read_shard(shard)
-                        f.write(np.ascontiguousarray(images, dtype=np.uint8).tobytes())
-                        labels.append(ids)
-                with z.open("arr_1.npy", "w") as f:
-                    np.lib.format.write_array(f, np.concatenate(labels).astype(np.int64))
-            os.replace(tmp, path)
-        except (OSError, DatasetFull) as e:
-            (self.root / d.id / ADM_FILE).with_suffix(".part").unlink(missing_ok=True)
-            log.error("dataset %s: the ADM .npz could not be written: %s", d.id, e)
+            write_adm_npz(shards, path.with_suffix(".part"))
+            os.replace(path.with_suffix(".part"), path)
+        except Exception as e:  # a full disk, --max-dataset-bytes, an unreadable shard...
+            path.with_suffix(".part").unlink(missing_ok=True)
+            log.exception("dataset %s: the ADM .npz could not be written", d.id)
             return {"error": f"the ADM suite's .npz could not be written ({e}); download the shards and run "
                     "dit-eval --merge on them"}
         return {"adm_npz": f"/datasets/{d.id}/{ADM_FILE}", "images": shape[0], "bytes": path.stat().st_size,
-                "command": f"python evaluator.py VIRTUAL_imagenet{shape[1]}_labeled.npz {ADM_FILE}",
+                "command": f"python evaluator.py {ADM_REFERENCE.get(shape[1], 'REFERENCE_BATCH.npz')} {ADM_FILE}",
                 "suite": "github.com/openai/guided-diffusion, evaluations/ (its README links the reference "
                          "batches)"}
 

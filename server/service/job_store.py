@@ -69,8 +69,10 @@ from .job import Job
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: leases (holder, lease_until, cancel_requested), dit_frontends, dit_replicas;
-# 3: datasets' webhooks and evaluation, the replicas that made each shard
+# 2: leases (holder, lease_until, cancel_requested), dit_frontends, dit_replicas. Nullable columns added later
+# (ADDED_COLUMNS) need no new version: a server that does not know them leaves them alone, so the one before
+# can still open the store (a rollback).
+SCHEMA_VERSION = 2
 PENDING = "pending"  # not ended: queued or running (in this process, or when the last one stopped)
 MAX_STARTS = 3  # a job that was running when the engine died this many times fails (it may be what kills it)
 RETRY_WRITE_SECONDS = 2.0  # a job's end that could not be written is tried again this often
@@ -104,7 +106,8 @@ jobs_table = Table(
     Column("cancel_requested", Integer, nullable=False, default=0),  # a DELETE through another front-end
     UniqueConstraint("owner", "idempotency_key"),
 )
-# Columns added to a table after it was first made: a store made before gets them when it is opened.
+# Columns added to a table after it was first made: a store made before gets them when it is opened
+# (whatever its version: a version-2 store from before datasets' webhooks lacks theirs).
 ADDED_COLUMNS = {
     "dit_jobs": {"holder": "VARCHAR(128)", "lease_until": "FLOAT", "cancel_requested": "INTEGER NOT NULL DEFAULT 0"},
     "dit_datasets": {"webhook_url": "VARCHAR(2048)", "webhook_state": "VARCHAR(16)", "evaluation": "TEXT"},
@@ -202,8 +205,7 @@ class JobStore:
                     raise StoreError(f"the job store {self.where} has schema version {version}, newer than this "
                                      f"server's ({SCHEMA_VERSION}): run the newer server, or point --job-store / "
                                      "--data-dir at another store")
-                if version is not None and int(version) < SCHEMA_VERSION:
-                    _add_columns(c)
+                _add_columns(c, sqlite)
                 metadata.create_all(c)
                 if version is None:
                     c.execute(insert(meta_table).values(key="schema", value=str(SCHEMA_VERSION)))
@@ -663,8 +665,9 @@ def _job_from_row(row) -> Job:
     return job
 
 
-def _add_columns(c) -> None:
-    """The columns of ADDED_COLUMNS that an older store's tables lack (tables it lacks are made whole)."""
+def _add_columns(c, sqlite: bool) -> None:
+    """The columns of ADDED_COLUMNS that an older store's tables lack (tables it lacks are made whole). On
+    PostgreSQL, IF NOT EXISTS: front-ends of a fleet starting together may both find one missing."""
     schema = inspect(c)
     for table, columns in ADDED_COLUMNS.items():
         if not schema.has_table(table):
@@ -672,4 +675,4 @@ def _add_columns(c) -> None:
         have = {column["name"] for column in schema.get_columns(table)}
         for name, kind in columns.items():
             if name not in have:
-                c.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
+                c.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {'' if sqlite else 'IF NOT EXISTS '}{name} {kind}")
