@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from server_harness import run_server, wait_until
+from server_harness import run_server, sse_events, wait_until
 from webhook_receiver import Receiver, verify
 
 ALICE, BOB = "alice-key", "bob-key"
@@ -141,15 +141,9 @@ def test_bad_datasets_are_422_naming_the_field(alice, body, field):
 
 def events_of(c: httpx.Client, path: str) -> list[tuple[str, dict]]:
     """A server-sent event stream, read to its end: (event, data) pairs."""
-    out, name = [], None
     with c.stream("GET", path, headers={"Accept": "text/event-stream"}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.status_code
-        for line in r.iter_lines():
-            if line.startswith("event: "):
-                name = line.removeprefix("event: ")
-            elif line.startswith("data: "):
-                out.append((name, json.loads(line.removeprefix("data: "))))
-    return out
+        return sse_events(r)
 
 
 def test_progress_streams_as_events_then_the_manifest(alice):

@@ -108,17 +108,23 @@ def test_samples_that_leave_early_give_back_their_rows_around_cached_steps():
     assert table.ahead == {}
 
 
+def _beside_a_dataset(steps: int) -> Harness:
+    """An engine at 100 ms a step + 15 ms a row that has run one step of a dataset's six samples alone."""
+    h = _harness(adaptive=False)
+    h.core.scheduler.step_cost = lambda: (0.1, 0.015)
+    dataset = _request(h, 1, "off", steps=steps, cfg=1.0)
+    dataset.seeds = tuple(range(6))
+    dataset.background = True
+    h.submit(dataset)
+    h.step()
+    return h
+
+
 def test_background_samples_leave_a_cached_interactive_samples_skipped_steps_nearly_free():
     """An interactive sample at a step its cache skips (0 rows) is still in flight: background samples take
     only what keeps that step within BACKGROUND_SLOWDOWN of its cost without them, not the allowance of an
     engine with nothing interactive (which made a cached request's skipped steps the slowest of all)."""
-    h = _harness(adaptive=False)
-    h.core.scheduler.step_cost = lambda: (0.1, 0.015)  # 100 ms a step + 15 ms a row
-    dataset = _request(h, 1, "off", steps=20, cfg=1.0)
-    dataset.seeds = tuple(range(6))
-    dataset.background = True
-    h.submit(dataset)
-    h.step()  # alone: every background sample runs
+    h = _beside_a_dataset(steps=20)  # alone: every background sample runs
     late = _request(h, 2, TAYLOR3, steps=9, cfg=1.0)  # rows (1, 0, 0, 1, 0, 0, 1, 0, 0)
     h.submit(late)
     for _ in range(4):
@@ -135,13 +141,7 @@ def test_background_steps_stay_small_for_a_grace_period_after_interactive_work()
     so for BACKGROUND_GRACE_SECONDS after interactive work background steps stay as small as beside it."""
     from server.engine.scheduler import BACKGROUND_GRACE_SECONDS
 
-    h = _harness(adaptive=False)
-    h.core.scheduler.step_cost = lambda: (0.1, 0.015)  # 100 ms a step + 15 ms a row
-    dataset = _request(h, 1, "off", steps=40, cfg=1.0)
-    dataset.seeds = tuple(range(6))
-    dataset.background = True
-    h.submit(dataset)
-    h.step()
+    h = _beside_a_dataset(steps=40)
     background = {j.slot for j in h.runner.plans[0].joins}
     late = _request(h, 2, "off", steps=2, cfg=1.0)
     h.submit(late)

@@ -13,7 +13,7 @@ import pytest
 from browser import CHROMIUM_HOW, body_data, chromium_available, fill, open_playground, start_chromium, wait_for
 from conftest import require_installed
 from PIL import Image
-from server_harness import run_server, wait_until
+from server_harness import run_server, sse_events, wait_until
 
 KEY = "playground-test-key"
 
@@ -77,16 +77,6 @@ def shown_seeds(driver) -> list[int]:
 
 def shown_bytes(driver) -> bytes:
     return base64.b64decode(css(driver, "#results img")[0].get_attribute("src").split(",", 1)[1])
-
-
-def sse_events(response) -> list[tuple[str, dict]]:
-    events, name = [], None
-    for line in response.iter_lines():
-        if line.startswith("event: "):
-            name = line.removeprefix("event: ")
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line.removeprefix("data: "))))
-    return events
 
 
 def test_page_loads_without_a_key_asks_for_one_and_generates_the_api_image(server, client, browser):
