@@ -127,13 +127,18 @@ def test_two_replicas_on_two_nodes_serve_everything(fleet):
 
 @pytest.mark.slow
 def test_the_same_seed_gives_the_same_bytes_on_either_replica(fleet):
+    import concurrent.futures as cf
+
     body = {"class_id": 7, "steps": 10, "seed": 4242, "sampler": "ddpm"}
     images: dict[str, bytes] = {}
-    with httpx.Client(base_url=fleet, timeout=60) as c:
-        for _ in range(40):  # the router picks at random between idle replicas: P(one replica 40 times) = 2^-39
-            r = c.post("/generate", json=body)
-            assert r.status_code == 200
-            images.setdefault(r.headers["x-replica"], r.content)
+    # Four at once: the router counts a request it sent against its replica's queue, so the others of a
+    # round go to the other replica (one at a time, a stale queue length left by an earlier test's long job
+    # once sent all 40 to one replica).
+    with httpx.Client(base_url=fleet, timeout=60) as c, cf.ThreadPoolExecutor(4) as pool:
+        for _ in range(10):
+            for r in pool.map(lambda _: c.post("/generate", json=body), range(4)):
+                assert r.status_code == 200
+                images.setdefault(r.headers["x-replica"], r.content)
             if len(images) == 2:
                 break
     assert len(images) == 2
