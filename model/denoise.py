@@ -74,21 +74,16 @@ class Denoiser:
         self.device = next(model.parameters()).device
 
     # The forward in two parts, for the feature-level step cache (model/cache.py "taylor-features"): the
-    # reference DiT's own modules in DiT.forward's order (the fast path fuses the final LayerNorm into the
-    # last block, so it has no features to hand out), head(features(x, t, y), t, y) == model(x, t, y).
+    # reference DiT's (the fast path fuses the final LayerNorm into the last block, so it has no features to
+    # hand out); head(features(x, t, y), t, y) == model(x, t, y).
     def features(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The hidden state entering the final layer: (N, T, D) in the model's dtype."""
-        m = self.model
-        h = m.x_embedder(x.to(m.dtype)) + m.pos_embed  # (N, T, D)
-        c = m.condition(t, y)  # (N, D)
-        for block in m.blocks:
-            h = block(h, c)
-        return h
+        return self.model.features(x, self.model.condition(t, y))
 
     def head(self, h: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The final layer on features h (N, T, D) at timesteps t and classes y: (N, C_out, H, W)."""
         m = self.model
-        return m.unpatchify(m.final_layer(h.to(m.dtype), m.condition(t, y)))
+        return m.head(h.to(m.dtype), m.condition(t, y))
 
     def guide(self, out: torch.Tensor, num_samples: int, num_guided: int,
               scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -160,9 +160,17 @@ class DiT(nn.Module):
         return (self.t_embedder(t) + self.y_embedder(y)).to(self.dtype)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        x = self.x_embedder(x.to(self.dtype)) + self.pos_embed  # (N, T, D)
         c = self.condition(t, y)  # (N, D)
+        return self.head(self.features(x, c), c)
+
+    # The forward in two parts (the feature-level step cache, model/cache.py, forecasts what lies between).
+    def features(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The hidden state entering the final layer: (N, T, D), from x (N, C, H, W) and c (N, D)."""
+        x = self.x_embedder(x.to(self.dtype)) + self.pos_embed  # (N, T, D)
         for block in self.blocks:
             x = block(x, c)  # (N, T, D)
-        x = self.final_layer(x, c)  # (N, T, p*p*C_out)
-        return self.unpatchify(x)  # (N, C_out, H, W)
+        return x
+
+    def head(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """The final layer on features h (N, T, D): (N, C_out, H, W)."""
+        return self.unpatchify(self.final_layer(h, c))  # (N, T, p*p*C_out) -> (N, C_out, H, W)
