@@ -151,6 +151,21 @@ class _Arrangement:
         return bool(self.counts)
 
 
+def _forecast(f: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, c1: torch.Tensor, c2: torch.Tensor) -> torch.Tensor:
+    """f + c1 d1 + c2 d2: the Taylor forecast from a cache history (the last computed value and its first and
+    second differences per iteration), c1 = k and c2 = k^2 / 2 per row (zero where the order stops)."""
+    return torch.addcmul(f, c1, d1).addcmul_(c2, d2)
+
+
+def _moved_on(f: torch.Tensor, d1: torch.Tensor, d2: torch.Tensor, value: torch.Tensor, on: torch.Tensor,
+              valid1: torch.Tensor, valid2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The history (f, d1, d2) after `value` was computed at the rows `on` selects (the others keep theirs);
+    valid1 / valid2: 1 / gap where the history has one / two earlier points, else 0 (broadcastable)."""
+    new_d1 = (value - f).mul_(valid1)
+    new_d2 = (new_d1 - d1).mul_(valid2)
+    return torch.where(on, value, f), torch.where(on, new_d1, d1), torch.where(on, new_d2, d2)
+
+
 class SlotBatch:
     def __init__(self, denoiser: Denoiser, capacity: int = 8):
         self.denoiser = denoiser
@@ -306,7 +321,7 @@ class SlotBatch:
         gap = (it - last).clamp_(min=1).float().view(-1, 1, 1, 1)  # iterations since the last computed one
         c1 = (order >= 1).float().view(-1, 1, 1, 1) * gap
         c2 = (order >= 2).float().view(-1, 1, 1, 1) * gap * gap * 0.5
-        pred = torch.addcmul(f, c1, d1).addcmul_(c2, d2)  # (B, C_out, H, W) forecast: f + k d1 + k^2/2 d2
+        pred = _forecast(f, d1, d2, c1, c2)  # (B, C_out, H, W) forecast: f + k d1 + k^2/2 d2
         if f_rows:
             x_c = a.x.index_select(0, idx)  # (F, C, H, W)
             t_c, y_c = t.index_select(0, idx), a.labels.index_select(0, idx)
@@ -338,11 +353,8 @@ class SlotBatch:
         fresh = (~resets | self.meta[:n, LEVEL].bool()) if a.features else ~resets
         valid1 = ((count >= 1) & fresh).float().view(-1, 1, 1, 1) / gap
         valid2 = ((count >= 2) & fresh).float().view(-1, 1, 1, 1) / gap
-        new_d1 = (pred - f).mul_(valid1)
-        new_d2 = (new_d1 - d1).mul_(valid2)
         ran = runs.bool()
-        on = ran.view(-1, 1, 1, 1)
-        new = (torch.where(on, pred, f), torch.where(on, new_d1, d1), torch.where(on, new_d2, d2))
+        new = _moved_on(f, d1, d2, pred, ran.view(-1, 1, 1, 1), valid1, valid2)
         new_last = torch.where(ran, it, last)
         new_count = torch.where(ran, torch.where(fresh, count + 1, 1), count)
         if a.features:
@@ -366,9 +378,7 @@ class SlotBatch:
         (G, T, D), c1 and c2 (B, 1, 1) the rows' coefficients of d1 and d2."""
         n = c1.shape[0]
         f, d1, d2, uf, ud1, ud2 = (t_[:n] for t_ in self.feature_cache)
-        h_cond = torch.addcmul(f, c1, d1).addcmul_(c2, d2)
-        h_null = torch.addcmul(uf[:g], c1[:g], ud1[:g]).addcmul_(c2[:g], ud2[:g])
-        return h_cond, h_null
+        return _forecast(f, d1, d2, c1, c2), _forecast(uf[:g], ud1[:g], ud2[:g], c1[:g], c2[:g])
 
     def _feature_history(self, g: int, h: tuple[torch.Tensor, torch.Tensor], ran: torch.Tensor, resets: torch.Tensor,
                          gap: torch.Tensor, valid1: torch.Tensor, valid2: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -380,17 +390,12 @@ class SlotBatch:
         f, d1, d2 = (t_[:n] for t_ in self.feature_cache[:3])
         uf, ud1, ud2 = (t_[:g] for t_ in self.feature_cache[3:])
         on = ran.view(-1, 1, 1)
-        new_d1 = (h[0] - f).mul_(valid1.view(-1, 1, 1))
-        new_d2 = (new_d1 - d1).mul_(valid2.view(-1, 1, 1))
-        cond = (torch.where(on, h[0], f), torch.where(on, new_d1, d1), torch.where(on, new_d2, d2))
+        cond = _moved_on(f, d1, d2, h[0], on, valid1.view(-1, 1, 1), valid2.view(-1, 1, 1))
         ucount = self.meta[:g, UCOUNT]
         fresh = ~resets[:g]
         u1 = ((ucount >= 1) & fresh).float().view(-1, 1, 1) / gap[:g]
         u2 = ((ucount >= 2) & fresh).float().view(-1, 1, 1) / gap[:g]
-        new_ud1 = (h[1] - uf).mul_(u1)
-        new_ud2 = (new_ud1 - ud1).mul_(u2)
-        on = on[:g]
-        null = (torch.where(on, h[1], uf), torch.where(on, new_ud1, ud1), torch.where(on, new_ud2, ud2))
+        null = _moved_on(uf, ud1, ud2, h[1], on[:g], u1, u2)
         new_ucount = torch.where(ran[:g], torch.where(fresh, ucount + 1, 1), ucount)
         return (*cond, *null, new_ucount)
 
